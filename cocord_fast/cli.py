@@ -1,0 +1,157 @@
+"""`cocord-fast`: train, eval, export, and look up configs and models."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+TRAIN_EPILOG = """\
+examples:
+  cocord-fast train                                  # the offline demo: teacher, then students
+  cocord-fast train configs/demo/teacher.yaml        # one stage of it
+  cocord-fast train configs/cifar100/vanilla_resnet56.yaml data.root=~/data optim.lr=0.1
+  cocord-fast train --resume runs/demo/teacher train.max_steps=0
+
+overrides are section.key=value (the value is read as YAML); `cocord-fast config` lists every key.
+"""
+
+
+def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """The optional leading CONFIG.yaml and the section.key=value overrides."""
+    config = args[0] if args and "=" not in args[0] else None
+    overrides = args[1:] if config is not None else args
+    for text in overrides:
+        if "=" not in text:
+            raise UserError(f"unexpected argument {text!r}: expected section.key=value "
+                            f"(only one CONFIG.yaml, first)")
+    return config, overrides
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .demo import run_default_job
+    from .engine.trainer import config_for_resume, train
+
+    config_path, overrides = _split_train_args(ns.args)
+    if ns.resume:
+        if config_path:
+            raise UserError("--resume continues a run with its saved config; give overrides only")
+        cfg = config_for_resume(ns.resume, overrides)
+    elif config_path is None and not overrides:
+        run_default_job()
+        return 0
+    else:
+        cfg = load_config(config_path, overrides)
+    result = train(cfg)
+    print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
+          f"(best {result.best_top1:.2f})")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .engine.evaluate_checkpoint import evaluate_checkpoint
+
+    overrides = [f"data.{k}={v}" for k, v in (("root", ns.data), ("dataset", ns.dataset),
+                                              ("eval_batch_size", ns.batch_size),
+                                              ("num_workers", ns.workers)) if v is not None]
+    result = evaluate_checkpoint(ns.checkpoint, overrides, ns.device)
+    print(f"{ns.checkpoint}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
+          f"({result['num_samples']} images)")
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .engine.evaluate_checkpoint import export_student
+
+    names = export_student(ns.checkpoint, ns.out, ns.key)
+    print(f"wrote {len(names)} tensors of the student to {ns.out}")
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import describe_fields, load_config
+
+    if not ns.args:
+        print(describe_fields())
+        return 0
+    config_path, overrides = _split_train_args(ns.args)
+    print(yaml.safe_dump(load_config(config_path, overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from .models import MODELS, build_model
+
+    for name in MODELS:
+        model = build_model(name, ns.num_classes)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:12s} features {model.num_features:5d}  parameters {params / 1e6:7.2f}M")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cocord-fast", description="Contrastive knowledge distillation (CoCoRD, CRD, KD).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (no arguments: the offline demo)",
+                           epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR (or from a checkpoint file)")
+    # The deepspeed launcher appends --local_rank=N to every worker's arguments.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's student")
+    evaluate.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")
+    evaluate.add_argument("--data", help="data root (default: the one the run trained on)")
+    evaluate.add_argument("--dataset", choices=["demo", "cifar100", "imagefolder"])
+    evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--workers", type=int)
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="write the student alone, in its native parameter names")
+    export.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")
+    export.add_argument("out", help="output file (.pth): a plain state dict")
+    export.add_argument("--key", help="nest the state dict under this key (RepDistiller: 'model')")
+    export.set_defaults(func=cmd_export)
+
+    config = sub.add_parser("config", help="list every config key, or print a resolved config")
+    config.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
+    config.set_defaults(func=cmd_config)
+
+    models = sub.add_parser("models", help="list the model zoo")
+    models.add_argument("--num-classes", type=int, default=100)
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def _user_message(err: UserError) -> str:
+    """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback:
+    keep only the original message."""
+    text = str(err).strip()
+    if "Traceback" not in text:
+        return text
+    return text.splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except UserError as err:
+        print(f"cocord-fast: error: {_user_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cocord-fast: interrupted; continue with --resume RUN_DIR from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Typed run configuration: defaults in code <- YAML file <- `section.key=value` overrides.
+
+Every field is declared once here, with its type, its allowed values or range, and a one-line
+help text. Unknown keys, wrong types and out-of-range values are `UserError`s naming the field,
+raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+
+def _field(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
+    metadata = {"help": help, "min": min, "max": max}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    student: str = _field("resnet8", "student architecture (see `cocord-fast models`)")
+    teacher: str = _field("", "teacher architecture; empty for methods without a teacher")
+    teacher_checkpoint: str = _field("", "teacher weights: a cocord_fast checkpoint, a RepDistiller "
+                                         "checkpoint ({'model': state_dict}) or a plain state dict")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["demo", "cifar100", "imagefolder"] = _field(
+        "demo", "demo (made offline), cifar100 (cifar-100-python folder) or imagefolder (train/ and val/)")
+    root: str = _field("", "data directory; for demo, empty means the cache directory")
+    download: bool = _field(False, "cifar100 only: download into root if it is missing")
+    image_size: int = _field(224, "imagefolder only: training crop and evaluation size", min=8)
+    batch_size: int = _field(64, "training batch size (per process)", min=1)
+    eval_batch_size: int = _field(256, "evaluation batch size", min=1)
+    num_workers: int = _field(2, "data-loading worker processes", min=0)
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["vanilla"] = _field("vanilla", "training method")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _field(0.05, "base learning rate", min=0.0)
+    momentum: float = _field(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = _field(False, "Nesterov momentum")
+    weight_decay: float = _field(5e-4, "L2 weight decay", min=0.0)
+    schedule: Literal["step", "cosine"] = _field("step", "learning-rate schedule after warm-up")
+    milestones: list[int] = _field([150, 180, 210], "step schedule: epochs at which lr *= gamma")
+    gamma: float = _field(0.1, "step schedule: decay factor", min=0.0)
+    warmup_epochs: float = _field(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(240, "length of the schedule in epochs", min=1)
+    max_steps: int = _field(0, "stop after this many optimizer steps; 0 runs the whole schedule", min=0)
+    log_every: int = _field(50, "log metrics every this many steps", min=1)
+    eval_every: int = _field(1, "evaluate every this many epochs", min=1)
+    ckpt_every: int = _field(0, "also keep a checkpoint every this many steps; 0: only last and best",
+                             min=0)
+    output_dir: str = _field("runs/default", "run directory: config, checkpoints, metrics")
+    seed: int = _field(0, "seed for weights, data order and augmentation", min=0)
+    resume: str = _field("", "'auto' continues the run in output_dir if there is one; or a run "
+                             "directory or checkpoint file to continue")
+    device: str = _field("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs forward passes under autocast")
+    progress: bool = _field(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Returns `value` converted to `annotation`'s type, or raises a UserError naming `name`."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise UserError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise UserError(f"{name}: expected a list of {item_type.__name__}, got {value!r}")
+        return [_check_value(f"{name}[{i}]", item_type, v, meta) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if annotation in (int, float):
+        numeric = (int, float) if annotation is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise UserError(f"{name}: expected {annotation.__name__}, got {value!r}")
+        value = annotation(value)
+        if meta.get("min") is not None and value < meta["min"]:
+            raise UserError(f"{name}: {value} is below the minimum {meta['min']}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise UserError(f"{name}: {value} is above the maximum {meta['max']}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {name}")
+
+
+def _merge_section(section: Any, section_name: str, values: Any) -> None:
+    if not isinstance(values, dict):
+        raise UserError(f"{section_name}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(type(section))
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"unknown key '{section_name}.{key}'; valid keys in '{section_name}': "
+                            f"{', '.join(fields)}")
+        checked = _check_value(f"{section_name}.{key}", hints[key], value, fields[key].metadata)
+        setattr(section, key, checked)
+
+
+def merge(config: Config, values: dict[str, Any], source: str = "") -> Config:
+    """Applies a nested `{section: {key: value}}` mapping onto `config` in place."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source or 'config'}: expected a mapping of sections, got {values!r}")
+    sections = [f.name for f in dataclasses.fields(config)]
+    for section_name, section_values in values.items():
+        if section_name not in sections:
+            where = f" in {source}" if source else ""
+            raise UserError(f"unknown config section '{section_name}'{where}; valid sections: "
+                            f"{', '.join(sections)}")
+        _merge_section(getattr(config, section_name), section_name, section_values)
+    return config
+
+
+def parse_override(text: str) -> dict[str, dict[str, Any]]:
+    """`'optim.lr=0.1'` -> `{'optim': {'lr': 0.1}}`; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or not section or not name:
+        raise UserError(f"override {text!r}: expected section.key=value, e.g. optim.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise UserError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return {section: {name: value}}
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    return values or {}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `base` (e.g. a resumed run's saved config) <- YAML file <- overrides."""
+    config = Config()
+    if base is not None:
+        merge(config, base, "saved config")
+    if path is not None:
+        merge(config, read_yaml(path), str(path))
+    for text in overrides:
+        merge(config, parse_override(text), f"override {text!r}")
+    return config
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe_fields() -> str:
+    """Every config key with its default and help text, for `cocord-fast config`."""
+    lines = []
+    for section_field in dataclasses.fields(Config):
+        section = section_field.default_factory()
+        lines.append(f"{section_field.name}:")
+        for f in dataclasses.fields(section):
+            default = yaml.safe_dump(getattr(section, f.name), default_flow_style=True).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {f.name}: {default or repr('')}    # {f.metadata['help']}")
+    return "\n".join(lines)

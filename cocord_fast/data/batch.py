@@ -1,0 +1,40 @@
+"""The one thing every data backend yields and every method consumes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """A training or evaluation batch.
+
+    views: `num_views` tensors of shape (B, C, H, W): independent augmentations of the same images.
+    labels: (B,) class indices. index: (B,) dataset indices (methods that declare `needs_index`).
+    contrast_index: (B, K+1) CRD's positive-then-negative dataset indices, when the loader samples them.
+    """
+
+    views: list[Tensor]
+    labels: Tensor
+    index: Tensor | None = None
+    contrast_index: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch([v.to(device, non_blocking=non_blocking) for v in self.views],
+                     move(self.labels), move(self.index), move(self.contrast_index))
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) on custom batch types."""
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return Batch([v.pin_memory() for v in self.views], pin(self.labels), pin(self.index),
+                     pin(self.contrast_index))

@@ -1,0 +1,117 @@
+"""Where samples come from: CIFAR-100's python arrays or an ImageFolder tree of image files.
+
+A source maps a dataset index to a decoded RGB image and its label. Every problem a user can
+cause (missing directory, wrong format, empty class) is a UserError raised when the source is
+opened, before training starts; an unreadable image names its file.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class CIFAR100:
+    """CIFAR-100 from the standard `cifar-100-python` folder (as torchvision stores it).
+
+    `root` may be that folder or its parent. With `download=True` a missing folder is fetched
+    through torchvision.
+    """
+
+    FOLDER = "cifar-100-python"
+
+    def __init__(self, root: str | Path, train: bool, download: bool = False):
+        folder = self._find_folder(Path(root), download)
+        path = folder / ("train" if train else "test")
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images = np.asarray(entry["data"], dtype=np.uint8)
+            labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+        except FileNotFoundError:
+            raise UserError(f"CIFAR-100 file {path} is missing (data.root={root})") from None
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path} is not a CIFAR-100 python-format file ({err!r}); "
+                            f"data.root must hold the 'cifar-100-python' folder") from None
+        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(images) != len(labels):
+            raise UserError(f"{path}: expected 'data' of shape (N, 3072) and N 'fine_labels', "
+                            f"got {images.shape} and {len(labels)}")
+        self.images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3) HWC
+        self.targets = labels
+        self.num_classes = 100
+
+    @classmethod
+    def _find_folder(cls, root: Path, download: bool) -> Path:
+        for candidate in (root / cls.FOLDER, root):
+            if (candidate / "train").is_file() and (candidate / "meta").is_file():
+                return candidate
+        if download:
+            from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+
+            try:
+                TorchvisionCIFAR100(str(root), train=True, download=True)
+            except Exception as err:  # network errors come in many types
+                raise UserError(f"could not download CIFAR-100 into {root}: {err}") from None
+            return root / cls.FOLDER
+        raise UserError(f"no CIFAR-100 data under data.root={root}: expected {root / cls.FOLDER}/"
+                        f"{{train,test,meta}} (set data.download=true to fetch it)")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.targets[index])
+
+
+class ImageFolder:
+    """`root/<class name>/<image file>`; classes are the sorted folder names."""
+
+    def __init__(self, root: str | Path):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"image directory {root} does not exist")
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise UserError(f"image directory {root} has no class folders")
+        self.files: list[Path] = []
+        targets: list[int] = []
+        for label, name in enumerate(self.classes):
+            files = sorted(p for p in (root / name).rglob("*")
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not files:
+                raise UserError(f"class folder {root / name} has no images "
+                                f"(extensions: {' '.join(IMAGE_EXTENSIONS)})")
+            self.files += files
+            targets += [label] * len(files)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), int(self.targets[index])
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"cannot decode image {path}: {err}") from None
+
+
+def open_source(dataset: str, root: str | Path, train: bool, download: bool = False):
+    """The training or validation source of a dataset kind (`data.dataset`)."""
+    if dataset == "cifar100":
+        return CIFAR100(root, train=train, download=download)
+    split = Path(root) / ("train" if train else "val")
+    if not Path(root).is_dir():
+        raise UserError(f"data.root={root} does not exist")
+    if not split.is_dir():
+        raise UserError(f"data.root={root} has no '{split.name}' folder (expected "
+                        f"{root}/train/<class>/... and {root}/val/<class>/...)")
+    return ImageFolder(split)

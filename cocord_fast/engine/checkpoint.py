@@ -1,0 +1,112 @@
+"""Checkpoints: written atomically, read with clear errors, and weights in several formats."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+FORMAT = "cocord_fast"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Writes to a temporary file in the same directory, then renames it over `path`.
+
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """`torch.load` of a file the user named, restricted to tensors and plain containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A cocord_fast training checkpoint (config, method state, optimizer, position, RNG)."""
+    state = load_file(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a cocord_fast training checkpoint")
+    return state
+
+
+def student_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The online student's weights, in the model's own parameter names."""
+    prefix = checkpoint["student_prefix"]
+    return {k[len(prefix):]: v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
+
+
+def load_model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A model state dict from a cocord_fast checkpoint (its student), a RepDistiller checkpoint
+    (`{'model': state_dict}`), or a plain state dict."""
+    state = load_file(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return student_state_dict(state)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no model state dict (expected a cocord_fast checkpoint, "
+                        f"{{'model': state_dict}} or a state dict)")
+    return state
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` with an error that names the file and the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        problems = [f"{label}: {some(keys)}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected),
+                     ("shape mismatch", mismatched)) if keys]
+        raise UserError(f"weights in {source} do not fit {type(model).__name__}: "
+                        + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def rng_state() -> dict[str, Any]:
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

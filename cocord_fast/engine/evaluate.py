@@ -1,0 +1,25 @@
+"""Top-1 / top-5 accuracy of a classifier over a loader of `Batch`es."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, device=device)  # (top-1 hits, top-5 hits), summed on the device
+    seen = 0
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        logits = model(batch.views[0])
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (B, k)
+        hits = top == batch.labels[:, None]
+        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+        seen += len(batch)
+    model.train(was_training)
+    top1, top5 = (100.0 * correct / max(seen, 1)).tolist()  # the one host sync
+    return {"top1": top1, "top5": top5, "num_samples": seen}

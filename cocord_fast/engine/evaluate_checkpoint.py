@@ -1,0 +1,43 @@
+"""What `cocord-fast eval` and `cocord-fast export` do with a saved checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import load_config
+from ..data import build_loaders
+from ..models import build_model
+from .checkpoint import load_checkpoint, load_strict, save_atomic, student_state_dict
+from .evaluate import evaluate
+from .trainer import resolve_device
+
+
+def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's online student with its weights, and the checkpoint itself."""
+    checkpoint = load_checkpoint(path)
+    cfg = load_config(base=checkpoint["config"])
+    student = build_model(cfg.model.student, checkpoint["num_classes"])
+    load_strict(student, student_state_dict(checkpoint), str(path))
+    return student, checkpoint
+
+
+def evaluate_checkpoint(path: str | Path, data_overrides: list[str], device: str = "auto") -> dict:
+    student, checkpoint = load_student(path)
+    cfg = load_config(base=checkpoint["config"], overrides=data_overrides)
+    loaders = build_loaders(cfg.data, num_views=1, seed=cfg.train.seed)
+    if loaders.num_classes != checkpoint["num_classes"]:
+        from ..errors import UserError
+
+        raise UserError(f"{cfg.data.root or cfg.data.dataset} has {loaders.num_classes} classes, "
+                        f"the checkpoint's student predicts {checkpoint['num_classes']}")
+    target = resolve_device(device)
+    return evaluate(student.to(target), loaders.val, target)
+
+
+def export_student(path: str | Path, out: str | Path, key: str | None = None) -> list[str]:
+    """Writes the student's state dict (its native parameter names) to `out`."""
+    student, _ = load_student(path)
+    state = student.state_dict()
+    save_atomic({key: state} if key else state, out)
+    return list(state)

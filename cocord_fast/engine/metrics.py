@@ -1,0 +1,78 @@
+"""Metric accumulation without per-step host syncs, and the JSONL + TensorBoard log."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+class MetricAccumulator:
+    """Sums detached metric tensors on their device; only `pop()` synchronises."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        """Means since the last pop; the one host sync of a log step (one transfer, not one per metric)."""
+        if not self.count:
+            return {}
+        names = list(self.sums)
+        means = (torch.stack([self.sums[n] for n in names]) / self.count).tolist()
+        self.sums, self.count = {}, 0
+        return dict(zip(names, means))
+
+
+class RunLog:
+    """Appends one JSON object per record to `metrics.jsonl`, and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, kind: str, record: dict[str, Any]) -> None:
+        record = {"kind": kind, **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step" and math.isfinite(value):
+                    self.writer.add_scalar(f"{kind}/{name}", value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rewrite_log(run_dir: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Drops the records `keep` rejects (atomically: a temporary file renamed over the log)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [json.dumps(r) + "\n" for r in read_log(run_dir) if keep(r)]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

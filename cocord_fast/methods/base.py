@@ -1,0 +1,48 @@
+"""The contract between the training loop and a method (DESIGN.md, "Data flow of one run")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data import Batch
+
+
+@dataclass
+class StepOutput:
+    """`loss` carries the graph; `metrics` are detached scalars (each loss term, unweighted)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """A training method. The loop never branches on which one it runs.
+
+    Declarations the loop reads before building anything: `num_views` (augmented views per
+    image), `needs_index` (whether batches must carry dataset indices) and `needs_teacher`.
+    """
+
+    num_views: int = 1
+    needs_index: bool = False
+    needs_teacher: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, student: nn.Module, teacher: nn.Module | None,
+                    num_data: int) -> Method:
+        raise NotImplementedError
+
+    def trainable_module(self) -> nn.Module:
+        """The only parameters the optimizer (and any wrapping engine) sees."""
+        raise NotImplementedError
+
+    def student(self) -> nn.Module:
+        """The online student, for evaluation and export."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> StepOutput:
+        raise NotImplementedError
+
+    def on_optimizer_step(self) -> None:
+        """Runs right after each optimizer step (momentum updates live here)."""

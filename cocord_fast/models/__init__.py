@@ -1,0 +1,64 @@
+"""Model zoo: RepDistiller's CIFAR architectures and torchvision's ImageNet ResNets.
+
+``MODELS`` maps a model name (RepDistiller's ``model_dict`` spelling for the CIFAR models) to
+a builder taking only ``num_classes``. Every model has ``forward``, ``forward_features``
+(pooled, flattened features), ``forward_head`` (final linear layer) and ``num_features``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from cocord_fast.errors import UserError
+from cocord_fast.models import (
+    mobilenetv2,
+    resnet50_cifar,
+    resnet_cifar,
+    resnet_imagenet,
+    shufflenetv1,
+    shufflenetv2,
+    vgg,
+    wrn,
+)
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    # CIFAR (32x32), state dicts compatible with RepDistiller checkpoints
+    "resnet8": resnet_cifar.resnet8,
+    "resnet14": resnet_cifar.resnet14,
+    "resnet20": resnet_cifar.resnet20,
+    "resnet32": resnet_cifar.resnet32,
+    "resnet44": resnet_cifar.resnet44,
+    "resnet56": resnet_cifar.resnet56,
+    "resnet110": resnet_cifar.resnet110,
+    "resnet8x4": resnet_cifar.resnet8x4,
+    "resnet32x4": resnet_cifar.resnet32x4,
+    "ResNet50": resnet50_cifar.resnet50_cifar,
+    "wrn_16_1": wrn.wrn_16_1,
+    "wrn_16_2": wrn.wrn_16_2,
+    "wrn_40_1": wrn.wrn_40_1,
+    "wrn_40_2": wrn.wrn_40_2,
+    "vgg8": vgg.vgg8,
+    "vgg11": vgg.vgg11,
+    "vgg13": vgg.vgg13,
+    "vgg16": vgg.vgg16,
+    "vgg19": vgg.vgg19,
+    "MobileNetV2": mobilenetv2.mobilenetv2_half,
+    "ShuffleV1": shufflenetv1.shufflenet_v1,
+    "ShuffleV2": shufflenetv2.shufflenet_v2,
+    # ImageNet, state dicts compatible with torchvision checkpoints
+    "resnet18": resnet_imagenet.resnet18,
+    "resnet34": resnet_imagenet.resnet34,
+    "resnet50": resnet_imagenet.resnet50,
+    "resnet101": resnet_imagenet.resnet101,
+}
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """Build the model registered as ``name`` with a ``num_classes``-way classifier."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+    return builder(num_classes)
