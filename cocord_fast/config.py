@@ -112,6 +112,12 @@ def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[st
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{name}: expected a string, got {value!r}")
         return str(value)
+    if annotation is float and isinstance(value, str):
+        # PyYAML reads exponent literals without a dot (`5e-4`) as strings.
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"{name}: expected float, got {value!r}") from None
     if annotation in (int, float):
         numeric = (int, float) if annotation is float else (int,)
         if isinstance(value, bool) or not isinstance(value, numeric):

@@ -1,6 +1,6 @@
 """The embedded demo data set: procedural 32x32 images written once as JPEG files.
 
-Ten classes: five shapes (disc, square, triangle, cross, ring), each either solid or striped.
+Ten classes: five shapes (disc, bar, triangle, cross, ring), each either solid or striped.
 Colour, size, position, rotation, stripe angle, background, distractor blobs and noise all vary,
 so a small network learns it well but not perfectly. The images go through the real
 ImageFolder decoding path. Generation is deterministic and happens once per cache directory.
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
 
-SHAPES = ("disc", "square", "triangle", "cross", "ring")
+SHAPES = ("disc", "bar", "triangle", "cross", "ring")
 FILLS = ("solid", "striped")
 CLASSES = tuple(f"{shape}_{fill}" for shape in SHAPES for fill in FILLS)
 SPLITS = {"train": 400, "val": 100}  # images per class
@@ -31,9 +31,9 @@ def default_cache_dir() -> Path:
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if shape == "square":
+    if shape == "bar":  # a 3:1 rectangle
         corners = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
-        points = [(x * r * 0.8, y * r * 0.8) for x, y in corners]
+        points = [(x * r, y * r / 3) for x, y in corners]
     elif shape == "triangle":
         points = [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
     else:  # cross: a plus sign of arm width r/2.5
@@ -48,7 +48,7 @@ def _shape_mask(shape: str, rng: np.random.Generator) -> Image.Image:
     big = SIZE * SCALE
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    r = rng.uniform(6, 12) * SCALE
+    r = rng.uniform(8, 13) * SCALE
     cx, cy = rng.uniform(r * 0.8, big - r * 0.8, size=2)
     if shape in ("disc", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
@@ -56,14 +56,14 @@ def _shape_mask(shape: str, rng: np.random.Generator) -> Image.Image:
             inner = r * rng.uniform(0.45, 0.65)
             draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
     else:
-        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=255)
+        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.3, 0.3)), fill=255)
     return mask
 
 
 def _stripes(rng: np.random.Generator) -> np.ndarray:
     big = SIZE * SCALE
     y, x = np.mgrid[0:big, 0:big].astype(np.float32)
-    angle, period = rng.uniform(0, math.pi), rng.uniform(3.0, 5.0) * SCALE
+    angle, period = rng.uniform(0, math.pi), rng.uniform(4.0, 6.0) * SCALE
     phase = (x * math.cos(angle) + y * math.sin(angle)) / period
     return (np.sin(2 * math.pi * phase) > 0).astype(np.float32)
 
@@ -81,7 +81,10 @@ def make_image(label: int, rng: np.random.Generator) -> Image.Image:
         alpha = np.asarray(blob.filter(ImageFilter.GaussianBlur(2 * SCALE)), np.float32)[..., None] / 255
         canvas = canvas * (1 - alpha) + rng.uniform(0, 1, size=3) * alpha
     alpha = np.asarray(_shape_mask(shape, rng), np.float32)[..., None] / 255
+    background = canvas.reshape(-1, 3).mean(axis=0)
     color = rng.uniform(0, 1, size=3)
+    while np.abs(color - background).max() < 0.35:  # keep the object visible
+        color = rng.uniform(0, 1, size=3)
     if fill == "striped":
         second = np.clip(color + rng.choice([-1, 1]) * rng.uniform(0.3, 0.6), 0, 1)
         stripes = _stripes(rng)[..., None]
@@ -89,7 +92,7 @@ def make_image(label: int, rng: np.random.Generator) -> Image.Image:
     canvas = canvas * (1 - alpha) + color * alpha
     image = Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8)).resize(
         (SIZE, SIZE), Image.Resampling.BOX)
-    noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(4, 16), size=(SIZE, SIZE, 3))
+    noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(3, 10), size=(SIZE, SIZE, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 

@@ -16,7 +16,7 @@ from ..config import Config, load_config, save_config
 from ..data import Loaders, build_loaders
 from ..errors import UserError
 from ..methods import METHODS, Method, build_method
-from ..models import build_model
+from ..models import MODELS, build_model
 from .checkpoint import (FORMAT, load_checkpoint, load_model_weights, load_strict, rng_state,
                          save_atomic, set_rng_state)
 from .evaluate import evaluate
@@ -72,6 +72,17 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     return load_config(base=saved, overrides=[f"train.resume={checkpoint}", *overrides])
 
 
+def check_model_names(cfg: Config, needs_teacher: bool) -> None:
+    """Fails on a misspelt architecture before any data is read or made."""
+    fields = [("model.student", cfg.model.student)]
+    if needs_teacher:
+        fields.append(("model.teacher", cfg.model.teacher))
+    for field_name, name in fields:
+        if name not in MODELS:
+            raise UserError(f"{field_name}: unknown model {name!r}; known models: "
+                            f"{', '.join(MODELS)}")
+
+
 def build_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
     if not cfg.model.teacher or not cfg.model.teacher_checkpoint:
         raise UserError(f"method.name={cfg.method.name} needs model.teacher and "
@@ -97,6 +108,7 @@ class Trainer:
                             f"train.resume=auto, or choose another train.output_dir")
 
         method_class = METHODS[cfg.method.name]
+        check_model_names(cfg, method_class.needs_teacher)
         torch.manual_seed(cfg.train.seed)
         self.loaders: Loaders = build_loaders(
             cfg.data, method_class.num_views, cfg.train.seed,

@@ -1,0 +1,39 @@
+import os
+
+# Triton kernels run on CPU only in its interpreter, which must be chosen before any
+# @triton.jit decorator executes.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from cocord_fast.data import demo  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """No test touches the user's cache: the demo data set goes to a per-session folder."""
+    monkeypatch.setenv("COCORD_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory) -> Path:
+    """A small demo data set (10 classes, 12 train and 4 val images each) made once per session."""
+    root = tmp_path_factory.mktemp("tiny_demo") / "data"
+    original = dict(demo.SPLITS)
+    demo.SPLITS.update(train=12, val=4)
+    try:
+        demo.ensure_demo_dataset(root)
+    finally:
+        demo.SPLITS.update(original)
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tiny_demo_root, tmp_path) -> list[str]:
+    """Overrides that make any recipe a seconds-long run on the tiny demo data."""
+    return [f"data.root={tiny_demo_root}", "data.dataset=demo", "data.batch_size=16",
+            "data.eval_batch_size=64", "data.num_workers=0", "model.student=resnet8",
+            "train.epochs=2", "train.log_every=1", "train.progress=false",
+            f"train.output_dir={tmp_path / 'run'}"]

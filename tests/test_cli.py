@@ -1,0 +1,90 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cocord_fast import demo as demo_job
+from cocord_fast.cli import main
+from cocord_fast.engine.checkpoint import load_checkpoint
+from cocord_fast.models import build_model
+
+
+def test_train_eval_export_end_to_end(tiny_overrides, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  student: resnet8\ntrain:\n  epochs: 1\n")
+    assert main(["train", str(recipe), *tiny_overrides, "train.epochs=1"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    checkpoint = tmp_path / "run" / "last.pt"
+
+    assert main(["eval", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    top1 = float(out.split("top-1 ")[1].split()[0])
+    assert top1 == pytest.approx(load_checkpoint(checkpoint)["last_top1"])
+    assert "(40 images)" in out
+
+    assert main(["export", str(checkpoint), str(tmp_path / "student.pth")]) == 0
+    model = build_model("resnet8", 10)
+    model.load_state_dict(torch.load(tmp_path / "student.pth", weights_only=True), strict=True)
+    assert main(["export", str(checkpoint), str(tmp_path / "wrapped.pth"), "--key", "model"]) == 0
+    wrapped = torch.load(tmp_path / "wrapped.pth", weights_only=True)["model"]
+    assert all(torch.equal(wrapped[k], v) for k, v in model.state_dict().items())
+
+    assert main(["train", "--resume", str(tmp_path / "run"), "train.epochs=2"]) == 0
+    assert load_checkpoint(checkpoint)["step"] == 14
+
+
+def test_default_job_trains_teacher_and_student_and_reuses_them(tiny_demo_root, tmp_path,
+                                                                  monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    overrides = (f"data.root={tiny_demo_root}", "data.batch_size=16", "train.epochs=1",
+                 "train.progress=false")
+    rows = demo_job.run_default_job(overrides)
+    assert [label for label, *_ in rows] == [label for label, _ in demo_job.STAGES]
+    assert all(0 <= top1 <= 100 for *_, top1, _ in rows)
+    table = capsys.readouterr().out
+    assert "teacher" in table and "vanilla" in table and "top-1" in table
+    teacher = tmp_path / "runs" / "demo" / "teacher" / "last.pt"
+    stamp = teacher.stat().st_mtime_ns
+    assert demo_job.run_default_job(overrides) == rows  # finished stages are reused as they are
+    assert teacher.stat().st_mtime_ns == stamp
+
+
+def test_config_and_models_commands(capsys):
+    assert main(["config"]) == 0
+    assert "max_steps: 0" in capsys.readouterr().out
+    assert main(["config", "optim.lr=0.3"]) == 0
+    assert "lr: 0.3" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet32x4" in out and "ShuffleV2" in out and "resnet101" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "train.bogus=1"], "unknown key 'train.bogus'"),
+    (["train", "train.epochs=x"], "train.epochs: expected int"),
+    (["train", "model.student=resnet9", "train.output_dir=OUT"], "model.student: unknown model 'resnet9'"),
+    (["train", "data.dataset=cifar100", "data.root=/nonexistent", "train.output_dir=OUT"],
+     "no CIFAR-100 data under data.root=/nonexistent"),
+    (["train", "data.dataset=imagefolder", "data.root=/nonexistent", "train.output_dir=OUT"],
+     "data.root=/nonexistent does not exist"),
+    (["eval", "BAD"], "cannot read checkpoint"),
+    (["export", "/nonexistent.pt", "out.pth"], "does not exist"),
+    (["train", "missing.yaml"], "cannot read config file missing.yaml"),
+])
+def test_bad_input_exits_2_with_a_message(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BAD").write_bytes(b"\x00not a checkpoint")
+    argv = [a.replace("OUT", str(tmp_path / "run")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "cocord_fast", "train", "optim.lr=abc"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "optim.lr: expected float, got 'abc'" in proc.stderr and "Traceback" not in proc.stderr

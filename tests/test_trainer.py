@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cocord_fast.config import load_config
+from cocord_fast.engine.checkpoint import load_checkpoint
+from cocord_fast.engine.metrics import MetricAccumulator, read_log
+from cocord_fast.engine.trainer import Trainer, config_for_resume, train
+from cocord_fast.errors import UserError
+
+
+def mean_train_loss(trainer, batches=3):
+    """Cross-entropy of the student in eval mode over the first training batches of epoch 0."""
+    student = trainer.method.student().eval()
+    trainer.loaders.sampler.start(0)
+    losses = []
+    with torch.no_grad():
+        for _, batch in zip(range(batches), trainer.loaders.train):
+            losses.append(F.cross_entropy(student(batch.views[0]), batch.labels))
+    return torch.stack(losses).mean().item()
+
+
+def test_a_few_steps_lower_the_loss(tiny_overrides):
+    trainer = Trainer(load_config(overrides=tiny_overrides + [
+        "train.epochs=8", "optim.lr=0.05", "optim.schedule=cosine"]))
+    before = mean_train_loss(trainer)
+    trainer.fit()
+    assert mean_train_loss(trainer) < before - 0.1
+
+
+def test_run_directory_contents(tiny_overrides, tmp_path):
+    result = train(load_config(overrides=tiny_overrides + ["train.ckpt_every=5"]))
+    run = tmp_path / "run"
+    assert result.step == 14  # 2 epochs of 7 steps
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "step_00000005.pt",
+        "step_00000010.pt", "tensorboard"}
+    assert load_config(run / "config.yaml").train.ckpt_every == 5
+    records = read_log(run)
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 15))
+    for key in ("step", "epoch", "lr", "loss", "loss_cls", "img_per_s"):
+        assert key in train_records[0]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [7, 14]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
+    last = load_checkpoint(run / "last.pt")
+    assert last["step"] == 14 and last["config"]["train"]["ckpt_every"] == 5
+    assert last["last_top1"] == pytest.approx(evals[-1]["top1"])
+    assert load_checkpoint(run / "best.pt")["best_top1"] == max(r["top1"] for r in evals)
+
+
+def test_max_steps_stops_early_and_evaluates(tiny_overrides, tmp_path):
+    result = train(load_config(overrides=tiny_overrides + ["train.max_steps=3"]))
+    assert result.step == 3
+    records = read_log(tmp_path / "run")
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [3]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_overrides, tmp_path):
+    """Stop mid-epoch at step 5, resume to step 14: every later loss and the final weights equal
+    those of one uninterrupted run."""
+    full = tiny_overrides + [f"train.output_dir={tmp_path / 'full'}"]
+    train(load_config(overrides=full))
+    split = tiny_overrides + [f"train.output_dir={tmp_path / 'split'}"]
+    train(load_config(overrides=split + ["train.max_steps=5"]))
+    torch.manual_seed(999)  # a resumed process starts with other RNG state
+    train(config_for_resume(tmp_path / "split", ["train.max_steps=0"]))
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_log(tmp_path / run) if r["kind"] == "train"}
+
+    assert losses("split") == losses("full")  # bit-identical, steps 1..14
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["method"] for run in ("full", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The eval at step 5 (the stop) is kept; the log has no duplicate train records.
+    assert sorted(r["step"] for r in read_log(tmp_path / "split") if r["kind"] == "eval") == [5, 7, 14]
+
+
+def test_resume_drops_log_records_written_after_the_checkpoint(tiny_overrides, tmp_path):
+    train(load_config(overrides=tiny_overrides + ["train.max_steps=4"]))
+    log = tmp_path / "run" / "metrics.jsonl"
+    with open(log, "a") as f:  # as if the process died after logging step 5
+        f.write(json.dumps({"kind": "train", "step": 5, "loss": 1.0}) + "\n")
+    train(load_config(overrides=tiny_overrides + ["train.resume=auto", "train.max_steps=6"]))
+    steps = [r["step"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_existing_run_is_never_overwritten(tiny_overrides):
+    cfg = load_config(overrides=tiny_overrides + ["train.max_steps=1"])
+    train(cfg)
+    with pytest.raises(UserError, match="already holds a run; continue it with train.resume=auto"):
+        Trainer(cfg)
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error(tiny_overrides, tmp_path):
+    with pytest.raises(UserError, match="train.resume=.*no checkpoint at"):
+        Trainer(load_config(overrides=tiny_overrides + [f"train.resume={tmp_path / 'nothing'}"]))
+
+
+def test_unknown_model_fails_before_data_is_made(tmp_path, monkeypatch):
+    import cocord_fast.data.loader as loader
+
+    monkeypatch.setattr(loader, "ensure_demo_dataset", lambda root: pytest.fail("data was made"))
+    with pytest.raises(UserError, match="model.student: unknown model 'resnet9'"):
+        Trainer(load_config(overrides=["model.student=resnet9", f"train.output_dir={tmp_path}"]))
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(tiny_overrides):
+    with pytest.raises(FloatingPointError, match="non-finite training metrics at step"):
+        train(load_config(overrides=tiny_overrides + ["optim.lr=1e30"]))
+
+
+def test_metric_accumulator_means_and_resets():
+    acc = MetricAccumulator()
+    acc.add({"a": torch.tensor(1.0), "b": torch.tensor(4.0)})
+    acc.add({"a": torch.tensor(3.0), "b": torch.tensor(0.0)})
+    assert acc.pop() == {"a": 2.0, "b": 2.0}
+    assert acc.pop() == {}
