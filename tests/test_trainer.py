@@ -109,9 +109,12 @@ def test_unknown_model_fails_before_data_is_made(tmp_path, monkeypatch):
         Trainer(load_config(overrides=["model.student=resnet9", f"train.output_dir={tmp_path}"]))
 
 
-def test_non_finite_loss_stops_the_run_with_a_clear_error(tiny_overrides):
-    with pytest.raises(FloatingPointError, match="non-finite training metrics at step"):
-        train(load_config(overrides=tiny_overrides + ["optim.lr=1e30"]))
+def test_divergence_stops_the_run_before_it_saves(tiny_overrides, tmp_path):
+    """Logging is forced before every save, and a non-finite loss is a clear error there."""
+    cfg = load_config(overrides=tiny_overrides + ["optim.lr=1e30", "train.log_every=100"])
+    with pytest.raises(UserError, match="training diverged: non-finite metrics at step 7"):
+        train(cfg)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_metric_accumulator_means_and_resets():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,24 @@ class MetricAccumulator:
         means = (torch.stack([self.sums[n] for n in names]) / self.count).tolist()
         self.sums, self.count = {}, 0
         return dict(zip(names, means))
+
+
+class ThroughputWindow:
+    """Images per second since the last `rate()` or `restart()`."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.images, self.started = 0, time.perf_counter()
+
+    def count(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self.restart()
+        return rate
 
 
 class RunLog:

@@ -20,7 +20,7 @@ from ..models import MODELS, build_model
 from .checkpoint import (FORMAT, load_checkpoint, load_model_weights, load_strict, rng_state,
                          save_atomic, set_rng_state)
 from .evaluate import evaluate
-from .metrics import MetricAccumulator, RunLog, rewrite_log
+from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
 from .schedule import lr_factor
 
 
@@ -185,7 +185,10 @@ class Trainer:
                     f"(best {self.best_top1:.2f})")
 
     def _print(self, text: str) -> None:
-        tqdm.write(text, file=sys.stderr) if self.bar is not None else print(text, flush=True)
+        if self.bar is not None:
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, flush=True)
 
     def fit(self) -> RunResult:
         cfg = self.cfg
@@ -195,8 +198,7 @@ class Trainer:
         use_bar = cfg.train.progress and sys.stderr.isatty()
         self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True,
                         desc=self.run_dir.name) if use_bar else None
-        metrics = MetricAccumulator()
-        images, started = 0, time.perf_counter()
+        self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
         try:
             while self.step < self.stop_step:
                 epoch, consumed = divmod(self.step, self.steps_per_epoch)
@@ -204,36 +206,41 @@ class Trainer:
                 self.method.train()
                 for batch in self.loaders.train:
                     lr = self.set_lr()
-                    metrics.add(self.train_step(batch))
+                    self.metrics.add(self.train_step(batch))
                     self.step += 1
-                    images += len(batch)
+                    self.window.count(len(batch))
                     if self.bar is not None:
                         self.bar.update(1)
-                    if self.step % cfg.train.log_every == 0 or self.step == self.stop_step:
-                        elapsed, started = time.perf_counter() - started, time.perf_counter()
-                        self._log_train(log, metrics.pop(), lr, images / elapsed)
-                        images = 0
-                    if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    save_due = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
+                    final = self.step == self.stop_step
+                    # Every save follows a log step, which checks that the metrics are finite:
+                    # a diverged run never overwrites a good checkpoint.
+                    if self.step % cfg.train.log_every == 0 or epoch_end or save_due or final:
+                        self._log_train(log, lr)
+                    if save_due:
                         self.save("last.pt")
                         self.save(f"step_{self.step:08d}.pt")
-                    if self.step == self.stop_step:
+                    if final:
                         break
-                epoch_done = self.step % self.steps_per_epoch == 0
-                if (epoch_done and (epoch + 1) % cfg.train.eval_every == 0) or self.step == self.stop_step:
+                if (epoch_end and (epoch + 1) % cfg.train.eval_every == 0) or final:
                     self.run_eval(log)
-                elif epoch_done:
+                elif epoch_end:
                     self.save("last.pt")
+                self.window.restart()  # evaluation and saving are not training throughput
         finally:
             if self.bar is not None:
                 self.bar.close()
             log.close()
         return RunResult(self.run_dir, self.step, self.last_top1, self.best_top1)
 
-    def _log_train(self, log: RunLog, means: dict[str, float], lr: float, img_per_s: float) -> None:
+    def _log_train(self, log: RunLog, lr: float) -> None:
+        means = self.metrics.pop()
         if not all(map(math.isfinite, means.values())):
-            raise FloatingPointError(
-                f"non-finite training metrics at step {self.step}: {means}; the last checkpoint "
-                f"in {self.run_dir} is from before this point")
+            raise UserError(
+                f"training diverged: non-finite metrics at step {self.step}: {means}; the last "
+                f"checkpoint in {self.run_dir} is from before this point (lower optim.lr?)")
+        img_per_s = self.window.rate()
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr,
                   **means, "img_per_s": img_per_s}
         log.write("train", record)
