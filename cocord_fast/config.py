@@ -47,7 +47,52 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["vanilla"] = _field("vanilla", "training method")
+    name: Literal["vanilla", "kd", "crd", "cocord"] = _field(
+        "vanilla", "training method; its settings are in the section of the same name")
+
+
+@dataclass
+class KDConfig:
+    """Hinton KD; RepDistiller's recipe weighs 0.1 CE + 0.9 KD."""
+
+    temperature: float = _field(4.0, "softmax temperature T (the loss is scaled by T^2)", min=1e-6)
+    loss_cls: float = _field(0.1, "weight of the cross-entropy term", min=0.0)
+    loss_kd: float = _field(0.9, "weight of the KD term", min=0.0)
+
+
+@dataclass
+class CRDConfig:
+    """CRD (Tian et al., ICLR 2020), METHOD.md section 2."""
+
+    embed_dim: int = _field(128, "dimension of both embedding heads and memory banks", min=1)
+    num_negatives: int = _field(16384, "negatives K drawn per sample from other classes", min=1)
+    temperature: float = _field(0.07, "temperature of the exponential scores", min=1e-6)
+    memory_momentum: float = _field(0.5, "memory-bank refresh: row <- m*row + (1-m)*embedding",
+                                    min=0.0, max=1.0)
+    loss_cls: float = _field(1.0, "weight of the cross-entropy term", min=0.0)
+    loss_crd: float = _field(0.8, "weight of the CRD term", min=0.0)
+    loss_kd: float = _field(0.0, "weight of the KD term (CRD+KD: 1.0)", min=0.0)
+    kd_temperature: float = _field(4.0, "temperature of the KD term", min=1e-6)
+
+
+@dataclass
+class CoCoRDConfig:
+    """CoCoRD, METHOD.md section 1 (CIFAR-100 defaults)."""
+
+    queue_size: int = _field(2048, "N: teacher keys kept as negatives", min=1)
+    temperature: float = _field(0.1, "tau of the contrastive loss", min=1e-6)
+    teacher_head_momentum: float = _field(0.999, "m_c: EMA of the student head into the teacher "
+                                                 "head", min=0.0, max=1.0)
+    student_momentum: float = _field(0.9, "m_r: EMA of the student into the slow student",
+                                     min=0.0, max=1.0)
+    embed_dim: int = _field(2048, "E: embedding (key, query, queue) dimension", min=1)
+    proj_hidden_dim: int = _field(2048, "H: projection-head hidden width", min=1)
+    pred_hidden_dim: int = _field(512, "P: predictor hidden width", min=1)
+    loss_cls: float = _field(1.0, "lambda_cls: weight of the cross-entropy term", min=0.0)
+    loss_ctr: float = _field(1.0, "lambda_ctr: weight of the contrastive term", min=0.0)
+    loss_pred: float = _field(4.0, "lambda_pred: weight of the prediction term", min=0.0)
+    loss_kd: float = _field(0.0, "lambda_kd: weight of the KD term (CoCoRD+KD: 1.0)", min=0.0)
+    kd_temperature: float = _field(4.0, "temperature of the KD term", min=1e-6)
 
 
 @dataclass
@@ -84,6 +129,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
+    cocord: CoCoRDConfig = field(default_factory=CoCoRDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -132,10 +132,14 @@ class Trainer:
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_state_dict(checkpoint["method"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # A checkpoint imported from another code base carries weights but no optimizer or RNG
+        # state: those then start fresh.
+        if checkpoint.get("optimizer") is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("rng") is not None:
+            set_rng_state(checkpoint["rng"])
         self.step = checkpoint["step"]
         self.best_top1, self.last_top1 = checkpoint["best_top1"], checkpoint["last_top1"]
-        set_rng_state(checkpoint["rng"])
         # Records written after this checkpoint describe steps that will be run again.
         rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
 

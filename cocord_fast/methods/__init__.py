@@ -6,12 +6,14 @@ from torch import nn
 from ..config import Config
 from ..errors import UserError
 from .base import Method, StepOutput
+from .kd import KD
 from .vanilla import Vanilla
 
 # Name -> Method subclass; its class attributes (num_views, needs_index, needs_teacher) are read
 # before anything is built, and `from_config` builds it.
 METHODS: dict[str, type[Method]] = {
     "vanilla": Vanilla,
+    "kd": KD,
 }
 
 
