@@ -30,7 +30,7 @@ def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .config import load_config
-    from .demo import run_default_job
+    from .demo import ensure_demo_teacher, run_default_job
     from .engine.trainer import config_for_resume, train
 
     config_path, overrides = _split_train_args(ns.args)
@@ -43,6 +43,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return 0
     else:
         cfg = load_config(config_path, overrides)
+    ensure_demo_teacher(cfg)
     result = train(cfg)
     print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
           f"(best {result.best_top1:.2f})")

@@ -7,8 +7,9 @@ student with each method, and print a table of top-1 accuracies. Every stage res
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from .config import load_config
+from .config import Config, load_config
 from .configs import ROOT as CONFIGS
 from .engine.trainer import train
 
@@ -16,7 +17,17 @@ from .engine.trainer import train
 STAGES = [
     ("teacher", "teacher.yaml"),
     ("student: vanilla", "student.yaml"),
+    ("student: KD", "kd.yaml"),
+    ("student: CRD", "crd.yaml"),
+    ("student: CoCoRD", "cocord.yaml"),
 ]
+
+
+def ensure_demo_teacher(cfg: Config) -> None:
+    """Makes sure the demo teacher a demo recipe distils from is trained (and finished)."""
+    teacher = load_config(CONFIGS / "demo" / "teacher.yaml", ["train.resume=auto"])
+    if Path(cfg.model.teacher_checkpoint) == Path(teacher.train.output_dir) / "last.pt":
+        train(teacher)  # resumes an unfinished teacher; returns at once for a finished one
 
 
 def run_default_job(overrides: tuple[str, ...] = ()) -> list[tuple[str, str, float, float]]:

@@ -76,6 +76,9 @@ def check_model_names(cfg: Config, needs_teacher: bool) -> None:
     """Fails on a misspelt architecture before any data is read or made."""
     fields = [("model.student", cfg.model.student)]
     if needs_teacher:
+        if not cfg.model.teacher or not cfg.model.teacher_checkpoint:
+            raise UserError(f"method.name={cfg.method.name} needs model.teacher and "
+                            f"model.teacher_checkpoint")
         fields.append(("model.teacher", cfg.model.teacher))
     for field_name, name in fields:
         if name not in MODELS:
@@ -84,9 +87,6 @@ def check_model_names(cfg: Config, needs_teacher: bool) -> None:
 
 
 def build_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
-    if not cfg.model.teacher or not cfg.model.teacher_checkpoint:
-        raise UserError(f"method.name={cfg.method.name} needs model.teacher and "
-                        f"model.teacher_checkpoint")
     teacher = build_model(cfg.model.teacher, num_classes)
     load_strict(teacher, load_model_weights(cfg.model.teacher_checkpoint),
                 cfg.model.teacher_checkpoint)

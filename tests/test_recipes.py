@@ -1,0 +1,30 @@
+from cocord_fast.config import load_config
+from cocord_fast.configs import ROOT, generate
+
+
+def test_committed_recipes_are_the_generators_output():
+    expected = generate.all_recipes()
+    committed = {str(p.relative_to(ROOT)): p.read_text()
+                 for folder in ("cifar100", "imagenet") for p in (ROOT / folder).glob("*.yaml")}
+    assert committed == expected
+
+
+def test_every_recipe_is_a_valid_config():
+    for path in ROOT.glob("*/*.yaml"):
+        cfg = load_config(path)  # raises on any unknown key or bad value
+        assert cfg.train.output_dir.endswith(path.stem) or path.parent.name == "demo"
+
+
+def test_all_published_pairs_have_every_method_with_the_crd_learning_rates():
+    for teacher, student in generate.CIFAR_PAIRS:
+        for method in ("kd", "crd", "cocord", "cocord_kd"):
+            cfg = load_config(ROOT / "cifar100" / f"{method}_{teacher}_{student}.yaml")
+            assert (cfg.model.teacher, cfg.model.student) == (teacher, student)
+            assert cfg.method.name == method.removesuffix("_kd")
+            assert cfg.optim.lr == (0.01 if student in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
+            assert (cfg.data.batch_size, cfg.train.epochs, cfg.optim.milestones) == (64, 240, [150, 180, 210])
+            assert load_config(ROOT / "cifar100" / f"vanilla_{teacher}.yaml").model.student == teacher
+        assert load_config(ROOT / "cifar100" / f"vanilla_{student}.yaml").method.name == "vanilla"
+    assert load_config(ROOT / "cifar100" / "cocord_kd_vgg13_vgg8.yaml").cocord.loss_kd == 1.0
+    assert load_config(ROOT / "cifar100" / "cocord_vgg13_vgg8.yaml").cocord.loss_kd == 0.0
+    assert load_config(ROOT / "imagenet" / "cocord_resnet101_resnet50.yaml").cocord.queue_size == 16384
