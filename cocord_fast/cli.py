@@ -1,4 +1,5 @@
-"""`cocord-fast`: train, eval, export, and look up configs and models."""
+"""`cocord-fast`: train, eval, export, import reference checkpoints, and look up configs
+and models."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +94,66 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+IMPORT_EPILOG = """\
+example:
+  cocord-fast import-reference checkpoint.pth runs/cocord_r56_r20 --student resnet20 \\
+      --teacher resnet56 data.dataset=cifar100 data.root=~/data
+  cocord-fast train --resume runs/cocord_r56_r20 data.root=~/data
+
+the reference settings its checkpoint does not hold (T, momentum, b_momentum, loss weights) are
+given as cocord.temperature, cocord.teacher_head_momentum, cocord.student_momentum,
+cocord.loss_ctr, cocord.loss_cls, cocord.loss_pred; their defaults are the reference's.
+"""
+
+
+def cmd_import_reference(ns: argparse.Namespace) -> int:
+    """A reference CoCoRD checkpoint (ShipengFu/CoCoRD) -> a run directory that `train --resume`
+    continues: config.yaml, last.pt (step 0, fresh optimizer and RNG), and teacher.pth."""
+    import dataclasses
+    from pathlib import Path
+
+    from .config import load_config, parse_override, save_config
+    from .engine.checkpoint import FORMAT, load_file, save_atomic
+    from .methods.cocord import from_reference, unwrap_reference_checkpoint
+
+    out_dir = Path(ns.out_dir)
+    if (out_dir / "last.pt").exists():
+        raise UserError(f"{out_dir / 'last.pt'} already exists; choose another OUT_DIR")
+    overrides = ns.overrides
+    cfg = load_config(None, overrides)  # every override is checked before the file is read
+    cocord_overrides = {key: value for text in overrides
+                        for section, values in parse_override(text).items()
+                        if section == "cocord" for key, value in values.items()}
+    raw = load_file(ns.ref_ckpt)
+    method = from_reference(unwrap_reference_checkpoint(raw, str(ns.ref_ckpt)), ns.student,
+                            ns.teacher, ns.num_classes, **cocord_overrides)
+    cfg.method.name = "cocord"
+    cfg.model.student, cfg.model.teacher = ns.student, ns.teacher
+    cfg.cocord = dataclasses.replace(method.config)  # with the settings the shapes fixed
+    cfg.train.output_dir = str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.model.teacher_checkpoint:
+        # `train --resume` builds the teacher from model.teacher_checkpoint before restoring
+        # the method state: give it the reference's teacher in RepDistiller's format.
+        teacher_path = out_dir / "teacher.pth"
+        save_atomic({"model": method.teacher_encoder.state_dict()}, teacher_path)
+        cfg.model.teacher_checkpoint = str(teacher_path)
+    save_config(cfg, out_dir / "config.yaml")
+    student = method.student()
+    prefix = next(name for name, module in method.named_modules() if module is student)
+    save_atomic({
+        "format": FORMAT, "config": cfg.to_dict(), "step": 0, "epoch": 0.0,
+        "num_classes": ns.num_classes, "method": method.state_dict(),
+        "student_prefix": f"{prefix}." if prefix else "", "optimizer": None, "rng": None,
+        "best_top1": 0.0, "last_top1": 0.0,
+    }, out_dir / "last.pt")
+    epoch = raw.get("epoch") if isinstance(raw, dict) else None
+    at_epoch = f" (reference epoch {epoch})" if isinstance(epoch, int) else ""
+    print(f"imported {ns.ref_ckpt}{at_epoch} into {out_dir} at step 0; continue with "
+          f"cocord-fast train --resume {out_dir} data.root=...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cocord-fast", description="Contrastive knowledge distillation (CoCoRD, CRD, KD).")
@@ -126,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
     config.set_defaults(func=cmd_config)
 
+    imp = sub.add_parser("import-reference",
+                         help="turn a reference CoCoRD checkpoint into a run to resume",
+                         epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    imp.add_argument("ref_ckpt", metavar="REF_CKPT",
+                     help="checkpoint of ShipengFu/CoCoRD (checkpoint.pth or best.pth)")
+    imp.add_argument("out_dir", metavar="OUT_DIR", help="new run directory")
+    imp.add_argument("--student", required=True, help="student architecture of that run")
+    imp.add_argument("--teacher", required=True, help="teacher architecture of that run")
+    imp.add_argument("--num-classes", type=int, default=100)
+    # Overrides may also follow the options; main() adds those (see there).
+    imp.add_argument("overrides", nargs="*", metavar="section.key=value")
+    imp.set_defaults(func=cmd_import_reference)
+
     models = sub.add_parser("models", help="list the model zoo")
     models.add_argument("--num-classes", type=int, default=100)
     models.set_defaults(func=cmd_models)
@@ -142,7 +216,14 @@ def _user_message(err: UserError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse gives a '*' positional only the words before the first option: overrides after
+    # `--student NAME` come back unrecognised, and are import-reference's.
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if ns.command != "import-reference":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.overrides = [*ns.overrides, *extra]
     try:
         return ns.func(ns)
     except UserError as err:

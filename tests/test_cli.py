@@ -39,12 +39,13 @@ def test_default_job_trains_teacher_and_student_and_reuses_them(tiny_demo_root, 
                                                                   monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     overrides = (f"data.root={tiny_demo_root}", "data.batch_size=16", "train.epochs=1",
+                 "crd.num_negatives=16",
                  "train.progress=false")
     rows = demo_job.run_default_job(overrides)
     assert [label for label, *_ in rows] == [label for label, _ in demo_job.STAGES]
     assert all(0 <= top1 <= 100 for *_, top1, _ in rows)
     table = capsys.readouterr().out
-    assert "teacher" in table and "vanilla" in table and "top-1" in table
+    assert all(name in table for name in ("teacher", "vanilla", "KD", "CRD", "CoCoRD", "top-1"))
     teacher = tmp_path / "runs" / "demo" / "teacher" / "last.pt"
     stamp = teacher.stat().st_mtime_ns
     assert demo_job.run_default_job(overrides) == rows  # finished stages are reused as they are

@@ -107,6 +107,7 @@ class Loaders:
     val: DataLoader
     num_classes: int
     num_train: int
+    train_targets: np.ndarray | None = None  # (num_train,) class of every training sample
 
     @property
     def sampler(self) -> EpochBatchSampler:
@@ -140,4 +141,4 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, pin_memory: bool =
                                                        rank, world_size), **workers)
     val = DataLoader(EvalDataset(val_source, recipe.eval), batch_size=cfg.eval_batch_size,
                      shuffle=False, **workers)
-    return Loaders(train, val, train_source.num_classes, len(train_source))
+    return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets)

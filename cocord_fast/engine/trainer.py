@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..config import Config, load_config, save_config
 from ..data import Loaders, build_loaders
+from ..data.contrast import NegativeSampler
 from ..errors import UserError
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
@@ -114,6 +115,10 @@ class Trainer:
             cfg.data, method_class.num_views, cfg.train.seed,
             pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = self.loaders.steps_per_epoch
+        negatives = method_class.contrast_negatives(cfg)  # CRD's K; 0 for the other methods
+        self.negative_sampler = (NegativeSampler(self.loaders.train_targets, negatives,
+                                                 cfg.train.seed, self.device)
+                                 if negatives else None)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
@@ -165,8 +170,12 @@ class Trainer:
         return lr
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.negative_sampler is not None:
+            # Drawn on the device from (seed, step): a resumed run draws the same negatives.
+            batch.contrast_index = self.negative_sampler.sample(batch.index, self.step)
         with autocast(self.cfg, self.device):
-            out = self.method(batch.to(self.device, non_blocking=True))
+            out = self.method(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()

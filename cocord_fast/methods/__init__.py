@@ -6,6 +6,8 @@ from torch import nn
 from ..config import Config
 from ..errors import UserError
 from .base import Method, StepOutput
+from .cocord import CoCoRD
+from .crd import CRD
 from .kd import KD
 from .vanilla import Vanilla
 
@@ -14,6 +16,8 @@ from .vanilla import Vanilla
 METHODS: dict[str, type[Method]] = {
     "vanilla": Vanilla,
     "kd": KD,
+    "cocord": CoCoRD,
+    "crd": CRD,
 }
 
 

@@ -33,6 +33,11 @@ class Method(nn.Module):
                     num_data: int) -> Method:
         raise NotImplementedError
 
+    @classmethod
+    def contrast_negatives(cls, cfg: Config) -> int:
+        """Negatives per sample the loop must draw into `batch.contrast_index` (CRD); 0: none."""
+        return 0
+
     def trainable_module(self) -> nn.Module:
         """The only parameters the optimizer (and any wrapping engine) sees."""
         raise NotImplementedError

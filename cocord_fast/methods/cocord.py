@@ -1,0 +1,324 @@
+"""CoCoRD (Fu, Yang, Yang): contrastive consistent representation distillation, METHOD.md §1.
+
+Also the import of checkpoints written by the reference implementation (ShipengFu/CoCoRD).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import CoCoRDConfig, Config, merge
+from ..data import Batch
+from ..errors import UserError
+from ..models import build_model
+from .base import StepOutput
+from .distiller import Distiller
+from .heads import build_predictor, build_projector
+from .losses import kd_loss
+from .momentum import momentum_update_
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Losses on bf16 activations (autocast) are computed in fp32; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def queue_infonce_loss(q: Tensor, k: Tensor, queue: Tensor,
+                       temperature: float) -> tuple[Tensor, Tensor]:
+    """InfoNCE of each query against its own key (the positive) and every queue row.
+
+    q, k: (B, E) L2-normalised queries and keys; queue: (N, E) negatives, which must not change
+    before backward (pass a snapshot). Returns the mean over rows of
+    CE([q_i.k_i, q_i.queue^T] / temperature, target 0), and the detached fraction of rows whose
+    positive logit is the largest of the N+1 (ties count as wins).
+
+    A fused kernel can replace this function: it needs the row max (which an online logsumexp
+    computes anyway) for the accuracy, and the same queue snapshot in backward.
+    """
+    # bf16 keeps ~3 significant digits of q.k: divided by temperature 0.1 the logits would be
+    # off by up to ~0.04, so they are computed in (at least) fp32 even under autocast.
+    dtype = torch.promote_types(torch.promote_types(q.dtype, queue.dtype), torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
+        positive = (q * k).sum(dim=1)  # (B,)
+        negative = q @ queue.T  # (B, N)
+        logits = torch.cat([positive[:, None], negative], dim=1) / temperature  # (B, N+1)
+        loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    with torch.no_grad():
+        top1 = (positive >= negative.max(dim=1).values).to(dtype).mean()
+    return loss, top1
+
+
+def prediction_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """(B,) per-row 2 - 2 cos(prediction, target) (the squared distance of unit vectors)."""
+    prediction = F.normalize(_at_least_fp32(prediction), dim=1)  # (B, E)
+    target = F.normalize(_at_least_fp32(target), dim=1).to(prediction.dtype)  # (B, E)
+    return 2 - 2 * (prediction * target).sum(dim=1)
+
+
+def gather_keys(keys: Tensor) -> Tensor:
+    """(B, E) -> (world * B, E): every rank's keys in rank order, so all queues stay identical.
+
+    A no-op in a single process. Assumes the same B on every rank (the loader drops last).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, keys.contiguous())
+    return torch.cat(parts)
+
+
+class CoCoRD(Distiller):
+    """CoCoRD: contrastive distillation against a queue of teacher keys, plus a prediction
+    ("cognate") loss against a slow-moving copy of the student.
+
+    Paper symbols -> attributes: g_s `student_encoder`, f_s `student_projector`, h `predictor`
+    (these three are all the optimizer sees: `trainable_module()`); g_s' `slow_encoder` and
+    f_s' `slow_projector` (EMA of g_s, f_s with `student_momentum` m_r); g_t `teacher_encoder`
+    (frozen, eval mode); f_t `teacher_projector`; Q `queue` (N, E) with `queue_ptr`.
+
+    f_t is a copy of f_s that follows it by EMA with `teacher_head_momentum` m_c when the
+    teacher's feature width d_t equals the student's d_s. When d_t != d_s (every cross-
+    architecture pair) f_t cannot track f_s: it is randomly initialised and frozen, i.e.
+    m_c = 1, and `teacher_head_momentum` then reads 1.0 whatever the config says.
+
+    BatchNorm: the slow copies and f_t follow the method's mode (training mode during
+    training: batch statistics, no gradient); the teacher encoder always runs in eval mode.
+    Each view is forwarded on its own, so every BatchNorm sees one view's batch statistics,
+    as in the reference. Under data parallelism the batch statistics are per rank (no shuffle
+    BN): the keys come from a frozen teacher whose backbone uses running statistics, and the
+    reference trains on one GPU with the same per-batch statistics in f_t.
+    """
+
+    num_views = 3
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: CoCoRDConfig):
+        super().__init__(student, teacher)
+        self.config = dataclasses.replace(config)
+        c = self.config
+        like = next(student.parameters())  # new heads and the queue take the student's dtype
+        self.student_projector = build_projector(student.num_features, c.proj_hidden_dim,
+                                                 c.embed_dim).to(like)
+        self.predictor = build_predictor(c.embed_dim, c.pred_hidden_dim).to(like)
+        self.slow_encoder = copy.deepcopy(student).requires_grad_(False)
+        self.slow_projector = copy.deepcopy(self.student_projector).requires_grad_(False)
+        self.teacher_tracks_student = teacher.num_features == student.num_features
+        if self.teacher_tracks_student:
+            self.teacher_projector = copy.deepcopy(self.student_projector)
+            self.teacher_head_momentum = c.teacher_head_momentum
+        else:
+            self.teacher_projector = build_projector(teacher.num_features, c.proj_hidden_dim,
+                                                     c.embed_dim).to(like)
+            self.teacher_head_momentum = 1.0
+        self.teacher_projector.requires_grad_(False)
+        self.student_momentum = c.student_momentum
+        queue = F.normalize(torch.randn(c.queue_size, c.embed_dim, dtype=like.dtype,
+                                        device=like.device), dim=1)
+        self.register_buffer("queue", queue)  # (N, E): random unit rows until keys replace them
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=like.device))
+        # Kept out of `_modules` so the state dict does not list these modules twice.
+        self.__dict__["_trainable"] = nn.ModuleDict({
+            "student_encoder": self.student_encoder, "student_projector": self.student_projector,
+            "predictor": self.predictor})
+
+    @classmethod
+    def from_config(cls, cfg: Config, student: nn.Module, teacher: nn.Module | None,
+                    num_data: int) -> CoCoRD:
+        if teacher is None:
+            raise UserError("method.name=cocord needs model.teacher and model.teacher_checkpoint")
+        return cls(student, teacher, cfg.cocord)
+
+    def trainable_module(self) -> nn.Module:
+        return self._trainable
+
+    def train(self, mode: bool = True) -> CoCoRD:
+        super().train(mode)
+        self._trainable.training = mode  # outside `_modules`, so `train()` does not reach it
+        return self
+
+    def forward(self, batch: Batch) -> StepOutput:
+        x_s, x_s2, x_t = batch.views  # x_s, x'_s, x_t: each (B, C, H, W)
+        c = self.config
+        use_kd = c.loss_kd > 0
+        # One forward per view: each BatchNorm normalises a view with that view's statistics.
+        features = self.student_encoder.forward_features(x_s)  # (B, d_s)
+        logits = self.student_encoder.forward_head(features)  # (B, classes)
+        z = self.student_projector(features)  # (B, E)
+        z2 = self.student_projector(self.student_encoder.forward_features(x_s2))  # (B, E)
+        p, p2 = self.predictor(z), self.predictor(z2)  # (B, E) each
+        with torch.no_grad():
+            # The teacher runs in eval mode, where every sample is normalised on its own, so
+            # the KD view can share its forward with x_t.
+            teacher_in = torch.cat([x_t, x_s]) if use_kd else x_t
+            teacher_features = self.teacher_encoder.forward_features(teacher_in)
+            keys = self.teacher_projector(teacher_features[:len(x_t)])  # (B, E), x_t only
+            k = F.normalize(_at_least_fp32(keys), dim=1)  # (B, E)
+            t = self.slow_projector(self.slow_encoder.forward_features(x_s2))  # (B, E)
+            t2 = self.slow_projector(self.slow_encoder.forward_features(x_s))  # (B, E)
+        q = F.normalize(_at_least_fp32(z), dim=1)  # (B, E)
+        # The enqueue below writes the queue in place before backward runs, and backward needs
+        # the queue the logits saw: the loss gets a snapshot, which also keeps this batch's
+        # keys out of its own negatives.
+        loss_ctr, ctr_top1 = queue_infonce_loss(q, k, self.queue.clone(), c.temperature)
+        self.enqueue_(k)
+        loss_pred = (prediction_loss(p, t) + prediction_loss(p2, t2)).mean()
+        loss_cls = F.cross_entropy(logits, batch.labels)
+        loss = c.loss_ctr * loss_ctr + c.loss_cls * loss_cls + c.loss_pred * loss_pred
+        metrics = {"loss_cls": loss_cls.detach(), "loss_ctr": loss_ctr.detach(),
+                   "loss_pred": loss_pred.detach(), "ctr_top1": ctr_top1}
+        if use_kd:
+            teacher_logits = self.teacher_encoder.forward_head(teacher_features[len(x_t):])
+            loss_kd = kd_loss(logits, teacher_logits, c.kd_temperature)
+            loss = loss + c.loss_kd * loss_kd
+            metrics["loss_kd"] = loss_kd.detach()
+        return StepOutput(loss, metrics)
+
+    @torch.no_grad()
+    def enqueue_(self, keys: Tensor) -> None:
+        """Writes (B, E) keys (all ranks' under data parallelism) into the FIFO ring at
+        `queue_ptr`, wrapping modulo N; B need not divide N.
+
+        The pointer stays on the device: the slots are computed there, so no host sync.
+        """
+        keys = gather_keys(keys).to(self.queue.dtype)  # autocast keys are cast to the queue's
+        size, count = self.queue.shape[0], keys.shape[0]
+        if count > size:  # more keys than slots: only the newest N survive the lap
+            keys = keys[count - size:]
+        offset = count - keys.shape[0]
+        slots = (self.queue_ptr + offset
+                 + torch.arange(keys.shape[0], device=self.queue.device)) % size  # (min(B, N),)
+        self.queue.index_copy_(0, slots, keys)
+        self.queue_ptr.copy_((self.queue_ptr + count) % size)
+
+    def momentum_pairs(self) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        """(targets, sources, momenta) of every EMA pair: parameters only, never BN buffers."""
+        targets = [*self.slow_encoder.parameters(), *self.slow_projector.parameters()]
+        sources = [*self.student_encoder.parameters(), *self.student_projector.parameters()]
+        momenta = [self.student_momentum] * len(targets)
+        if self.teacher_tracks_student:
+            head = list(self.teacher_projector.parameters())
+            targets += head
+            sources += list(self.student_projector.parameters())
+            momenta += [self.teacher_head_momentum] * len(head)
+        return targets, sources, momenta
+
+    def on_optimizer_step(self) -> None:
+        # Right after the optimizer step: the next forward's slow student and teacher head see
+        # the student's weights as they are now (METHOD.md, step 3; also correct under
+        # gradient accumulation). The first call after init changes nothing: copies == sources.
+        momentum_update_(*self.momentum_pairs())
+
+
+# Reference module name -> ours; the heads share the inner layout (Sequential 0, 1, 3).
+REFERENCE_PREFIXES = {
+    "s_q_encoder.": "student_encoder.",
+    "s_q_proj.": "student_projector.",
+    "s_q_pred.": "predictor.",
+    "s_k_encoder.": "slow_encoder.",
+    "s_k_proj.": "slow_projector.",
+    "t_k_encoder.": "teacher_encoder.",
+    "t_k_proj.": "teacher_projector.",
+}
+
+
+def unwrap_reference_checkpoint(obj: Any,
+                                source: str = "reference checkpoint") -> dict[str, Tensor]:
+    """The model state dict inside a reference checkpoint.
+
+    The reference's main.py saves `{'epoch', 's_model_dict', 'state_dict', 'best_acc1'}` with
+    the whole CoCoRD module's state dict under 'state_dict'; 'model' and a bare state dict are
+    accepted too, and a DataParallel 'module.' prefix is removed.
+    """
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise UserError(f"{source} holds no state dict (expected {{'state_dict': ...}}, "
+                        f"{{'model': ...}} or a state dict of tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _reference_shapes(state: dict[str, Tensor]) -> dict[str, int]:
+    """The settings a reference state dict fixes by its shapes (queue is (E, N))."""
+    found = {}
+    if "queue" in state and state["queue"].ndim == 2:
+        found["embed_dim"], found["queue_size"] = state["queue"].shape
+    if "s_q_proj.0.weight" in state:
+        found["proj_hidden_dim"] = state["s_q_proj.0.weight"].shape[0]
+    if "s_q_pred.0.weight" in state:
+        found["pred_hidden_dim"] = state["s_q_pred.0.weight"].shape[0]
+    return {k: int(v) for k, v in found.items()}
+
+
+def _to_reference_name(key: str) -> str:
+    for theirs, ours in REFERENCE_PREFIXES.items():
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def from_reference(ref_state_dict: dict[str, Any], student: str, teacher: str, num_classes: int,
+                   **config_overrides: Any) -> CoCoRD:
+    """A CoCoRD whose weights, slow copies, teacher, teacher head, queue and pointer are those
+    of a reference-implementation checkpoint.
+
+    The cocord settings are the defaults, then what the reference tensors' shapes fix
+    (queue_size, embed_dim, proj_hidden_dim, pred_hidden_dim), then `config_overrides` (cocord
+    key names; the reference's T, momentum, b_momentum, loss_* are not in its checkpoint).
+    """
+    state = unwrap_reference_checkpoint(ref_state_dict)
+    cfg = Config()
+    merge(cfg, {"cocord": {**_reference_shapes(state), **config_overrides}}, "reference import")
+    method = CoCoRD(build_model(student, num_classes), build_model(teacher, num_classes),
+                    cfg.cocord)
+    converted, origin, unexpected = {}, {}, []
+    for key, value in state.items():
+        if key == "queue" and value.ndim == 2:
+            ours, value = key, value.T.contiguous()  # reference (E, N) -> ours (N, E)
+        elif key == "queue_ptr" and value.numel() == 1:
+            ours, value = key, value.reshape(())  # reference (1,) -> ours ()
+        elif prefix := next((p for p in REFERENCE_PREFIXES if key.startswith(p)), None):
+            ours = REFERENCE_PREFIXES[prefix] + key[len(prefix):]
+        else:
+            unexpected.append(key)
+            continue
+        converted[ours], origin[ours] = value, key
+    own = method.state_dict()
+    unexpected += [origin[k] for k in converted if k not in own]
+    missing = [_to_reference_name(k) for k in own if k not in converted]
+    mismatched = [f"{origin[k]} {tuple(state[origin[k]].shape)}"
+                  for k in own if k in converted and converted[k].shape != own[k].shape]
+    problems = [f"{label}: {_some(keys)}" for label, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("keys whose shape does not fit", mismatched)) if keys]
+    if problems:
+        raise UserError(f"reference checkpoint does not fit CoCoRD({student} <- {teacher}, "
+                        f"{num_classes} classes, {_describe(method.config)}): "
+                        + "; ".join(problems))
+    pointer = int(converted["queue_ptr"])
+    if not 0 <= pointer < method.config.queue_size:
+        raise UserError(f"reference checkpoint: queue_ptr {pointer} is outside the queue "
+                        f"(size {method.config.queue_size})")
+    method.load_state_dict(converted, strict=True)
+    return method
+
+
+def _describe(config: CoCoRDConfig) -> str:
+    return (f"queue_size={config.queue_size}, embed_dim={config.embed_dim}, "
+            f"proj_hidden_dim={config.proj_hidden_dim}, pred_hidden_dim={config.pred_hidden_dim}")
+
+
+def _some(keys: list[str], shown: int = 8) -> str:
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
