@@ -113,7 +113,7 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import load_config, parse_override, save_config
-    from .engine.checkpoint import FORMAT, load_file, save_atomic
+    from .engine.checkpoint import load_file, save_atomic, training_checkpoint
     from .methods.cocord import from_reference, unwrap_reference_checkpoint
 
     out_dir = Path(ns.out_dir)
@@ -139,14 +139,9 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
         save_atomic({"model": method.teacher_encoder.state_dict()}, teacher_path)
         cfg.model.teacher_checkpoint = str(teacher_path)
     save_config(cfg, out_dir / "config.yaml")
-    student = method.student()
-    prefix = next(name for name, module in method.named_modules() if module is student)
-    save_atomic({
-        "format": FORMAT, "config": cfg.to_dict(), "step": 0, "epoch": 0.0,
-        "num_classes": ns.num_classes, "method": method.state_dict(),
-        "student_prefix": f"{prefix}." if prefix else "", "optimizer": None, "rng": None,
-        "best_top1": 0.0, "last_top1": 0.0,
-    }, out_dir / "last.pt")
+    save_atomic(training_checkpoint(cfg.to_dict(), method, ns.num_classes, step=0,
+                                    steps_per_epoch=1, optimizer=None, rng=None, best_top1=0.0,
+                                    last_top1=0.0), out_dir / "last.pt")
     epoch = raw.get("epoch") if isinstance(raw, dict) else None
     at_epoch = f" (reference epoch {epoch})" if isinstance(epoch, int) else ""
     print(f"imported {ns.ref_ckpt}{at_epoch} into {out_dir} at step 0; continue with "

@@ -51,9 +51,6 @@ class NegativeSampler:
 
     def __init__(self, targets: np.ndarray | Tensor, num_negatives: int, seed: int,
                  device: torch.device | str | None = None, exact_budget: int = EXACT_BUDGET):
-        if targets is None:
-            raise ValueError("NegativeSampler needs the class of every training sample "
-                             "(Loaders.train_targets); this data backend gave none")
         targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)  # (n,)
         counts = torch.bincount(targets)  # (C,)
         smallest_pool = len(targets) - int(counts.max())

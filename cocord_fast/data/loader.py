@@ -107,7 +107,7 @@ class Loaders:
     val: DataLoader
     num_classes: int
     num_train: int
-    train_targets: np.ndarray | None = None  # (num_train,) class of every training sample
+    train_targets: np.ndarray  # (num_train,) class of every training sample
 
     @property
     def sampler(self) -> EpochBatchSampler:

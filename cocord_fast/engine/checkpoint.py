@@ -35,6 +35,24 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def student_prefix(method: torch.nn.Module) -> str:
+    """Where the online student sits in the method's state dict (e.g. 'student_encoder.')."""
+    student = method.student()
+    name = next(name for name, module in method.named_modules() if module is student)
+    return f"{name}." if name else ""
+
+
+def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_classes: int,
+                        step: int, steps_per_epoch: int, optimizer: dict | None,
+                        rng: dict | None, best_top1: float, last_top1: float) -> dict[str, Any]:
+    """The one layout of a cocord_fast checkpoint. `optimizer` and `rng` are None for a run
+    imported from another code base (they then start fresh on resume)."""
+    return {"format": FORMAT, "config": config, "step": step, "epoch": step / steps_per_epoch,
+            "num_classes": num_classes, "method": method.state_dict(),
+            "student_prefix": student_prefix(method), "optimizer": optimizer, "rng": rng,
+            "best_top1": best_top1, "last_top1": last_top1}
+
+
 def load_file(path: str | os.PathLike) -> Any:
     """`torch.load` of a file the user named, restricted to tensors and plain containers."""
     path = Path(path)

@@ -18,8 +18,8 @@ from ..data.contrast import NegativeSampler
 from ..errors import UserError
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
-from .checkpoint import (FORMAT, load_checkpoint, load_model_weights, load_strict, rng_state,
-                         save_atomic, set_rng_state)
+from .checkpoint import (load_checkpoint, load_model_weights, load_strict, rng_state,
+                         save_atomic, set_rng_state, training_checkpoint)
 from .evaluate import evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
 from .schedule import lr_factor
@@ -148,19 +148,11 @@ class Trainer:
         # Records written after this checkpoint describe steps that will be run again.
         rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
 
-    def _student_prefix(self) -> str:
-        student = self.method.student()
-        name = next(name for name, module in self.method.named_modules() if module is student)
-        return f"{name}." if name else ""
-
     def save(self, name: str) -> None:
-        save_atomic({
-            "format": FORMAT, "config": self.cfg.to_dict(), "step": self.step,
-            "epoch": self.step / self.steps_per_epoch, "num_classes": self.loaders.num_classes,
-            "method": self.method.state_dict(), "student_prefix": self._student_prefix(),
-            "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-            "best_top1": self.best_top1, "last_top1": self.last_top1,
-        }, self.run_dir / name)
+        save_atomic(training_checkpoint(
+            self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
+            self.steps_per_epoch, self.optimizer.state_dict(), rng_state(), self.best_top1,
+            self.last_top1), self.run_dir / name)
 
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, self.steps_per_epoch,
