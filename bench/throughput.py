@@ -32,6 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_synthetic_cifar(root: Path, num_train: int, num_test: int = 64) -> None:
+    """Random images and labels in the `cifar-100-python` format (as CIFAR100 reads it)."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -45,7 +46,13 @@ def write_synthetic_cifar(root: Path, num_train: int, num_test: int = 64) -> Non
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu} x{torch.get_num_threads()} threads"
 
 
 def commit() -> str:
@@ -64,7 +71,7 @@ def measure(method: str, args: argparse.Namespace, data: Path, teacher: Path, wo
         f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
         f"train.max_steps={steps}", f"train.log_every={args.warmup}", "train.progress=false",
         f"train.output_dir={work / method}", f"train.device={args.device}",
-        f"train.precision={args.precision}", "crd.num_negatives=4096", *args.override]
+        f"train.precision={args.precision}", *args.override]
     started = time.perf_counter()
     Trainer(load_config(overrides=overrides)).fit()
     records = [r for r in read_log(work / method) if r["kind"] == "train"]
@@ -106,7 +113,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_synthetic_cifar(tmp / "data", args.batch_size * (args.warmup + args.steps + 1))
+        # CIFAR-100's size, so CRD's memory banks and negative sampling cost what they would.
+        write_synthetic_cifar(tmp / "data", num_train=50_000)
         teacher = tmp / "teacher.pth"
         torch.save(build_model(args.teacher, 100).state_dict(), teacher)
         rows = []

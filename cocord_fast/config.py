@@ -121,6 +121,8 @@ class TrainConfig:
                              "directory or checkpoint file to continue")
     device: str = _field("auto", "auto (cuda if available), cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs forward passes under autocast")
+    kernels: Literal["auto", "triton", "torch"] = _field(
+        "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch otherwise")
     progress: bool = _field(True, "show a progress bar")
 
 
