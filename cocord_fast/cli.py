@@ -12,7 +12,7 @@ examples:
   cocord-fast train                                  # the offline demo: teacher, then students
   cocord-fast train configs/demo/teacher.yaml        # one stage of it
   cocord-fast train configs/cifar100/vanilla_resnet56.yaml data.root=~/data optim.lr=0.1
-  cocord-fast train --resume runs/demo/teacher train.max_steps=0
+  cocord-fast train --resume runs/demo/cocord               # continue a stopped run
 
 overrides are section.key=value (the value is read as YAML); `cocord-fast config` lists every key.
 """

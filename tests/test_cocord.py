@@ -12,8 +12,8 @@ from cocord_fast.data import Batch
 from cocord_fast.engine.checkpoint import load_checkpoint, load_model_weights, student_state_dict
 from cocord_fast.errors import UserError
 from cocord_fast.methods import build_method
-from cocord_fast.methods.cocord import CoCoRD, from_reference, queue_infonce_loss
-from cocord_fast.methods.momentum import momentum_update_
+from cocord_fast.kernels import momentum_update_, queue_infonce
+from cocord_fast.methods.cocord import CoCoRD, from_reference
 from cocord_fast.models import build_model
 
 
@@ -151,7 +151,7 @@ def test_every_loss_term_and_the_total_match_the_formulas(loss_kd):
     assert method.queue_ptr.item() == 2
 
 
-def test_queue_infonce_loss_value_gradient_and_top1():
+def test_queue_infonce_value_gradient_and_top1():
     torch.manual_seed(3)
     q = nn.functional.normalize(torch.randn(5, 6, dtype=torch.float64), dim=1)
     k = nn.functional.normalize(torch.randn(5, 6, dtype=torch.float64), dim=1)
@@ -161,7 +161,7 @@ def test_queue_infonce_loss_value_gradient_and_top1():
     q[1], k[1], queue[0] = e[0], e[0], e[0]  # row 1: a negative ties the positive: a win
     q[2], queue[1] = e[2], e[2]  # row 2: a negative equal to the query beats its positive
     q.requires_grad_()
-    loss, top1 = queue_infonce_loss(q, k, queue, 0.1)
+    loss, top1 = queue_infonce(q, k, queue, 0.1)
     expected, wins = formula_ctr(q, k, queue, 0.1, normalize=False)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     assert top1.item() == pytest.approx(wins) and not top1.requires_grad

@@ -55,7 +55,7 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
 
 def load_file(path: str | os.PathLike) -> Any:
     """`torch.load` of a file the user named, restricted to tensors and plain containers."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

@@ -16,43 +16,17 @@ from torch import Tensor, nn
 from ..config import CoCoRDConfig, Config, merge
 from ..data import Batch
 from ..errors import UserError
+from ..kernels import momentum_update_, queue_infonce
 from ..models import build_model
 from .base import StepOutput
 from .distiller import Distiller
 from .heads import build_predictor, build_projector
 from .losses import kd_loss
-from .momentum import momentum_update_
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
     """Losses on bf16 activations (autocast) are computed in fp32; float64 stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def queue_infonce_loss(q: Tensor, k: Tensor, queue: Tensor,
-                       temperature: float) -> tuple[Tensor, Tensor]:
-    """InfoNCE of each query against its own key (the positive) and every queue row.
-
-    q, k: (B, E) L2-normalised queries and keys; queue: (N, E) negatives, which must not change
-    before backward (pass a snapshot). Returns the mean over rows of
-    CE([q_i.k_i, q_i.queue^T] / temperature, target 0), and the detached fraction of rows whose
-    positive logit is the largest of the N+1 (ties count as wins).
-
-    A fused kernel can replace this function: it needs the row max (which an online logsumexp
-    computes anyway) for the accuracy, and the same queue snapshot in backward.
-    """
-    # bf16 keeps ~3 significant digits of q.k: divided by temperature 0.1 the logits would be
-    # off by up to ~0.04, so they are computed in (at least) fp32 even under autocast.
-    dtype = torch.promote_types(torch.promote_types(q.dtype, queue.dtype), torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
-        positive = (q * k).sum(dim=1)  # (B,)
-        negative = q @ queue.T  # (B, N)
-        logits = torch.cat([positive[:, None], negative], dim=1) / temperature  # (B, N+1)
-        loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
-    with torch.no_grad():
-        top1 = (positive >= negative.max(dim=1).values).to(dtype).mean()
-    return loss, top1
 
 
 def prediction_loss(prediction: Tensor, target: Tensor) -> Tensor:
@@ -98,9 +72,11 @@ class CoCoRD(Distiller):
 
     num_views = 3
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, config: CoCoRDConfig):
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: CoCoRDConfig,
+                 kernels: str = "auto"):
         super().__init__(student, teacher)
         self.config = dataclasses.replace(config)
+        self.kernels = kernels  # `train.kernels`: implementation of the two fused ops
         c = self.config
         like = next(student.parameters())  # new heads and the queue take the student's dtype
         self.student_projector = build_projector(student.num_features, c.proj_hidden_dim,
@@ -132,7 +108,7 @@ class CoCoRD(Distiller):
                     num_data: int) -> CoCoRD:
         if teacher is None:
             raise UserError("method.name=cocord needs model.teacher and model.teacher_checkpoint")
-        return cls(student, teacher, cfg.cocord)
+        return cls(student, teacher, cfg.cocord, cfg.train.kernels)
 
     def trainable_module(self) -> nn.Module:
         return self._trainable
@@ -165,7 +141,8 @@ class CoCoRD(Distiller):
         # The enqueue below writes the queue in place before backward runs, and backward needs
         # the queue the logits saw: the loss gets a snapshot, which also keeps this batch's
         # keys out of its own negatives.
-        loss_ctr, ctr_top1 = queue_infonce_loss(q, k, self.queue.clone(), c.temperature)
+        loss_ctr, ctr_top1 = queue_infonce(q, k, self.queue.clone(), c.temperature,
+                                           impl=self.kernels)
         self.enqueue_(k)
         loss_pred = (prediction_loss(p, t) + prediction_loss(p2, t2)).mean()
         loss_cls = F.cross_entropy(logits, batch.labels)
@@ -212,7 +189,7 @@ class CoCoRD(Distiller):
         # Right after the optimizer step: the next forward's slow student and teacher head see
         # the student's weights as they are now (METHOD.md, step 3; also correct under
         # gradient accumulation). The first call after init changes nothing: copies == sources.
-        momentum_update_(*self.momentum_pairs())
+        momentum_update_(*self.momentum_pairs(), impl=self.kernels)
 
 
 # Reference module name -> ours; the heads share the inner layout (Sequential 0, 1, 3).

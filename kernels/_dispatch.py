@@ -1,0 +1,47 @@
+"""The single place that decides, per call, whether an op runs its Triton kernels or its torch
+reference (config `train.kernels: auto|triton|torch`).
+
+Triton is never imported here: `import cocord_fast` must work on machines without it, and
+importing it costs time the CLI does not need when the torch path runs.
+"""
+import importlib.util
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU in its interpreter (TRITON_INTERPRET=1).
+
+    The variable must be set before the first `@triton.jit` decorator executes; our kernels are
+    defined on first use, so setting it before the first Triton call of a process is enough.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(impl: str, tensors: list[torch.Tensor], op: str) -> bool:
+    """Whether `op` runs its Triton kernels for these inputs.
+
+    auto: Triton when every tensor is on a CUDA device and triton is installed, else torch.
+    triton: the kernels, on CUDA tensors or (under TRITON_INTERPRET=1) on CPU tensors; a clear
+    error otherwise instead of Triton's "0 active drivers".
+    torch: the reference.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()
+    if not triton_available():
+        raise ImportError(f"{op}: impl='triton' needs the triton package (pip install triton)")
+    if not all(t.is_cuda for t in tensors) and not interpreting():
+        raise RuntimeError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the "
+                           f"environment before triton is first used (Triton's CPU interpreter)")
+    return True
