@@ -24,7 +24,6 @@ import copy
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,17 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from provenance import RESULTS, commit
+
 TEMPERATURE = 0.07
 SHORT = {"bfloat16": "bf16", "float32": "fp32"}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def unit_rows(n: int, e: int, dtype: torch.dtype, grad: bool = False) -> torch.Tensor:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +25,7 @@ from cocord_fast.config import load_config
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.models import build_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
+from provenance import RESULTS, commit, device_name
 
 def write_synthetic_cifar(root: Path, num_train: int, num_test: int = 64) -> None:
     """Random images and labels in the `cifar-100-python` format (as CIFAR100 reads it)."""
@@ -41,26 +37,6 @@ def write_synthetic_cifar(root: Path, num_train: int, num_test: int = 64) -> Non
                  "fine_labels": rng.integers(0, 100, n).tolist()}
         (folder / name).write_bytes(pickle.dumps(entry))
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": list(map(str, range(100)))}))
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu} x{torch.get_num_threads()} threads"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def measure(method: str, args: argparse.Namespace, data: Path, teacher: Path, work: Path) -> dict:
