@@ -1,9 +1,10 @@
 """momentum_update_: the one-launch Triton kernel against `torch._foreach_lerp_`."""
 import importlib
-import os
 
 import pytest
 import torch
+
+from markers import interpreted, on_gpu
 
 from cocord_fast.kernels import momentum_update_, momentum_update_ref
 
@@ -12,18 +13,6 @@ mmod = importlib.import_module("cocord_fast.kernels.momentum_update")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (300,), (1000,), (3, 5, 7), (17, 33)]  # blocks of 256: 1 to 4 per tensor
 MOMENTA = [0.9, 0.999, 0.0, 1.0, 0.5, 0.3]
-
-
-def interpreted(test):
-    """Triton kernels on CPU tensors, in Triton's interpreter."""
-    skip = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                              reason="needs TRITON_INTERPRET=1 (set in tests/conftest.py)")
-    return pytest.mark.interpret(skip(test))
-
-
-def on_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
-                                              reason="needs CUDA")(test))
 
 
 def make_pairs(shapes, dtype, seed=0, device="cpu"):

@@ -6,11 +6,12 @@ same dtype + a small atol, both measured against the reference run in float64 on
 costs ~0.7 ms per program instance); GPU tests use the training shape.
 """
 import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from markers import interpreted, on_gpu
 
 from cocord_fast.kernels import queue_infonce, queue_infonce_ref
 
@@ -18,18 +19,6 @@ qmod = importlib.import_module("cocord_fast.kernels.queue_infonce")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GRAD = 0.37  # upstream gradient != 1
-
-
-def interpreted(test):
-    """Triton kernels on CPU tensors, in Triton's interpreter."""
-    skip = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                              reason="needs TRITON_INTERPRET=1 (set in tests/conftest.py)")
-    return pytest.mark.interpret(skip(test))
-
-
-def on_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
-                                              reason="needs CUDA")(test))
 
 
 def make_inputs(B, E, N, dtype, seed=0, device="cpu"):

@@ -1,0 +1,18 @@
+"""Markers shared by the kernel tests: where each test can run."""
+import os
+
+import pytest
+import torch
+
+
+def interpreted(test):
+    """Triton kernels on CPU tensors, in Triton's interpreter."""
+    skip = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                              reason="needs TRITON_INTERPRET=1 (set in tests/conftest.py)")
+    return pytest.mark.interpret(skip(test))
+
+
+def on_gpu(test):
+    """Real shapes on a CUDA device (run when a GPU is lent)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs CUDA")(test))
