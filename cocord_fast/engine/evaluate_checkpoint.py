@@ -7,6 +7,7 @@ import torch
 
 from ..config import load_config
 from ..data import build_loaders
+from ..errors import UserError
 from ..models import build_model
 from .checkpoint import load_checkpoint, load_strict, save_atomic, student_state_dict
 from .evaluate import evaluate
@@ -27,8 +28,6 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str], device: str
     cfg = load_config(base=checkpoint["config"], overrides=data_overrides)
     loaders = build_loaders(cfg.data, num_views=1, seed=cfg.train.seed)
     if loaders.num_classes != checkpoint["num_classes"]:
-        from ..errors import UserError
-
         raise UserError(f"{cfg.data.root or cfg.data.dataset} has {loaders.num_classes} classes, "
                         f"the checkpoint's student predicts {checkpoint['num_classes']}")
     target = resolve_device(device)
