@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from cocord_fast.config import DataConfig
 from cocord_fast.data import Batch, build_loaders
-from cocord_fast.data.loader import EpochBatchSampler, MultiViewDataset, collate
+from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
 from cocord_fast.data.sources import CIFAR100, open_source
 from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, build_recipe
 from cocord_fast.errors import UserError
@@ -125,8 +125,8 @@ def test_sampler_rejects_batch_larger_than_data():
 def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root):
     source = open_source("demo", tiny_demo_root, train=True)
     dataset = MultiViewDataset(source, build_recipe("demo", 32).train, num_views=3, seed=0)
-    views, label, index = dataset[(5, 0)]
-    assert len(views) == 3 and label == source.load(5)[1] and index == 5
+    views, label, index, skipped = dataset[(5, 0)]
+    assert len(views) == 3 and label == source.load(5)[1] and index == 5 and skipped == []
     assert all(v.shape == (3, 32, 32) for v in views)
     assert not torch.equal(views[0], views[1]) or not torch.equal(views[1], views[2])
     assert all(torch.equal(a, b) for a, b in zip(views, dataset[(5, 0)][0]))
@@ -146,14 +146,15 @@ def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root
 
 
 def test_loaders_yield_batches_with_normalised_views(tiny_demo_root):
-    cfg = DataConfig(dataset="demo", root=str(tiny_demo_root), batch_size=16, num_workers=0)
+    cfg = DataConfig(dataset="demo", root=str(tiny_demo_root), batch_size=16, num_workers=0,
+                     backend="torch")
     loaders = build_loaders(cfg, num_views=2, seed=0)
     assert loaders.num_classes == 10 and loaders.num_train == 120 and loaders.steps_per_epoch == 7
     batch = next(iter(loaders.train))
     assert isinstance(batch, Batch) and len(batch) == 16 and len(batch.views) == 2
     assert batch.views[0].dtype == torch.float32 and batch.views[0].shape == (16, 3, 32, 32)
     assert batch.labels.dtype == torch.int64 and torch.equal(
-        batch.labels, torch.tensor([loaders.train.dataset.source.targets[i] for i in batch.index]))
+        batch.labels, torch.tensor([loaders.train_targets[i] for i in batch.index]))
     val = next(iter(loaders.val))
     assert len(val.views) == 1 and len(val) == 40
     # Evaluation views are ToTensor + Normalize: undoing it gives the decoded image back.

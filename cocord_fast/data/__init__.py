@@ -1,5 +1,5 @@
 """Data: sources, augmentation recipes and loaders, all yielding `Batch`."""
 from .batch import Batch
-from .loader import Loaders, build_loaders
+from .build import Loaders, build_loaders
 
 __all__ = ["Batch", "Loaders", "build_loaders"]

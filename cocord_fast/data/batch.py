@@ -14,12 +14,15 @@ class Batch:
     views: `num_views` tensors of shape (B, C, H, W): independent augmentations of the same images.
     labels: (B,) class indices. index: (B,) dataset indices (methods that declare `needs_index`).
     contrast_index: (B, K+1) CRD's positive-then-negative dataset indices, when the loader samples them.
+    skipped: unreadable files the loader replaced (training) or dropped (evaluation) in this
+    batch, with `data.skip_corrupt=true`.
     """
 
     views: list[Tensor]
     labels: Tensor
     index: Tensor | None = None
     contrast_index: Tensor | None = None
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -29,7 +32,7 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return Batch([v.to(device, non_blocking=non_blocking) for v in self.views],
-                     move(self.labels), move(self.index), move(self.contrast_index))
+                     move(self.labels), move(self.index), move(self.contrast_index), self.skipped)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) on custom batch types."""
@@ -37,4 +40,4 @@ class Batch:
             return None if t is None else t.pin_memory()
 
         return Batch([v.pin_memory() for v in self.views], pin(self.labels), pin(self.index),
-                     pin(self.contrast_index))
+                     pin(self.contrast_index), self.skipped)

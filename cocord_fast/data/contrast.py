@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .loader import derived_seed
+from .order import derived_seed
 
 # Above this many batch x dataset elements, sample with replacement (see NegativeSampler).
 # 2**24 float64 keys are 128 MiB: CIFAR-100 (50,000 samples) stays exact up to batch 335.

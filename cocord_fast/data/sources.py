@@ -15,6 +15,27 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+class CorruptImage(UserError):
+    """An image file that cannot be decoded; `data.skip_corrupt=true` replaces it instead."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason} (set data.skip_corrupt=true to "
+                         f"skip unreadable files)")
+        self.path = path
+
+
+def decode_error(path: Path) -> str | None:
+    """Why `path` cannot be fully decoded, or None if it can (a whole decode, not a header
+    check: a truncated JPEG has a valid header)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except DECODE_ERRORS as err:
+        return str(err) or type(err).__name__
+    return None
 
 
 class CIFAR100:
@@ -100,8 +121,8 @@ class ImageFolder:
         try:
             with Image.open(path) as image:
                 return image.convert("RGB"), int(self.targets[index])
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"cannot decode image {path}: {err}") from None
+        except DECODE_ERRORS as err:
+            raise CorruptImage(path, str(err) or type(err).__name__) from None
 
 
 def open_source(dataset: str, root: str | Path, train: bool, download: bool = False):

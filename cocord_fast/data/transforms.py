@@ -25,12 +25,26 @@ def _small_image_recipe(mean: tuple, std: tuple) -> Recipe:
 
 
 def build_recipe(dataset: str, image_size: int) -> Recipe:
-    if dataset == "cifar100":
-        return _small_image_recipe(CIFAR_MEAN, CIFAR_STD)
-    if dataset == "demo":
-        return _small_image_recipe(DEMO_MEAN, DEMO_STD)
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    # Standard ImageNet evaluation: resize to size/0.875 (256 for 224), then centre crop.
+    if is_small_image(dataset):
+        return _small_image_recipe(*normalization(dataset))
+    normalize = [T.ToTensor(), T.Normalize(*normalization(dataset))]
     return Recipe(
         train=T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] + normalize),
-        eval=T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size)] + normalize))
+        eval=T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size)] + normalize))
+
+
+def eval_resize(image_size: int) -> int:
+    """Standard ImageNet evaluation: resize the shorter side to size/0.875 (256 for 224), then
+    centre crop."""
+    return round(image_size / 0.875)
+
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel of a dataset kind, on the [0, 1] scale."""
+    return {"cifar100": (CIFAR_MEAN, CIFAR_STD), "demo": (DEMO_MEAN, DEMO_STD)}.get(
+        dataset, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def is_small_image(dataset: str) -> bool:
+    """32x32 data sets take the CIFAR recipe (pad-4 random crop + flip; no resize)."""
+    return dataset in ("cifar100", "demo")

@@ -1,18 +1,24 @@
 """Top-1 / top-5 accuracy of a classifier over a loader of `Batch`es."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+
+from ..data import Batch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict[str, float]:
+    """Accuracy over every sample of `loader`; unreadable files it dropped (data.skip_corrupt)
+    are counted in `skipped_files`."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, device=device)  # (top-1 hits, top-5 hits), summed on the device
-    seen = 0
+    seen = skipped = 0
     for batch in loader:
+        skipped += len(batch.skipped)
         batch = batch.to(device, non_blocking=True)
         logits = model(batch.views[0])
         k = min(5, logits.shape[1])
@@ -22,4 +28,4 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
         seen += len(batch)
     model.train(was_training)
     top1, top5 = (100.0 * correct / max(seen, 1)).tolist()  # the one host sync
-    return {"top1": top1, "top5": top5, "num_samples": seen}
+    return {"top1": top1, "top5": top5, "num_samples": seen, "skipped_files": skipped}

@@ -26,11 +26,11 @@ def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def evaluate_checkpoint(path: str | Path, data_overrides: list[str], device: str = "auto") -> dict:
     student, checkpoint = load_student(path)
     cfg = load_config(base=checkpoint["config"], overrides=data_overrides)
-    loaders = build_loaders(cfg.data, num_views=1, seed=cfg.train.seed)
+    target = resolve_device(device)
+    loaders = build_loaders(cfg.data, num_views=1, seed=cfg.train.seed, device=target)
     if loaders.num_classes != checkpoint["num_classes"]:
         raise UserError(f"{cfg.data.root or cfg.data.dataset} has {loaders.num_classes} classes, "
                         f"the checkpoint's student predicts {checkpoint['num_classes']}")
-    target = resolve_device(device)
     return evaluate(student.to(target), loaders.val, target)
 
 

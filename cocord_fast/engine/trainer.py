@@ -111,8 +111,8 @@ class Trainer:
         check_model_names(cfg, method_class.needs_teacher)
         torch.manual_seed(cfg.train.seed)
         self.loaders: Loaders = build_loaders(
-            cfg.data, method_class.num_views, cfg.train.seed,
-            pin_memory=self.device.type == "cuda")
+            cfg.data, method_class.num_views, cfg.train.seed, self.device,
+            torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
         self.steps_per_epoch = self.loaders.steps_per_epoch
         negatives = method_class.contrast_negatives(cfg)  # CRD's K; 0 for the other methods
         self.negative_sampler = (NegativeSampler(self.loaders.train_targets, negatives,
@@ -130,6 +130,7 @@ class Trainer:
             momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
             nesterov=cfg.optim.nesterov)
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
+        self.skipped_files = 0  # unreadable training images replaced (data.skip_corrupt)
         self.bar: tqdm | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -144,14 +145,16 @@ class Trainer:
             set_rng_state(checkpoint["rng"])
         self.step = checkpoint["step"]
         self.best_top1, self.last_top1 = checkpoint["best_top1"], checkpoint["last_top1"]
+        self.skipped_files = checkpoint.get("skipped_files", 0)
         # Records written after this checkpoint describe steps that will be run again.
         rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
 
     def save(self, name: str) -> None:
-        save_atomic(training_checkpoint(
+        checkpoint = training_checkpoint(
             self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
             self.steps_per_epoch, self.optimizer.state_dict(), rng_state(), self.best_top1,
-            self.last_top1), self.run_dir / name)
+            self.last_top1)
+        save_atomic({**checkpoint, "skipped_files": self.skipped_files}, self.run_dir / name)
 
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, self.steps_per_epoch,
@@ -161,6 +164,10 @@ class Trainer:
         return lr
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
+        for path in batch.skipped:
+            self.skipped_files += 1
+            self._print(f"warning: skipped unreadable image {path} (replaced by the next "
+                        f"readable one; {self.skipped_files} so far)")
         batch = batch.to(self.device, non_blocking=True)
         if self.negative_sampler is not None:
             # Drawn on the device from (seed, step): a resumed run draws the same negatives.
@@ -206,7 +213,7 @@ class Trainer:
         try:
             while self.step < self.stop_step:
                 epoch, consumed = divmod(self.step, self.steps_per_epoch)
-                self.loaders.sampler.start(epoch, consumed)
+                self.loaders.train.start(epoch, consumed)
                 self.method.train()
                 for batch in self.loaders.train:
                     lr = self.set_lr()
@@ -246,7 +253,7 @@ class Trainer:
                 f"checkpoint in {self.run_dir} is from before this point (lower optim.lr?)")
         img_per_s = self.window.rate()
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr,
-                  **means, "img_per_s": img_per_s}
+                  **means, "img_per_s": img_per_s, "skipped_files": self.skipped_files}
         log.write("train", record)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.3g}",

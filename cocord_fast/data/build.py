@@ -1,0 +1,101 @@
+"""One entry point for every data backend: `build_loaders(cfg, ...) -> Loaders`.
+
+Both backends give a training loader with the same contract (`TrainLoader`) and an evaluation
+iterable, both yielding `Batch`; the loop and the methods cannot tell which one fed them.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import UserError
+from .batch import Batch
+from .demo import ensure_demo_dataset
+from .sources import open_source
+from .transforms import build_recipe
+
+
+class TrainLoader(Protocol):
+    def start(self, epoch: int, skip: int = 0) -> None:
+        """Selects the epoch the next iteration yields, minus its first `skip` batches."""
+
+    def __len__(self) -> int:
+        """Batches (steps) per epoch, equal on every rank."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+@dataclass
+class Loaders:
+    train: TrainLoader
+    val: Iterable[Batch]
+    num_classes: int
+    num_train: int
+    train_targets: np.ndarray  # (num_train,) class of every training sample
+    backend: str  # "dali" or "torch"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
+
+def dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace package at all
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    """`data.backend`: auto is DALI where it is installed, torchvision otherwise."""
+    if backend == "auto":
+        return "dali" if dali_installed() else "torch"
+    if backend == "dali" and not dali_installed():
+        raise UserError("data.backend=dali, but NVIDIA DALI is not installed (pip install "
+                        "'cocord_fast[dali]'), or set data.backend=torch")
+    return backend
+
+
+def resolve_root(cfg: DataConfig) -> Path:
+    if cfg.dataset == "demo":
+        return ensure_demo_dataset(cfg.root or None)
+    if not cfg.root:
+        raise UserError(f"data.root is required for data.dataset={cfg.dataset}")
+    return Path(cfg.root).expanduser()
+
+
+def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32, rank: int = 0,
+                  world_size: int = 1) -> Loaders:
+    """Loaders for `num_views` views per training sample, sharded for `rank` of `world_size`.
+    On a CUDA `device` the DALI backend decodes and augments on that GPU and yields
+    channels-last batches in `dtype`; elsewhere, float32 (B, C, H, W) batches on the CPU."""
+    device = torch.device("cpu") if device is None else device
+    root = resolve_root(cfg)
+    train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)
+    val_source = open_source(cfg.dataset, root, train=False, download=cfg.download)
+    if getattr(train_source, "classes", None) != getattr(val_source, "classes", None):
+        raise UserError(f"the class folders of {root}/train and {root}/val differ")
+    backend = resolve_backend(cfg.backend)
+    if backend == "dali":
+        from .dali_loader import DaliEvalLoader, DaliFeed, DaliTrainLoader
+
+        def feed(source):
+            return DaliFeed(source, cfg.num_workers, device, dtype, (cfg.dataset, cfg.image_size))
+        train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
+                                world_size, cfg.skip_corrupt)
+        val = DaliEvalLoader(feed(val_source), cfg.eval_batch_size, cfg.skip_corrupt)
+    else:
+        from .torch_loader import build_torch_loaders
+
+        train, val = build_torch_loaders(cfg, train_source, val_source,
+                                         build_recipe(cfg.dataset, cfg.image_size), num_views,
+                                         seed, device.type == "cuda", rank, world_size)
+    return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,
+                   backend)

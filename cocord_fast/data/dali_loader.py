@@ -1,0 +1,216 @@
+"""The DALI data path: the same `Batch`es as the torch path, decoded and augmented by DALI.
+
+An epoch's samples and order are those of `order.epoch_order`, exactly as on the torch path;
+the file reader is given this epoch's permuted file list (ranks' shards concatenated) and picks
+its shard with `shard_id`/`num_shards`. DALI's own `random_shuffle` is not used: it shuffles
+through a buffer of `initial_fill` samples, whose order cannot be reproduced per epoch nor
+resumed mid-epoch. A pipeline is built per epoch (and per resume point), which also makes
+resuming free: the skipped batches are simply not in the list. Augmentations are random per
+(seed, epoch, rank, starting batch), so a run resumed mid-epoch sees the same samples in the
+same batches as an uninterrupted run, but different crops and flips for the rest of that epoch.
+
+Unreadable files surface as DALI decoder errors that do not name the file: the files of the
+failing batch are then decoded with PIL to find it. It is named in a UserError, or, with
+`data.skip_corrupt=true`, replaced by the next readable file in dataset order (training: batches
+keep their size) or dropped (evaluation), and the pipeline is rebuilt from that batch on.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from ..errors import UserError
+from .batch import Batch
+from .dali_pipeline import READER, DaliRecipe, eval_pipeline, read_arrays, read_files, training_pipeline
+from .order import derived_seed, epoch_order, steps_per_epoch
+from .sources import CIFAR100, decode_error
+
+# How many batches past the failing one DALI may have been working on (its prefetch queue).
+PREFETCH_DEPTH = 2
+_DALI_SEED_RANGE = 2 ** 31
+
+
+class DaliFeed:
+    """What one pipeline reads and how it is decoded and laid out, for one device."""
+
+    def __init__(self, source, cfg_threads: int, device: torch.device, dtype: torch.dtype,
+                 recipe_args: tuple[str, int]):
+        self.source, self.device, self.threads = source, device, max(1, cfg_threads)
+        self.gpu = device.type == "cuda"
+        self.dtype = dtype if self.gpu else torch.float32
+        self.recipe = DaliRecipe(*recipe_args, layout="HWC" if self.gpu else "CHW")
+        self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
+        self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
+
+    def reader(self, pieces: list[list[int]], shard_id: int, batch_size: int, pad_last_batch: bool):
+        """The read graph over `pieces` (one equal-length list of dataset indices per shard)."""
+        if self.files is None:
+            return read_arrays(_ArrayBatches(self.source.images, pieces[shard_id], batch_size),
+                               self.gpu)
+        indices = [i for piece in pieces for i in piece]
+        return read_files([self.files[i] for i in indices], indices, shard_id, len(pieces),
+                          "mixed" if self.gpu else "cpu", pad_last_batch)
+
+    def iterator(self, pipeline, outputs: list[str], last_batch: LastBatchPolicy):
+        sizing = {"size": -1} if self.files is None else {"reader_name": READER}
+        return DALIGenericIterator(pipeline, outputs, last_batch_policy=last_batch, **sizing)
+
+    def pipeline_args(self, batch_size: int, seed: int) -> dict:
+        return dict(batch_size=batch_size, num_threads=self.threads, seed=seed % _DALI_SEED_RANGE,
+                    device_id=(self.device.index or 0) if self.gpu else None)
+
+    def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str]) -> Batch:
+        if self.gpu:  # (B, H, W, C) -> a channels-last (B, C, H, W) view, in the training dtype
+            views = [v.permute(0, 3, 1, 2).to(self.dtype) for v in views]
+        index = index.view(-1).long()
+        return Batch(views=views, labels=self.targets[index.to(self.targets.device)], index=index,
+                     skipped=tuple(skipped))
+
+
+class _ArrayBatches:
+    """The external source's iterable: this shard's remaining samples, a batch at a time."""
+
+    def __init__(self, images: np.ndarray, indices: list[int], batch_size: int):
+        self.images, self.indices, self.batch_size = images, np.asarray(indices), batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            chunk = self.indices[start:start + self.batch_size]
+            yield self.images[chunk], chunk.astype(np.int32)
+
+
+def _is_decode_failure(err: RuntimeError) -> bool:
+    return "decoders.image" in str(err) or "nvImageCodec" in str(err)
+
+
+def _decoder_message(err: Exception) -> str:
+    """The decoder's own words from DALI's multi-line error (which quotes pipeline code)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = [line for line in lines if "nvImageCodec" in line or "decode" in line.lower()]
+    return (found or lines or [type(err).__name__])[-1]
+
+
+class _Resilient:
+    """Runs pipelines over `pieces` (one list of dataset indices per shard; this process reads
+    `shard_id`), rebuilding after a decode failure with the unreadable files repaired. Files
+    found unreadable are remembered, and repaired up front in later epochs."""
+
+    def __init__(self, feed: DaliFeed, make_pipeline, outputs: list[str], batch_size: int,
+                 shard_id: int, skip_corrupt: bool, training: bool):
+        self.feed, self.make_pipeline, self.outputs = feed, make_pipeline, outputs
+        self.batch_size, self.shard_id = batch_size, shard_id
+        self.skip_corrupt, self.training = skip_corrupt, training
+        self.unreadable: dict[int, int | None] = {}  # index -> substitute (None: dropped)
+
+    def run(self, pieces: list[list[int]], seed: int) -> Iterator[Batch]:
+        skipped = self._apply_repairs(pieces[self.shard_id])
+        rebuilds = 0
+        while pieces[self.shard_id]:
+            iterator = self.feed.iterator(
+                self.make_pipeline(self.feed.reader(pieces, self.shard_id, self.batch_size,
+                                                    pad_last_batch=not self.training),
+                                   **self.feed.pipeline_args(self.batch_size, seed + rebuilds)),
+                self.outputs, LastBatchPolicy.DROP if self.training else LastBatchPolicy.PARTIAL)
+            consumed = 0
+            while True:
+                try:
+                    out = next(iterator)[0]
+                except StopIteration:
+                    return
+                except RuntimeError as err:
+                    if self.feed.files is None or not _is_decode_failure(err):
+                        raise
+                    start = consumed * self.batch_size
+                    pieces = [piece[start:] for piece in pieces]
+                    self._find_unreadable(pieces[self.shard_id], err)
+                    skipped += self._apply_repairs(pieces[self.shard_id])
+                    rebuilds += 1
+                    break
+                consumed += 1
+                yield self.feed.batch([out[name] for name in self.outputs[:-1]], out["index"],
+                                      skipped)
+                skipped = []
+
+    def _find_unreadable(self, piece: list[int], err: RuntimeError) -> None:
+        """Decodes, with PIL, the files of the batches DALI may have been working on."""
+        window = piece[:self.batch_size * (1 + PREFETCH_DEPTH)]
+        bad = {i: reason for i in dict.fromkeys(window)
+               if (reason := decode_error(self.feed.source.files[i])) is not None}
+        if not bad:
+            files = ", ".join(self.feed.files[i] for i in window[:self.batch_size])
+            raise UserError(f"DALI could not decode a batch of these files, which PIL reads: "
+                            f"{files}: {_decoder_message(err)} (data.backend=torch decodes "
+                            f"with PIL)")
+        if not self.skip_corrupt:
+            index, reason = next(iter(bad.items()))
+            raise UserError(f"cannot decode image {self.feed.files[index]}: {reason} "
+                            f"(set data.skip_corrupt=true to skip unreadable files)")
+        for index in bad:
+            # Training replaces (batches keep their size); evaluation drops (a substitute
+            # would count another image twice in the accuracy).
+            self.unreadable[index] = self._next_readable(index, bad) if self.training else None
+
+    def _apply_repairs(self, piece: list[int]) -> list[str]:
+        """Repairs the known unreadable files in `piece` in place; returns their paths."""
+        found = [i for i in piece if i in self.unreadable]
+        if found:
+            piece[:] = [self.unreadable.get(i, i) for i in piece]
+            piece[:] = [i for i in piece if i is not None]
+        return [self.feed.files[i] for i in found]
+
+    def _next_readable(self, index: int, bad: dict[int, str]) -> int:
+        n = len(self.feed.files)
+        for offset in range(1, n):
+            candidate = (index + offset) % n
+            if (candidate not in bad and candidate not in self.unreadable
+                    and decode_error(self.feed.source.files[candidate]) is None):
+                return candidate
+        raise UserError("no readable image is left in the data set")
+
+
+class DaliTrainLoader:
+    """The `TrainLoader` contract (see `build.py`) over per-epoch DALI pipelines."""
+
+    def __init__(self, feed: DaliFeed, num_views: int, batch_size: int, seed: int, rank: int,
+                 world_size: int, skip_corrupt: bool):
+        self.feed, self.batch_size, self.seed = feed, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps = steps_per_epoch(len(feed.source), batch_size, world_size)
+        outputs = [f"view{v}" for v in range(num_views)] + ["index"]
+        self.runner = _Resilient(feed, self._pipeline(num_views), outputs, batch_size, rank,
+                                 skip_corrupt, training=True)
+        self.epoch, self.skip = 0, 0
+
+    def _pipeline(self, num_views: int):
+        def make(read, **args):
+            return training_pipeline(read, self.feed.recipe, num_views, **args)
+        return make
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = epoch_order(len(self.feed.source), self.batch_size, self.seed, self.epoch,
+                            self.world_size)  # (world_size, steps x batch_size)
+        pieces = [row[self.skip * self.batch_size:].tolist() for row in order]
+        seed = derived_seed(self.seed, self.epoch, self.rank, self.skip)
+        return self.runner.run(pieces, seed)
+
+
+class DaliEvalLoader:
+    """Every evaluation sample once, in dataset order, the last batch partial."""
+
+    def __init__(self, feed: DaliFeed, batch_size: int, skip_corrupt: bool):
+        self.feed = feed
+        make = lambda read, **args: eval_pipeline(read, feed.recipe, **args)  # noqa: E731
+        self.runner = _Resilient(feed, make, ["view0", "index"], batch_size, 0, skip_corrupt,
+                                 training=False)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.runner.run([list(range(len(self.feed.source)))], seed=0)

@@ -1,0 +1,145 @@
+"""The torchvision data path: sources + recipes -> DataLoaders yielding `Batch`.
+
+Reproducibility is by construction rather than by RNG bookkeeping: the order of an epoch is a
+function of (seed, epoch) (`order.epoch_order`), and the augmentation of a sample is a function
+of (seed, epoch, index). So the number of workers does not change the data, and a run resumed
+mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import DataConfig
+from .batch import Batch
+from .order import derived_seed, epoch_order, steps_per_epoch
+from .sources import CorruptImage
+from .transforms import Recipe
+
+# A run of this many unreadable files in a row is not a few bad files but a broken data set.
+MAX_CONSECUTIVE_CORRUPT = 100
+
+
+class EpochBatchSampler:
+    """Yields this rank's batches of `(dataset index, epoch)` pairs for one epoch at a time.
+
+    `start(epoch, skip)` picks the epoch and how many of its batches were already consumed
+    (resume).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps = steps_per_epoch(num_samples, batch_size, world_size)
+        self.epoch, self.skip = 0, 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        mine = epoch_order(self.num_samples, self.batch_size, self.seed, self.epoch,
+                           self.world_size)[self.rank]
+        for b in range(self.skip, self.steps):
+            chunk = mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield [(i, self.epoch) for i in chunk]
+
+
+def load_or_substitute(source, index: int, skip_corrupt: bool) -> tuple[object, int, int, list[str]]:
+    """(image, label, index, skipped files): with `skip_corrupt`, an unreadable sample is
+    replaced by the next readable one in dataset order, so batches keep their size (every rank
+    must run the same steps, and BatchNorm and the queue expect full batches)."""
+    skipped: list[str] = []
+    for offset in range(MAX_CONSECUTIVE_CORRUPT):
+        candidate = (index + offset) % len(source)
+        try:
+            image, label = source.load(candidate)
+            return image, label, candidate, skipped
+        except CorruptImage as err:
+            if not skip_corrupt:
+                raise
+            skipped.append(str(err.path))
+    raise CorruptImage(source.files[index], f"it and the next {MAX_CONSECUTIVE_CORRUPT - 1} "
+                                            f"files in dataset order are all unreadable")
+
+
+class MultiViewDataset(Dataset):
+    """Item `(index, epoch)` -> `num_views` independent augmentations, label, index, skipped."""
+
+    def __init__(self, source, transform, num_views: int, seed: int, skip_corrupt: bool = False):
+        self.source, self.transform = source, transform
+        self.num_views, self.seed, self.skip_corrupt = num_views, seed, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, epoch = item
+        image, label, index, skipped = load_or_substitute(self.source, index, self.skip_corrupt)
+        # The transforms draw from torch's global RNG: seed it per sample inside a forked
+        # state so the caller's RNG (model init, dropout) is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            views = tuple(self.transform(image) for _ in range(self.num_views))
+        return views, label, index, skipped
+
+
+class EvalDataset(Dataset):
+    """Item index -> one view; with `skip_corrupt`, an unreadable file gives None (dropped by
+    `collate`: substituting would count another image twice in the accuracy)."""
+
+    def __init__(self, source, transform, skip_corrupt: bool = False):
+        self.source, self.transform, self.skip_corrupt = source, transform, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.source.load(index)
+        except CorruptImage as err:
+            if not self.skip_corrupt:
+                raise
+            return None, None, index, [str(err.path)]
+        return (self.transform(image),), label, index, []
+
+
+def collate(samples: list) -> Batch:
+    skipped = tuple(path for *_, paths in samples for path in paths)
+    views, labels, index, _ = zip(*[s for s in samples if s[0] is not None])
+    return Batch(views=[torch.stack(v) for v in zip(*views)], labels=torch.tensor(labels),
+                 index=torch.tensor(index), skipped=skipped)
+
+
+class TorchTrainLoader:
+    """The training side of the `TrainLoader` contract (see `build.py`) over a DataLoader."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.loader.batch_sampler.start(epoch, skip)
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+
+def build_torch_loaders(cfg: DataConfig, train_source, val_source, recipe: Recipe,
+                        num_views: int, seed: int, pin_memory: bool, rank: int,
+                        world_size: int) -> tuple[TorchTrainLoader, DataLoader]:
+    workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                   pin_memory=pin_memory, collate_fn=collate)
+    sampler = EpochBatchSampler(len(train_source), cfg.batch_size, seed, rank, world_size)
+    train = DataLoader(MultiViewDataset(train_source, recipe.train, num_views, seed,
+                                        cfg.skip_corrupt), batch_sampler=sampler, **workers)
+    val = DataLoader(EvalDataset(val_source, recipe.eval, cfg.skip_corrupt),
+                     batch_size=cfg.eval_batch_size, shuffle=False, **workers)
+    return TorchTrainLoader(train), val
