@@ -47,7 +47,7 @@ def measure(method: str, args: argparse.Namespace, data: Path, teacher: Path, wo
         f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
         f"train.max_steps={steps}", f"train.log_every={args.warmup}", "train.progress=false",
         f"train.output_dir={work / method}", f"train.device={args.device}",
-        f"train.precision={args.precision}", *args.override]
+        f"train.precision={args.precision}", f"data.backend={args.backend}", *args.override]
     started = time.perf_counter()
     Trainer(load_config(overrides=overrides)).fit()
     records = [r for r in read_log(work / method) if r["kind"] == "train"]
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"],
+                        help="data.backend")
     parser.add_argument("--override", nargs="*", default=[], help="extra section.key=value")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -103,6 +105,7 @@ def main() -> None:
     report = {"device": device, "torch": torch.__version__, "commit": commit(),
               "date": time.strftime("%Y-%m-%d"), "teacher": args.teacher, "student": args.student,
               "batch_size": args.batch_size, "precision": args.precision, "workers": args.workers,
+              "backend": args.backend,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"throughput_{args.teacher}_{args.student}_{slug}"

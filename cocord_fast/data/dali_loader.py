@@ -79,7 +79,7 @@ class _ArrayBatches:
     def __iter__(self):
         for start in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[start:start + self.batch_size]
-            yield self.images[chunk], chunk.astype(np.int32)
+            yield np.ascontiguousarray(self.images[chunk]), chunk.astype(np.int32)
 
 
 def _is_decode_failure(err: RuntimeError) -> bool:

@@ -1,4 +1,4 @@
-"""Markers shared by the kernel tests: where each test can run."""
+"""Markers for where a test can run: Triton's interpreter, or a CUDA device."""
 import os
 
 import pytest
