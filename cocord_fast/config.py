@@ -42,7 +42,8 @@ class DataConfig:
     image_size: int = _field(224, "imagefolder only: training crop and evaluation size", min=8)
     batch_size: int = _field(64, "training batch size (per process)", min=1)
     eval_batch_size: int = _field(256, "evaluation batch size", min=1)
-    num_workers: int = _field(2, "data-loading worker processes (torch) or threads (DALI)", min=0)
+    num_workers: int = _field(
+        2, "data-loading worker processes (torch) or threads (DALI, at least 1)", min=0)
     backend: Literal["auto", "dali", "torch"] = _field(
         "auto", "data pipeline: dali (GPU decode on CUDA, CPU-only pipeline otherwise), torch "
         "(torchvision + DataLoader), auto (dali where installed)")
