@@ -122,13 +122,22 @@ def corrupt_copy(tree, tmp_path, damage):
     return root, bad
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+# With batch size 1 the bad file is the 8th batch, behind DALI's prefetch queue.
+@pytest.mark.parametrize("damage, batch_size", [("truncated", 4), ("not_an_image", 4),
+                                               ("truncated", 1)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_corrupt_file_is_named(tree, tmp_path, backend, damage):
+def test_a_corrupt_file_is_named(tree, tmp_path, backend, damage, batch_size):
     root, bad = corrupt_copy(tree, tmp_path, damage)
-    loaders = loaders_for(root, backend, num_workers=0 if backend == "torch" else 1)
+    loaders = loaders_for(root, backend, batch_size=batch_size,
+                          num_workers=0 if backend == "torch" else 1)
+    bad_index = open_source("imagefolder", root, train=True).files.index(bad)
+    position = epoch_order(12, batch_size, seed=5, epoch=0)[0].tolist().index(bad_index)
+    loaders.train.start(0)
+    batches = iter(loaders.train)
+    for _ in range(position // batch_size):  # every batch before the bad file's arrives
+        next(batches)
     with pytest.raises(UserError, match=f"cannot decode image {bad}.*data.skip_corrupt=true"):
-        epoch(loaders)
+        next(batches)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -87,7 +87,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
         from .dali_loader import DaliEvalLoader, DaliFeed, DaliTrainLoader
 
         def feed(source):
-            return DaliFeed(source, cfg.num_workers, device, dtype, (cfg.dataset, cfg.image_size))
+            return DaliFeed(source, cfg.dataset, cfg.image_size, cfg.num_workers, device, dtype)
         train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
                                 world_size, cfg.skip_corrupt)
         val = DaliEvalLoader(feed(val_source), cfg.eval_batch_size, cfg.skip_corrupt)

@@ -16,6 +16,7 @@ keep their size) or dropped (evaluation), and the pipeline is rebuilt from that 
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -28,20 +29,21 @@ from .dali_pipeline import READER, DaliRecipe, eval_pipeline, read_arrays, read_
 from .order import derived_seed, epoch_order, steps_per_epoch
 from .sources import CIFAR100, decode_error
 
-# How many batches past the failing one DALI may have been working on (its prefetch queue).
-PREFETCH_DEPTH = 2
+# How many batches past the failing one DALI may have been working on: its prefetch queue
+# (depth 2), and one more for safety.
+PREFETCH_DEPTH = 3
 _DALI_SEED_RANGE = 2 ** 31
 
 
 class DaliFeed:
     """What one pipeline reads and how it is decoded and laid out, for one device."""
 
-    def __init__(self, source, cfg_threads: int, device: torch.device, dtype: torch.dtype,
-                 recipe_args: tuple[str, int]):
-        self.source, self.device, self.threads = source, device, max(1, cfg_threads)
+    def __init__(self, source, dataset: str, image_size: int, threads: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.source, self.device, self.threads = source, device, max(1, threads)
         self.gpu = device.type == "cuda"
         self.dtype = dtype if self.gpu else torch.float32
-        self.recipe = DaliRecipe(*recipe_args, layout="HWC" if self.gpu else "CHW")
+        self.recipe = DaliRecipe(dataset, image_size, layout="HWC" if self.gpu else "CHW")
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
 
@@ -180,14 +182,10 @@ class DaliTrainLoader:
         self.rank, self.world_size = rank, world_size
         self.steps = steps_per_epoch(len(feed.source), batch_size, world_size)
         outputs = [f"view{v}" for v in range(num_views)] + ["index"]
-        self.runner = _Resilient(feed, self._pipeline(num_views), outputs, batch_size, rank,
-                                 skip_corrupt, training=True)
+        make = partial(training_pipeline, recipe=feed.recipe, num_views=num_views)
+        self.runner = _Resilient(feed, make, outputs, batch_size, rank, skip_corrupt,
+                                 training=True)
         self.epoch, self.skip = 0, 0
-
-    def _pipeline(self, num_views: int):
-        def make(read, **args):
-            return training_pipeline(read, self.feed.recipe, num_views, **args)
-        return make
 
     def start(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -208,9 +206,8 @@ class DaliEvalLoader:
 
     def __init__(self, feed: DaliFeed, batch_size: int, skip_corrupt: bool):
         self.feed = feed
-        make = lambda read, **args: eval_pipeline(read, feed.recipe, **args)  # noqa: E731
-        self.runner = _Resilient(feed, make, ["view0", "index"], batch_size, 0, skip_corrupt,
-                                 training=False)
+        self.runner = _Resilient(feed, partial(eval_pipeline, recipe=feed.recipe),
+                                 ["view0", "index"], batch_size, 0, skip_corrupt, training=False)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.runner.run([list(range(len(self.feed.source)))], seed=0)
