@@ -297,7 +297,6 @@ def crd_overrides(tiny_overrides, tmp_path):
 
 
 def test_trainer_runs_crd_and_resumes_with_the_same_negatives(crd_overrides, tmp_path):
-    crd_overrides = crd_overrides + ["data.backend=torch"]  # bit-exact resume (see test_dali.py)
     full = crd_overrides + [f"train.output_dir={tmp_path / 'full'}", "train.max_steps=3"]
     result = train(load_config(overrides=full))
     assert result.step == 3

@@ -59,11 +59,11 @@ def test_max_steps_stops_early_and_evaluates(tiny_overrides, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3]
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_overrides, tmp_path, backend):
     """Stop mid-epoch at step 5, resume to step 14: every later loss and the final weights equal
-    those of one uninterrupted run. (The torch backend: DALI's augmentations are not
-    reproducible across a resume, see test_dali.py.)"""
-    tiny_overrides = tiny_overrides + ["data.backend=torch"]
+    those of one uninterrupted run."""
+    tiny_overrides = tiny_overrides + [f"data.backend={backend}"]
     full = tiny_overrides + [f"train.output_dir={tmp_path / 'full'}"]
     train(load_config(overrides=full))
     split = tiny_overrides + [f"train.output_dir={tmp_path / 'split'}"]

@@ -22,8 +22,13 @@ from .transforms import build_recipe
 
 
 class TrainLoader(Protocol):
-    def start(self, epoch: int, skip: int = 0) -> None:
-        """Selects the epoch the next iteration yields, minus its first `skip` batches."""
+    def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
+        """Selects the epoch the next iteration yields, minus its first `skip` batches;
+        `state`, from `state()` after those batches, makes the continuation exact."""
+
+    def state(self) -> bytes | None:
+        """What `start` needs, beyond (epoch, skip), to continue exactly after the last batch
+        yielded; None when (epoch, skip) suffice or nothing more can be had."""
 
     def __len__(self) -> int:
         """Batches (steps) per epoch, equal on every rank."""

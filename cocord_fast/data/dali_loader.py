@@ -4,10 +4,15 @@ An epoch's samples and order are those of `order.epoch_order`, exactly as on the
 the file reader is given this epoch's permuted file list (ranks' shards concatenated) and picks
 its shard with `shard_id`/`num_shards`. DALI's own `random_shuffle` is not used: it shuffles
 through a buffer of `initial_fill` samples, whose order cannot be reproduced per epoch nor
-resumed mid-epoch. A pipeline is built per epoch (and per resume point), which also makes
-resuming free: the skipped batches are simply not in the list. Augmentations are random per
-(seed, epoch, rank, starting batch), so a run resumed mid-epoch sees the same samples in the
-same batches as an uninterrupted run, but different crops and flips for the rest of that epoch.
+resumed mid-epoch. A pipeline is built per epoch, its random operators seeded from
+(seed, epoch, rank).
+
+Resume is exact through DALI's pipeline checkpoints: `state()` is the checkpoint of the
+training pipeline after the last batch it yielded (its reader position and the state of every
+random operator), and `start(epoch, skip, state)` rebuilds the pipeline from it, so the rest of
+the epoch has the same samples, crops and flips as an uninterrupted run. Without a state (or
+when a corrupt file was repaired in that epoch), `start(epoch, skip)` still gives the same
+samples in the same batches, with other random crops and flips.
 
 Unreadable files surface as DALI decoder errors that do not name the file: the files of the
 failing batch are then decoded with PIL to find it. It is named in a UserError, or, with
@@ -16,6 +21,7 @@ keep their size) or dropped (evaluation), and the pipeline is rebuilt from that 
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Iterator
 
@@ -47,11 +53,14 @@ class DaliFeed:
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
 
-    def reader(self, pieces: list[list[int]], shard_id: int, batch_size: int, pad_last_batch: bool):
-        """The read graph over `pieces` (one equal-length list of dataset indices per shard)."""
+    def reader(self, pieces: list[list[int]], shard_id: int, batch_size: int,
+               pad_last_batch: bool, restored_batches: int = 0):
+        """The read graph over `pieces` (one equal-length list of dataset indices per shard).
+        `restored_batches`: how many batches a pipeline restored from a checkpoint has already
+        read; a file reader's checkpoint holds its position, an external source starts there."""
         if self.files is None:
-            return read_arrays(_ArrayBatches(self.source.images, pieces[shard_id], batch_size),
-                               self.gpu)
+            remaining = pieces[shard_id][restored_batches * batch_size:]
+            return read_arrays(_ArrayBatches(self.source.images, remaining, batch_size), self.gpu)
         indices = [i for piece in pieces for i in piece]
         return read_files([self.files[i] for i in indices], indices, shard_id, len(pieces),
                           "mixed" if self.gpu else "cpu", pad_last_batch)
@@ -60,9 +69,10 @@ class DaliFeed:
         sizing = {"size": -1} if self.files is None else {"reader_name": READER}
         return DALIGenericIterator(pipeline, outputs, last_batch_policy=last_batch, **sizing)
 
-    def pipeline_args(self, batch_size: int, seed: int) -> dict:
+    def pipeline_args(self, batch_size: int, seed: int, checkpoint: bytes | None) -> dict:
         return dict(batch_size=batch_size, num_threads=self.threads, seed=seed % _DALI_SEED_RANGE,
-                    device_id=(self.device.index or 0) if self.gpu else None)
+                    device_id=(self.device.index or 0) if self.gpu else None,
+                    enable_checkpointing=True, checkpoint=checkpoint)
 
     def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str]) -> Batch:
         if self.gpu:  # (B, H, W, C) -> a channels-last (B, C, H, W) view, in the training dtype
@@ -106,35 +116,59 @@ class _Resilient:
         self.batch_size, self.shard_id = batch_size, shard_id
         self.skip_corrupt, self.training = skip_corrupt, training
         self.unreadable: dict[int, int | None] = {}  # index -> substitute (None: dropped)
+        self.iterator: DALIGenericIterator | None = None
+        self.checkpointable = False  # whether the running pipeline's checkpoints resume exactly
 
-    def run(self, pieces: list[list[int]], seed: int) -> Iterator[Batch]:
+    def run(self, pieces: list[list[int]], seed: int, position: int = 0,
+            checkpoint: bytes | None = None) -> Iterator[Batch]:
+        """Batches from batch `position` of this shard on; with `checkpoint`, the pipeline is
+        restored to the state it had there (built over the same `pieces` and `seed`)."""
         skipped = self._apply_repairs(pieces[self.shard_id])
-        rebuilds = 0
-        while pieces[self.shard_id]:
-            iterator = self.feed.iterator(
-                self.make_pipeline(self.feed.reader(pieces, self.shard_id, self.batch_size,
-                                                    pad_last_batch=not self.training),
-                                   **self.feed.pipeline_args(self.batch_size, seed + rebuilds)),
-                self.outputs, LastBatchPolicy.DROP if self.training else LastBatchPolicy.PARTIAL)
+        self.checkpointable = not skipped and (position == 0 or checkpoint is not None)
+        while position * self.batch_size < len(pieces[self.shard_id]):
+            self.iterator = self._start(pieces, position, seed, checkpoint)
             consumed = 0
             while True:
                 try:
-                    out = next(iterator)[0]
+                    out = next(self.iterator)[0]
                 except StopIteration:
                     return
                 except RuntimeError as err:
                     if self.feed.files is None or not _is_decode_failure(err):
                         raise
-                    start = consumed * self.batch_size
+                    start = (position + consumed) * self.batch_size
                     pieces = [piece[start:] for piece in pieces]
                     self._find_unreadable(pieces[self.shard_id], err)
                     skipped += self._apply_repairs(pieces[self.shard_id])
-                    rebuilds += 1
+                    position, checkpoint, seed = 0, None, seed + 1
+                    self.checkpointable = False
                     break
                 consumed += 1
                 yield self.feed.batch([out[name] for name in self.outputs[:-1]], out["index"],
                                       skipped)
                 skipped = []
+
+    def _start(self, pieces: list[list[int]], position: int, seed: int,
+               checkpoint: bytes | None) -> DALIGenericIterator:
+        if checkpoint is None:  # a fresh pipeline over what is left
+            pieces = [piece[position * self.batch_size:] for piece in pieces]
+        read = self.feed.reader(pieces, self.shard_id, self.batch_size,
+                                pad_last_batch=not self.training,
+                                restored_batches=position if checkpoint is not None else 0)
+        with warnings.catch_warnings():
+            # An external source's position is not in DALI's checkpoints: `reader` starts it
+            # at the restored position itself.
+            warnings.filterwarnings("ignore", "Checkpointing enabled in a pipeline with external")
+            pipeline = self.make_pipeline(
+                read, **self.feed.pipeline_args(self.batch_size, seed, checkpoint))
+            return self.feed.iterator(
+                pipeline, self.outputs,
+                LastBatchPolicy.DROP if self.training else LastBatchPolicy.PARTIAL)
+
+    def state(self) -> bytes | None:
+        """The running pipeline's checkpoint after the last batch it yielded, if it resumes
+        exactly."""
+        return self.iterator.checkpoints()[0] if self.checkpointable and self.iterator else None
 
     def _find_unreadable(self, piece: list[int], err: RuntimeError) -> None:
         """Decodes, with PIL, the files of the batches DALI may have been working on."""
@@ -185,10 +219,13 @@ class DaliTrainLoader:
         make = partial(training_pipeline, recipe=feed.recipe, num_views=num_views)
         self.runner = _Resilient(feed, make, outputs, batch_size, rank, skip_corrupt,
                                  training=True)
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.resume_state = 0, 0, None
 
-    def start(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
+        self.epoch, self.skip, self.resume_state = epoch, skip, state
+
+    def state(self) -> bytes | None:
+        return self.runner.state()
 
     def __len__(self) -> int:
         return self.steps
@@ -196,9 +233,12 @@ class DaliTrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         order = epoch_order(len(self.feed.source), self.batch_size, self.seed, self.epoch,
                             self.world_size)  # (world_size, steps x batch_size)
-        pieces = [row[self.skip * self.batch_size:].tolist() for row in order]
-        seed = derived_seed(self.seed, self.epoch, self.rank, self.skip)
-        return self.runner.run(pieces, seed)
+        pieces = [row.tolist() for row in order]
+        seed = derived_seed(self.seed, self.epoch, self.rank)
+        if self.skip and self.resume_state is None:
+            # Same samples, but no way to put the random operators where they were.
+            seed = derived_seed(self.seed, self.epoch, self.rank, self.skip)
+        return self.runner.run(pieces, seed, self.skip, self.resume_state)
 
 
 class DaliEvalLoader:

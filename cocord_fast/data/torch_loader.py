@@ -117,13 +117,17 @@ def collate(samples: list) -> Batch:
 
 
 class TorchTrainLoader:
-    """The training side of the `TrainLoader` contract (see `build.py`) over a DataLoader."""
+    """The training side of the `TrainLoader` contract (see `build.py`) over a DataLoader.
+    (epoch, skip) determine the data exactly, so there is no further state."""
 
     def __init__(self, loader: DataLoader):
         self.loader = loader
 
-    def start(self, epoch: int, skip: int = 0) -> None:
+    def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
         self.loader.batch_sampler.start(epoch, skip)
+
+    def state(self) -> None:
+        return None
 
     def __len__(self) -> int:
         return len(self.loader.batch_sampler)

@@ -131,6 +131,7 @@ class Trainer:
             nesterov=cfg.optim.nesterov)
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
         self.skipped_files = 0  # unreadable training images replaced (data.skip_corrupt)
+        self.data_state: bytes | None = None  # the loader's state at the resumed step
         self.bar: tqdm | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -146,6 +147,7 @@ class Trainer:
         self.step = checkpoint["step"]
         self.best_top1, self.last_top1 = checkpoint["best_top1"], checkpoint["last_top1"]
         self.skipped_files = checkpoint.get("skipped_files", 0)
+        self.data_state = checkpoint.get("data_state")
         # Records written after this checkpoint describe steps that will be run again.
         rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
 
@@ -154,7 +156,10 @@ class Trainer:
             self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
             self.steps_per_epoch, self.optimizer.state_dict(), rng_state(), self.best_top1,
             self.last_top1)
-        save_atomic({**checkpoint, "skipped_files": self.skipped_files}, self.run_dir / name)
+        mid_epoch = self.step % self.steps_per_epoch != 0
+        save_atomic({**checkpoint, "skipped_files": self.skipped_files,
+                     "data_state": self.loaders.train.state() if mid_epoch else None},
+                    self.run_dir / name)
 
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, self.steps_per_epoch,
@@ -213,7 +218,9 @@ class Trainer:
         try:
             while self.step < self.stop_step:
                 epoch, consumed = divmod(self.step, self.steps_per_epoch)
-                self.loaders.train.start(epoch, consumed)
+                # The data state only ever describes the position the run resumed from.
+                self.loaders.train.start(epoch, consumed, self.data_state if consumed else None)
+                self.data_state = None
                 self.method.train()
                 for batch in self.loaders.train:
                     lr = self.set_lr()
