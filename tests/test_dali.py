@@ -82,6 +82,25 @@ def _offset(real: torch.Tensor) -> int:
     return 4 - first if first > 0 else 4 + (31 - last)
 
 
+def test_cifar_resume_from_state_repeats_the_uninterrupted_views(cifar_root):
+    """The external source is not in DALI's checkpoint: the loader restarts it itself."""
+    loaders = cifar_loaders(cifar_root)
+    loaders.train.start(2)
+    full = list(loaders.train)
+    loaders.train.start(2)
+    batches = iter(loaders.train)
+    for _ in range(4):
+        next(batches)
+    state = loaders.train.state()
+    resumed = cifar_loaders(cifar_root)
+    resumed.train.start(2, skip=4, state=state)
+    rest = list(resumed.train)
+    assert len(rest) == len(full) - 4 == 2
+    for a, b in zip(rest, full[4:]):
+        assert torch.equal(a.index, b.index)
+        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+
+
 def test_cifar_evaluation_equals_the_torch_path(cifar_root):
     dali, torch_path = (list(cifar_loaders(cifar_root, backend).val) for backend in ("dali", "torch"))
     assert [len(b) for b in dali] == [4, 4, 2]

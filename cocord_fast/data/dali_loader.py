@@ -168,7 +168,9 @@ class _Resilient:
     def state(self) -> bytes | None:
         """The running pipeline's checkpoint after the last batch it yielded, if it resumes
         exactly."""
-        return self.iterator.checkpoints()[0] if self.checkpointable and self.iterator else None
+        if not self.checkpointable or self.iterator is None:
+            return None
+        return self.iterator.checkpoints()[0]
 
     def _find_unreadable(self, piece: list[int], err: RuntimeError) -> None:
         """Decodes, with PIL, the files of the batches DALI may have been working on."""
