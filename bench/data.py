@@ -48,12 +48,14 @@ def write_jpeg_tree(root: Path, images: int, classes: int, size: tuple[int, int]
 
 
 def measure(root: Path, backend: str, views: int, args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
+    target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The loaders' device: DALI's GPU pipeline, or pinned host memory for the torch path; the
+    # CPU-only DALI pipeline is asked for with the CPU.
+    device = torch.device("cpu") if backend == "dali" else target
     cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=args.image_size,
                      batch_size=args.batch_size, num_workers=args.threads,
                      backend="dali" if backend.startswith("dali") else "torch")
     loaders = build_loaders(cfg, num_views=views, seed=0, device=device)
-    target = torch.device("cuda") if torch.cuda.is_available() else device
 
     def batches():
         epoch = 0

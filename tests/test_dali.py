@@ -154,7 +154,7 @@ def test_gpu_pipeline_decodes_on_the_device_into_channels_last_bf16(tiny_demo_ro
             assert view.device == device and view.dtype == torch.bfloat16
             assert view.shape == (cfg.batch_size, 3, 32, 32)
             assert view.is_contiguous(memory_format=torch.channels_last)
-        assert batch.labels.device == device
+        assert batch.labels.device == batch.index.device == device
         cpu = build_loaders(cfg, num_views=1, seed=0)
         for gpu_batch, cpu_batch in zip(loaders.val, cpu.val):
             assert torch.equal(gpu_batch.index.cpu(), cpu_batch.index)

@@ -71,15 +71,22 @@ class DaliFeed:
 
     def pipeline_args(self, batch_size: int, seed: int, checkpoint: bytes | None) -> dict:
         return dict(batch_size=batch_size, num_threads=self.threads, seed=seed % _DALI_SEED_RANGE,
-                    device_id=(self.device.index or 0) if self.gpu else None,
-                    enable_checkpointing=True, checkpoint=checkpoint)
+                    device_id=self.device_id, enable_checkpointing=True, checkpoint=checkpoint)
+
+    @property
+    def device_id(self) -> int | None:
+        """None makes a CPU-only pipeline; "cuda" alone means torch's current device."""
+        if not self.gpu:
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str]) -> Batch:
         if self.gpu:  # (B, H, W, C) -> a channels-last (B, C, H, W) view, in the training dtype
             views = [v.permute(0, 3, 1, 2).to(self.dtype) for v in views]
-        index = index.view(-1).long()
-        return Batch(views=views, labels=self.targets[index.to(self.targets.device)], index=index,
-                     skipped=tuple(skipped))
+        # The reader's index output is a host tensor: one small copy, then CRD's negatives and
+        # the labels are drawn and looked up on the device.
+        index = index.view(-1).to(self.device, torch.long, non_blocking=True)
+        return Batch(views=views, labels=self.targets[index], index=index, skipped=tuple(skipped))
 
 
 class _ArrayBatches:
