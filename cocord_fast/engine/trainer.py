@@ -211,6 +211,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         log = RunLog(self.run_dir)
+        print(f"{cfg.method.name} on {self.device}: {self.loaders.num_train} training images, "
+              f"{self.steps_per_epoch} steps per epoch, data through {self.loaders.backend}",
+              flush=True)
         use_bar = cfg.train.progress and sys.stderr.isatty()
         self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True,
                         desc=self.run_dir.name) if use_bar else None
