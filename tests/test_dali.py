@@ -7,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cocord_fast.config import DataConfig, load_config
 from cocord_fast.data import build_loaders
-from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD
+from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import train
@@ -99,6 +100,49 @@ def test_cifar_resume_from_state_repeats_the_uninterrupted_views(cifar_root):
     for a, b in zip(rest, full[4:]):
         assert torch.equal(a.index, b.index)
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+
+
+def crop_geometry(root, backend):
+    """(width fraction, height fraction, flipped) of every training view of a ramp image, read
+    back from the ramps: green rises left to right, red top to bottom."""
+    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=24, batch_size=8,
+                     num_workers=1, backend=backend)
+    loaders = build_loaders(cfg, num_views=3, seed=3)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    geometry = []
+    for number in range(40):  # 8 images: one batch per epoch
+        loaders.train.start(number)
+        for batch in loaders.train:
+            for view in batch.views:
+                for image in view * std + mean:  # (3, 24, 24) in [0, 1]
+                    green = image[1, :, -1].mean() - image[1, :, 0].mean()
+                    red = image[0, -1, :].mean() - image[0, 0, :].mean()
+                    geometry.append((abs(float(green)), float(red), float(green) < 0))
+    return np.array(geometry)
+
+
+def test_random_resized_crops_have_torchvisions_distribution(tmp_path):
+    """Area, aspect ratio and flips of DALI's crops against torchvision's, over 960 views."""
+    height, width = 160, 200
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, height)[:, None]
+    pixels[..., 1] = np.linspace(0, 255, width)[None, :]
+    for split in ("train", "val"):
+        for i in range(8 if split == "train" else 1):
+            (tmp_path / split / "ramp").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / split / "ramp" / f"{i}.png")
+    dali, torch_path = crop_geometry(tmp_path, "dali"), crop_geometry(tmp_path, "torch")
+    for sample in (dali, torch_path):
+        assert len(sample) == 960 and (sample[:, :2] > 0.05).all() and (sample[:, :2] < 1.01).all()
+    area = dali[:, 0] * dali[:, 1], torch_path[:, 0] * torch_path[:, 1]
+    aspect = [np.log(s[:, 0] * width / (s[:, 1] * height)) for s in (dali, torch_path)]
+    # The differences of the means have standard errors of about 0.01 (area) and 0.0075 (log
+    # aspect): the bounds are 4-5 of them. (Seeded: the test is deterministic all the same.)
+    assert abs(area[0].mean() - area[1].mean()) < 0.05
+    assert abs(area[0].std() - area[1].std()) < 0.04
+    assert abs(aspect[0].mean() - aspect[1].mean()) < 0.03
+    assert abs(aspect[0].std() - aspect[1].std()) < 0.03
+    assert 0.42 < dali[:, 2].mean() < 0.58 and 0.42 < torch_path[:, 2].mean() < 0.58
 
 
 def test_cifar_evaluation_equals_the_torch_path(cifar_root):
