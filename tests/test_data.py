@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from cocord_fast.config import DataConfig
 from cocord_fast.data import Batch, build_loaders
+from cocord_fast.data.order import derived_seed
 from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
 from cocord_fast.data.sources import CIFAR100, open_source
 from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, build_recipe
@@ -95,6 +96,12 @@ def test_corrupt_image_names_its_file(tmp_path):
     source = open_source("imagefolder", tmp_path, train=True)
     with pytest.raises(UserError, match=r"cannot decode image .*a/1\.jpg"):
         source.load(1)
+
+
+def test_derived_seeds_differ_for_every_key_tuple():
+    keys = [(1, 2), (1, 2, 0), (1, 2, 0, 0), (1,), (0, 1, 2), (2, 1), ()]
+    assert len({derived_seed(*k) for k in keys}) == len(keys)
+    assert derived_seed(1, 2) == derived_seed(1, 2)
 
 
 def test_sampler_epochs_are_permutations_and_resume_skips_consumed_batches():

@@ -132,25 +132,26 @@ def test_crd_contrast_indices_from_loader_indices_never_hit_the_anchor_class(tre
         assert (targets[contrast[:, 1:]] != batch.labels[:, None]).all()
 
 
-def corrupt_copy(tree, tmp_path, damage):
+def corrupt_copy(tree, tmp_path, damage, index=5):
+    """A copy of `tree` whose training file `index` (dataset order) is damaged."""
     root = tmp_path / "data"
     shutil.copytree(tree, root)
-    bad = root / "train" / "class_1" / "05.jpg"
+    bad = open_source("imagefolder", root, train=True).files[index]
     data = bad.read_bytes()
     bad.write_bytes(data[:300] if damage == "truncated" else b"this is not an image")
     return root, bad
 
 
-# With batch size 1 the bad file is the 8th batch, behind DALI's prefetch queue.
-@pytest.mark.parametrize("damage, batch_size", [("truncated", 4), ("not_an_image", 4),
-                                               ("truncated", 1)])
+# Where the bad file sits in epoch 0: in the first batch (which DALI's iterator decodes while it
+# is built), in a later one, and behind DALI's prefetch queue (batch 10 of 12).
+@pytest.mark.parametrize("damage, batch_size, position", [
+    ("truncated", 4, 1), ("not_an_image", 4, 6), ("truncated", 1, 9)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_corrupt_file_is_named(tree, tmp_path, backend, damage, batch_size):
-    root, bad = corrupt_copy(tree, tmp_path, damage)
+def test_a_corrupt_file_is_named(tree, tmp_path, backend, damage, batch_size, position):
+    order = epoch_order(12, batch_size, seed=5, epoch=0)[0]
+    root, bad = corrupt_copy(tree, tmp_path, damage, index=int(order[position]))
     loaders = loaders_for(root, backend, batch_size=batch_size,
                           num_workers=0 if backend == "torch" else 1)
-    bad_index = open_source("imagefolder", root, train=True).files.index(bad)
-    position = epoch_order(12, batch_size, seed=5, epoch=0)[0].tolist().index(bad_index)
     loaders.train.start(0)
     batches = iter(loaders.train)
     for _ in range(position // batch_size):  # every batch before the bad file's arrives

@@ -133,10 +133,11 @@ class _Resilient:
         skipped = self._apply_repairs(pieces[self.shard_id])
         self.checkpointable = not skipped and (position == 0 or checkpoint is not None)
         while position * self.batch_size < len(pieces[self.shard_id]):
-            self.iterator = self._start(pieces, position, seed, checkpoint)
-            consumed = 0
+            self.iterator, consumed = None, 0
             while True:
                 try:
+                    if self.iterator is None:  # DALI's iterator decodes its first batch here
+                        self.iterator = self._start(pieces, position, seed, checkpoint)
                     out = next(self.iterator)[0]
                 except StopIteration:
                     return

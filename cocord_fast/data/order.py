@@ -16,8 +16,9 @@ from ..errors import UserError
 
 def derived_seed(*keys: int) -> int:
     """A 32-bit seed for the stream named by `keys` (e.g. seed, epoch, index); independent
-    streams for different keys, including keys of different lengths."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+    streams for different keys, including keys of different lengths. (SeedSequence alone pads
+    its entropy with zeros, so (s, e) and (s, e, 0) would name one stream: hence the length.)"""
+    return int(np.random.SeedSequence([len(keys), *keys]).generate_state(1)[0])
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
