@@ -1,5 +1,6 @@
 """What only the DALI backend does: the CIFAR recipe on python-format arrays, exact against the
-formulas; GPU output layout; and a CoCoRD run fed by DALI end to end."""
+formulas, and its resume through the external source; random-resized crops against
+torchvision's distribution; the GPU output layout; and a CoCoRD run fed by DALI end to end."""
 import math
 import pickle
 import shutil
