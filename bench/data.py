@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 
 from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
-from provenance import RESULTS, commit, device_name
+from provenance import RESULTS, device_name, provenance, slug
 
 
 def write_jpeg_tree(root: Path, images: int, classes: int, size: tuple[int, int]) -> float:
@@ -131,13 +131,11 @@ def main() -> None:
                 print(f"{backend:8s} {views} view(s) {rows[-1]['img_per_s']:8.1f} img/s", flush=True)
 
     device = device_name("cuda" if torch.cuda.is_available() else "cpu")
-    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    report = {"device": device, "torch": torch.__version__, "commit": commit(),
-              "date": time.strftime("%Y-%m-%d"), "source_size": args.source_size,
+    report = {**provenance(device), "source_size": args.source_size,
               "mean_jpeg_kb": round(kilobytes, 1), "image_size": args.image_size,
               "batch_size": args.batch_size, "threads": args.threads, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"data_{slug}"
+    stem = args.out / f"data_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     w, h = args.source_size
     plot(rows, f"{w}x{h} JPEG -> {args.image_size}, batch {args.batch_size}, {args.threads} "

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from provenance import RESULTS, commit
+from provenance import RESULTS, commit, slug
 
 TEMPERATURE = 0.07
 SHORT = {"bfloat16": "bf16", "float32": "fp32"}
@@ -239,9 +239,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 
 def write(rows: list[dict], meta: dict, out: Path) -> None:
-    slug = "".join(c if c.isalnum() else "-" for c in meta["gpu"]).strip("-").lower()
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"kernels_{slug}"
+    stem = out / f"kernels_{slug(meta['gpu'])}"
     keyed = [{**{k: meta[k] for k in ("gpu", "torch", "triton", "commit")}, **r} for r in rows]
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": keyed}, indent=2) + "\n")
     fields = list(dict.fromkeys(k for r in keyed for k in r))

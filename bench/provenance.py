@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -30,3 +31,14 @@ def device_name(device: str) -> str:
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
     return f"{cpu} x{torch.get_num_threads()} threads"
+
+
+def slug(name: str) -> str:
+    """A device name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def provenance(device: str) -> dict:
+    """The fields every report starts with: where, with what, from which commit, when."""
+    return {"device": device, "torch": torch.__version__, "commit": commit(),
+            "date": time.strftime("%Y-%m-%d")}

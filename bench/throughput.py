@@ -25,7 +25,7 @@ from cocord_fast.config import load_config
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.models import build_model
-from provenance import RESULTS, commit, device_name
+from provenance import RESULTS, device_name, provenance, slug
 
 def write_synthetic_cifar(root: Path, num_train: int, num_test: int = 64) -> None:
     """Random images and labels in the `cifar-100-python` format (as CIFAR100 reads it)."""
@@ -101,14 +101,12 @@ def main() -> None:
             print(f"{method:8s} {rows[-1]['img_per_s']:8.1f} img/s", flush=True)
 
     device = device_name(args.device)
-    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
-    report = {"device": device, "torch": torch.__version__, "commit": commit(),
-              "date": time.strftime("%Y-%m-%d"), "teacher": args.teacher, "student": args.student,
+    report = {**provenance(device), "teacher": args.teacher, "student": args.student,
               "batch_size": args.batch_size, "precision": args.precision, "workers": args.workers,
               "backend": args.backend,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"throughput_{args.teacher}_{args.student}_{slug}"
+    stem = args.out / f"throughput_{args.teacher}_{args.student}_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.precision}, "
                f"{device}", stem.with_suffix(".png"))
