@@ -32,6 +32,7 @@ def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 def cmd_train(ns: argparse.Namespace) -> int:
     from .config import load_config
     from .demo import ensure_demo_teacher, run_default_job
+    from .engine import distributed
     from .engine.trainer import config_for_resume, train
 
     config_path, overrides = _split_train_args(ns.args)
@@ -46,8 +47,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         cfg = load_config(config_path, overrides)
     ensure_demo_teacher(cfg)
     result = train(cfg)
-    print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
-          f"(best {result.best_top1:.2f})")
+    if distributed.is_main():
+        print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
+              f"(best {result.best_top1:.2f})")
     return 0
 
 
@@ -140,7 +142,7 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
         cfg.model.teacher_checkpoint = str(teacher_path)
     save_config(cfg, out_dir / "config.yaml")
     save_atomic(training_checkpoint(cfg.to_dict(), method, ns.num_classes, step=0,
-                                    steps_per_epoch=1, optimizer=None, rng=None, best_top1=0.0,
+                                    steps_per_epoch=1, engine=None, ranks=None, best_top1=0.0,
                                     last_top1=0.0), out_dir / "last.pt")
     epoch = raw.get("epoch") if isinstance(raw, dict) else None
     at_epoch = f" (reference epoch {epoch})" if isinstance(epoch, int) else ""
@@ -152,6 +154,9 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cocord-fast", description="Contrastive knowledge distillation (CoCoRD, CRD, KD).")
+    # The deepspeed launcher puts --local_rank=N before every worker's arguments; the rank
+    # is read from the environment (LOCAL_RANK), which both launchers set.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (no arguments: the offline demo)",
@@ -159,8 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the run in RUN_DIR (or from a checkpoint file)")
-    # The deepspeed launcher appends --local_rank=N to every worker's arguments.
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's student")
@@ -219,15 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command != "import-reference":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.overrides = [*ns.overrides, *extra]
+    from .engine import distributed
+
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
     except UserError as err:
         print(f"cocord-fast: error: {_user_message(err)}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("cocord-fast: interrupted; continue with --resume RUN_DIR from the last checkpoint",
               file=sys.stderr)
-        return 130
+        code = 130
+    return distributed.finish(code)
 
 
 if __name__ == "__main__":

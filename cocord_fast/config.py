@@ -20,8 +20,8 @@ from .errors import UserError
 
 def _field(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
     metadata = {"help": help, "min": min, "max": max}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -111,6 +111,9 @@ class OptimConfig:
     milestones: list[int] = _field([150, 180, 210], "step schedule: epochs at which lr *= gamma")
     gamma: float = _field(0.1, "step schedule: decay factor", min=0.0)
     warmup_epochs: float = _field(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
+    grad_clip: float = _field(0.0, "clip the global gradient norm to this value; 0: no clipping",
+                              min=0.0)
+    grad_accum_steps: int = _field(1, "micro-batches of data.batch_size per optimizer step", min=1)
 
 
 @dataclass
@@ -133,6 +136,21 @@ class TrainConfig:
 
 
 @dataclass
+class EngineConfig:
+    """What wraps the trainable part of the method (README, "Multi-GPU and multi-node")."""
+
+    name: Literal["torch", "deepspeed"] = _field(
+        "torch", "torch (one process, or DistributedDataParallel under torchrun or the deepspeed "
+        "launcher) or deepspeed (a DeepSpeed engine, ZeRO stage engine.zero_stage)")
+    zero_stage: int = _field(0, "deepspeed only: ZeRO stage 0, 1 (partitioned optimizer state) or "
+                                "2 (and gradients)", min=0, max=3)
+    deepspeed_config: str = _field("", "deepspeed only: a DeepSpeed JSON file for the settings "
+                                       "cocord_fast does not set itself (e.g. communication)")
+    deepspeed_overrides: dict = _field({}, "deepspeed only: DeepSpeed settings applied last, as a "
+                                           "mapping, e.g. {zero_optimization: {overlap_comm: true}}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +160,7 @@ class Config:
     cocord: CoCoRDConfig = field(default_factory=CoCoRDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -160,6 +179,10 @@ def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[st
         if not isinstance(value, list):
             raise UserError(f"{name}: expected a list of {item_type.__name__}, got {value!r}")
         return [_check_value(f"{name}[{i}]", item_type, v, meta) for i, v in enumerate(value)]
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: expected a mapping, got {value!r}")
+        return value
     if annotation is bool:
         if not isinstance(value, bool):
             raise UserError(f"{name}: expected true or false, got {value!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .configs import ROOT as CONFIGS
+from .engine import distributed
 from .engine.trainer import train
 
 # (row label, recipe under configs/demo/)
@@ -31,15 +32,21 @@ def ensure_demo_teacher(cfg: Config) -> None:
 
 
 def run_default_job(overrides: tuple[str, ...] = ()) -> list[tuple[str, str, float, float]]:
+    """Every stage in turn; under a launcher every process runs them, rank 0 reports."""
+    def say(text: str) -> None:
+        if distributed.is_main():
+            print(text, flush=True)
+
     rows = []
     for label, recipe in STAGES:
         cfg = load_config(CONFIGS / "demo" / recipe, ["train.resume=auto", *overrides])
-        print(f"== {label}: {CONFIGS / 'demo' / recipe} -> {cfg.train.output_dir}", flush=True)
+        say(f"== {label}: {CONFIGS / 'demo' / recipe} -> {cfg.train.output_dir}")
         started = time.perf_counter()
         result = train(cfg)
-        print(f"   done in {time.perf_counter() - started:.0f} s", flush=True)
+        say(f"   done in {time.perf_counter() - started:.0f} s")
         rows.append((label, cfg.model.student, result.top1, result.best_top1))
-    print_table(rows)
+    if distributed.is_main():
+        print_table(rows)
     return rows
 
 

@@ -434,7 +434,7 @@ def test_cli_import_reference_writes_a_resumable_run(tmp_path, capsys):
     assert "reference epoch 120" in capsys.readouterr().out
 
     checkpoint = load_checkpoint(out_dir / "last.pt")
-    assert checkpoint["step"] == 0 and checkpoint["optimizer"] is None and checkpoint["rng"] is None
+    assert checkpoint["step"] == 0 and checkpoint["engine"] is None and checkpoint["ranks"] is None
     assert checkpoint["num_classes"] == NUM_CLASSES
     cfg = load_config(base=checkpoint["config"])
     assert load_config(out_dir / "config.yaml").to_dict() == cfg.to_dict()

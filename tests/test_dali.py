@@ -184,7 +184,7 @@ def test_cocord_trains_end_to_end_on_dali_and_counts_skipped_files(tiny_override
     records = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"]
     assert all(math.isfinite(r["loss_ctr"]) and math.isfinite(r["loss_pred"]) for r in records)
     assert records[-1]["skipped_files"] == 2  # once per epoch
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_files"] == 2
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["ranks"][0]["skipped_files"] == 2
 
 
 @on_gpu

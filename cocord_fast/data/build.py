@@ -78,7 +78,8 @@ def resolve_root(cfg: DataConfig) -> Path:
 def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.device | None = None,
                   dtype: torch.dtype = torch.float32, rank: int = 0,
                   world_size: int = 1) -> Loaders:
-    """Loaders for `num_views` views per training sample, sharded for `rank` of `world_size`.
+    """Loaders for `num_views` views per training sample, sharded for `rank` of `world_size`
+    (training: `order.epoch_order`; evaluation: `order.eval_shards`).
     On a CUDA `device` the DALI backend decodes and augments on that GPU and yields
     channels-last batches in `dtype`; elsewhere, float32 (B, C, H, W) batches on the CPU."""
     device = torch.device("cpu") if device is None else device
@@ -95,7 +96,8 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
             return DaliFeed(source, cfg.dataset, cfg.image_size, cfg.num_workers, device, dtype)
         train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
                                 world_size, cfg.skip_corrupt)
-        val = DaliEvalLoader(feed(val_source), cfg.eval_batch_size, cfg.skip_corrupt)
+        val = DaliEvalLoader(feed(val_source), cfg.eval_batch_size, cfg.skip_corrupt, rank,
+                             world_size)
     else:
         from .torch_loader import build_torch_loaders
 

@@ -43,14 +43,16 @@ class NegativeSampler:
     `crd.num_negatives`, raised when the sampler is built; RepDistiller instead falls back to
     drawing with replacement for the classes whose pool is too small.
 
-    Reproducible: each call seeds its own generator from (seed, step), so a resumed run draws
-    the same negatives, and the global RNG is untouched. Streams differ between CPU and CUDA.
+    Reproducible: each call seeds its own generator from (seed, rank, draw), where `draw`
+    numbers the micro-batches of the run, so a resumed run draws the same negatives, ranks
+    draw independently, and the global RNG is untouched. Streams differ between CPU and CUDA.
     Within a row the negatives are returned in ascending index order (the order does not
     change the loss; a canonical order keeps results independent of topk's internals).
     """
 
     def __init__(self, targets: np.ndarray | Tensor, num_negatives: int, seed: int,
-                 device: torch.device | str | None = None, exact_budget: int = EXACT_BUDGET):
+                 device: torch.device | str | None = None, exact_budget: int = EXACT_BUDGET,
+                 rank: int = 0):
         targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)  # (n,)
         counts = torch.bincount(targets)  # (C,)
         smallest_pool = len(targets) - int(counts.max())
@@ -58,7 +60,8 @@ class NegativeSampler:
             raise UserError(f"crd.num_negatives={num_negatives} is larger than the "
                             f"{smallest_pool} training samples outside the largest class; "
                             f"set crd.num_negatives <= {smallest_pool}")
-        self.targets, self.num_negatives, self.seed = targets, num_negatives, seed
+        self.targets, self.num_negatives = targets, num_negatives
+        self.seed, self.rank = seed, rank
         self.exact_budget = exact_budget
         # Class-sorted layout for the with-replacement mode.
         self.by_class = torch.argsort(targets, stable=True)  # (n,) dataset indices
@@ -79,17 +82,19 @@ class NegativeSampler:
         self._generator = None
         return self
 
-    def _seeded(self, step: int) -> torch.Generator:
+    def _seeded(self, draw: int) -> torch.Generator:
         device = self.targets.device
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        return self._generator.manual_seed(derived_seed(self.seed, _STREAM, step))
+        # One stream per rank (rank 0's is the single-process stream).
+        return self._generator.manual_seed(derived_seed(self.seed, _STREAM + self.rank, draw))
 
-    def sample(self, index: Tensor, step: int) -> Tensor:
-        """(B,) dataset indices -> (B, K+1) int64 contrast indices on the sampler's device."""
+    def sample(self, index: Tensor, draw: int) -> Tensor:
+        """(B,) dataset indices -> (B, K+1) int64 contrast indices on the sampler's device;
+        `draw` numbers the call (the micro-batch) within the run."""
         index = index.to(self.targets.device, torch.long)
         labels = self.targets[index]  # (B,)
-        generator = self._seeded(step)
+        generator = self._seeded(draw)
         if self.with_replacement(len(index)):
             negatives = self._with_replacement(labels, generator)
         else:

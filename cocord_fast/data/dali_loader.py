@@ -1,8 +1,9 @@
 """The DALI data path: the same `Batch`es as the torch path, decoded and augmented by DALI.
 
 An epoch's samples and order are those of `order.epoch_order`, exactly as on the torch path;
-the file reader is given this epoch's permuted file list (ranks' shards concatenated) and picks
-its shard with `shard_id`/`num_shards`. DALI's own `random_shuffle` is not used: it shuffles
+each rank's file reader is given its shard of this epoch's permuted file list, in order (and
+evaluation readers their shard of `order.eval_shards`). DALI's own `random_shuffle` is not
+used: it shuffles
 through a buffer of `initial_fill` samples, whose order cannot be reproduced per epoch nor
 resumed mid-epoch. A pipeline is built per epoch, its random operators seeded from
 (seed, epoch, rank).
@@ -32,7 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..errors import UserError
 from .batch import Batch
 from .dali_pipeline import READER, DaliRecipe, eval_pipeline, read_arrays, read_files, training_pipeline
-from .order import derived_seed, epoch_order, steps_per_epoch
+from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
 from .sources import CIFAR100, decode_error
 
 # How many batches past the failing one DALI may have been working on: its prefetch queue
@@ -53,17 +54,16 @@ class DaliFeed:
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
 
-    def reader(self, pieces: list[list[int]], shard_id: int, batch_size: int,
-               pad_last_batch: bool, restored_batches: int = 0):
-        """The read graph over `pieces` (one equal-length list of dataset indices per shard).
+    def reader(self, piece: list[int], batch_size: int, pad_last_batch: bool,
+               restored_batches: int = 0):
+        """The read graph over `piece` (this rank's dataset indices, in order).
         `restored_batches`: how many batches a pipeline restored from a checkpoint has already
         read; a file reader's checkpoint holds its position, an external source starts there."""
         if self.files is None:
-            remaining = pieces[shard_id][restored_batches * batch_size:]
+            remaining = piece[restored_batches * batch_size:]
             return read_arrays(_ArrayBatches(self.source.images, remaining, batch_size), self.gpu)
-        indices = [i for piece in pieces for i in piece]
-        return read_files([self.files[i] for i in indices], indices, shard_id, len(pieces),
-                          "mixed" if self.gpu else "cpu", pad_last_batch)
+        return read_files([self.files[i] for i in piece], piece, "mixed" if self.gpu else "cpu",
+                          pad_last_batch)
 
     def iterator(self, pipeline, outputs: list[str], last_batch: LastBatchPolicy):
         sizing = {"size": -1} if self.files is None else {"reader_name": READER}
@@ -113,41 +113,40 @@ def _decoder_message(err: Exception) -> str:
 
 
 class _Resilient:
-    """Runs pipelines over `pieces` (one list of dataset indices per shard; this process reads
-    `shard_id`), rebuilding after a decode failure with the unreadable files repaired. Files
-    found unreadable are remembered, and repaired up front in later epochs."""
+    """Runs pipelines over a `piece` (this rank's dataset indices, in order), rebuilding after
+    a decode failure with the unreadable files repaired. Files found unreadable are
+    remembered, and repaired up front in later epochs."""
 
     def __init__(self, feed: DaliFeed, make_pipeline, outputs: list[str], batch_size: int,
-                 shard_id: int, skip_corrupt: bool, training: bool):
+                 skip_corrupt: bool, training: bool):
         self.feed, self.make_pipeline, self.outputs = feed, make_pipeline, outputs
-        self.batch_size, self.shard_id = batch_size, shard_id
+        self.batch_size = batch_size
         self.skip_corrupt, self.training = skip_corrupt, training
         self.unreadable: dict[int, int | None] = {}  # index -> substitute (None: dropped)
         self.iterator: DALIGenericIterator | None = None
         self.checkpointable = False  # whether the running pipeline's checkpoints resume exactly
 
-    def run(self, pieces: list[list[int]], seed: int, position: int = 0,
+    def run(self, piece: list[int], seed: int, position: int = 0,
             checkpoint: bytes | None = None) -> Iterator[Batch]:
-        """Batches from batch `position` of this shard on; with `checkpoint`, the pipeline is
-        restored to the state it had there (built over the same `pieces` and `seed`)."""
-        skipped = self._apply_repairs(pieces[self.shard_id])
+        """Batches from batch `position` of `piece` on; with `checkpoint`, the pipeline is
+        restored to the state it had there (built over the same `piece` and `seed`)."""
+        skipped = self._apply_repairs(piece)
         self.checkpointable = not skipped and (position == 0 or checkpoint is not None)
-        while position * self.batch_size < len(pieces[self.shard_id]):
+        while position * self.batch_size < len(piece):
             self.iterator, consumed = None, 0
             while True:
                 try:
                     if self.iterator is None:  # DALI's iterator decodes its first batch here
-                        self.iterator = self._start(pieces, position, seed, checkpoint)
+                        self.iterator = self._start(piece, position, seed, checkpoint)
                     out = next(self.iterator)[0]
                 except StopIteration:
                     return
                 except RuntimeError as err:
                     if self.feed.files is None or not _is_decode_failure(err):
                         raise
-                    start = (position + consumed) * self.batch_size
-                    pieces = [piece[start:] for piece in pieces]
-                    self._find_unreadable(pieces[self.shard_id], err)
-                    skipped += self._apply_repairs(pieces[self.shard_id])
+                    piece = piece[(position + consumed) * self.batch_size:]
+                    self._find_unreadable(piece, err)
+                    skipped += self._apply_repairs(piece)
                     position, checkpoint, seed = 0, None, seed + 1
                     self.checkpointable = False
                     break
@@ -156,11 +155,11 @@ class _Resilient:
                                       skipped)
                 skipped = []
 
-    def _start(self, pieces: list[list[int]], position: int, seed: int,
+    def _start(self, piece: list[int], position: int, seed: int,
                checkpoint: bytes | None) -> DALIGenericIterator:
         if checkpoint is None:  # a fresh pipeline over what is left
-            pieces = [piece[position * self.batch_size:] for piece in pieces]
-        read = self.feed.reader(pieces, self.shard_id, self.batch_size,
+            piece = piece[position * self.batch_size:]
+        read = self.feed.reader(piece, self.batch_size,
                                 pad_last_batch=not self.training,
                                 restored_batches=position if checkpoint is not None else 0)
         with warnings.catch_warnings():
@@ -227,8 +226,7 @@ class DaliTrainLoader:
         self.steps = steps_per_epoch(len(feed.source), batch_size, world_size)
         outputs = [f"view{v}" for v in range(num_views)] + ["index"]
         make = partial(training_pipeline, recipe=feed.recipe, num_views=num_views)
-        self.runner = _Resilient(feed, make, outputs, batch_size, rank, skip_corrupt,
-                                 training=True)
+        self.runner = _Resilient(feed, make, outputs, batch_size, skip_corrupt, training=True)
         self.epoch, self.skip, self.resume_state = 0, 0, None
 
     def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
@@ -243,21 +241,22 @@ class DaliTrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         order = epoch_order(len(self.feed.source), self.batch_size, self.seed, self.epoch,
                             self.world_size)  # (world_size, steps x batch_size)
-        pieces = [row.tolist() for row in order]
         seed = derived_seed(self.seed, self.epoch, self.rank)
         if self.skip and self.resume_state is None:
             # Same samples, but no way to put the random operators where they were.
             seed = derived_seed(self.seed, self.epoch, self.rank, self.skip)
-        return self.runner.run(pieces, seed, self.skip, self.resume_state)
+        return self.runner.run(order[self.rank].tolist(), seed, self.skip, self.resume_state)
 
 
 class DaliEvalLoader:
-    """Every evaluation sample once, in dataset order, the last batch partial."""
+    """This rank's shard of the evaluation set (`order.eval_shards`), in dataset order, the
+    last batch partial."""
 
-    def __init__(self, feed: DaliFeed, batch_size: int, skip_corrupt: bool):
-        self.feed = feed
+    def __init__(self, feed: DaliFeed, batch_size: int, skip_corrupt: bool, rank: int = 0,
+                 world_size: int = 1):
+        self.shard = list(eval_shards(len(feed.source), world_size)[rank])
         self.runner = _Resilient(feed, partial(eval_pipeline, recipe=feed.recipe),
-                                 ["view0", "index"], batch_size, 0, skip_corrupt, training=False)
+                                 ["view0", "index"], batch_size, skip_corrupt, training=False)
 
     def __iter__(self) -> Iterator[Batch]:
-        return self.runner.run([list(range(len(self.feed.source)))], seed=0)
+        return self.runner.run(list(self.shard), seed=0)

@@ -62,14 +62,15 @@ class DaliRecipe:
         return self.normalize(images, crop=(self.image_size, self.image_size))
 
 
-def read_files(files: Sequence[str], indices: Sequence[int], shard_id: int, num_shards: int,
-               decoder: str, pad_last_batch: bool) -> Callable:
-    """Reader + decoder over an explicit file list whose "label" is the dataset index (the
-    file reader yields only labels; the class comes from the index through a lookup table)."""
+def read_files(files: Sequence[str], indices: Sequence[int], decoder: str,
+               pad_last_batch: bool) -> Callable:
+    """Reader + decoder over an explicit file list (this rank's shard, in order) whose "label"
+    is the dataset index (the file reader yields only labels; the class comes from the index
+    through a lookup table)."""
     def read():
         encoded, index = fn.readers.file(
-            files=list(files), labels=list(indices), shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=False, pad_last_batch=pad_last_batch, name=READER)
+            files=list(files), labels=list(indices), random_shuffle=False,
+            pad_last_batch=pad_last_batch, name=READER)
         return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), index
     return read
 

@@ -37,3 +37,10 @@ def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int,
     generator = torch.Generator().manual_seed(derived_seed(seed, epoch))
     order = torch.randperm(num_samples, generator=generator)
     return order[:steps * batch_size * world_size].view(world_size, steps * batch_size)
+
+
+def eval_shards(num_samples: int, world_size: int) -> list[range]:
+    """Every evaluation sample once over all ranks: rank r takes the contiguous range
+    [n r / R, n (r + 1) / R), the split DALI's readers make of a sharded file list."""
+    return [range(num_samples * r // world_size, num_samples * (r + 1) // world_size)
+            for r in range(world_size)]

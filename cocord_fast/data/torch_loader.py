@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from .batch import Batch
-from .order import derived_seed, epoch_order, steps_per_epoch
+from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
 from .sources import CorruptImage
 from .transforms import Recipe
 
@@ -145,5 +145,6 @@ def build_torch_loaders(cfg: DataConfig, train_source, val_source, recipe: Recip
     train = DataLoader(MultiViewDataset(train_source, recipe.train, num_views, seed,
                                         cfg.skip_corrupt), batch_sampler=sampler, **workers)
     val = DataLoader(EvalDataset(val_source, recipe.eval, cfg.skip_corrupt),
-                     batch_size=cfg.eval_batch_size, shuffle=False, **workers)
+                     batch_size=cfg.eval_batch_size,
+                     sampler=eval_shards(len(val_source), world_size)[rank], **workers)
     return TorchTrainLoader(train), val

@@ -43,23 +43,34 @@ def student_prefix(method: torch.nn.Module) -> str:
 
 
 def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_classes: int,
-                        step: int, steps_per_epoch: int, optimizer: dict | None,
-                        rng: dict | None, best_top1: float, last_top1: float) -> dict[str, Any]:
-    """The one layout of a cocord_fast checkpoint. `optimizer` and `rng` are None for a run
-    imported from another code base (they then start fresh on resume)."""
+                        step: int, steps_per_epoch: int, engine: dict | None,
+                        ranks: list[dict] | None, best_top1: float,
+                        last_top1: float) -> dict[str, Any]:
+    """The one layout of a cocord_fast checkpoint.
+
+    `engine`: what the engine needs to restore the optimizer (`Engine.state_dict`). `ranks`:
+    one entry per process, in rank order, with what differs between them: `rng` (RNG
+    states), `data_state` (the data loader's position state, mid-epoch), `skipped_files`, and
+    with several processes `batchnorm` (the rank's own BatchNorm running statistics; the
+    method state holds their average). Both are None for a run imported from another code
+    base (the optimizer, RNG and data position then start fresh on resume). The method state
+    is saved once: it is the same on every rank.
+    """
     return {"format": FORMAT, "config": config, "step": step, "epoch": step / steps_per_epoch,
             "num_classes": num_classes, "method": method.state_dict(),
-            "student_prefix": student_prefix(method), "optimizer": optimizer, "rng": rng,
+            "student_prefix": student_prefix(method), "engine": engine,
+            "world_size": None if ranks is None else len(ranks), "ranks": ranks,
             "best_top1": best_top1, "last_top1": last_top1}
 
 
-def load_file(path: str | os.PathLike) -> Any:
-    """`torch.load` of a file the user named, restricted to tensors and plain containers."""
+def load_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load` of a file the user named, restricted to tensors and plain containers.
+    With `mmap`, tensors are mapped rather than read: cheap when only small entries are used."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -71,6 +82,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     state = load_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a cocord_fast training checkpoint")
+    if "ranks" not in state:  # written before multi-process runs: one process, torch engine
+        optimizer, rng = state.pop("optimizer", None), state.pop("rng", None)
+        rank0 = {"rng": rng, "data_state": state.pop("data_state", None),
+                 "skipped_files": state.pop("skipped_files", 0)}
+        state.update(engine=None if optimizer is None else {"name": "torch", "optimizer": optimizer},
+                     ranks=None if rng is None else [rank0],
+                     world_size=None if rng is None else 1)
     return state
 
 

@@ -7,12 +7,14 @@ import torch
 from torch import nn
 
 from ..data import Batch
+from . import distributed
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict[str, float]:
     """Accuracy over every sample of `loader`; unreadable files it dropped (data.skip_corrupt)
-    are counted in `skipped_files`."""
+    are counted in `skipped_files`. Under several processes each rank's `loader` holds its
+    shard of the evaluation set, and the counts are summed over the ranks."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, device=device)  # (top-1 hits, top-5 hits), summed on the device
@@ -27,5 +29,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device) ->
         correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
         seen += len(batch)
     model.train(was_training)
-    top1, top5 = (100.0 * correct / max(seen, 1)).tolist()  # the one host sync
-    return {"top1": top1, "top5": top5, "num_samples": seen, "skipped_files": skipped}
+    counts = torch.tensor([seen, skipped], dtype=correct.dtype, device=device)
+    totals = distributed.all_reduce_sum(torch.cat([correct, counts]))  # (4,)
+    top1, top5, seen, skipped = torch.cat(
+        [100.0 * totals[:2] / totals[2].clamp(min=1), totals[2:]]).tolist()  # the one host sync
+    return {"top1": top1, "top5": top5, "num_samples": int(seen), "skipped_files": int(skipped)}

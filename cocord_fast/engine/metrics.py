@@ -11,6 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import distributed
+
 
 class MetricAccumulator:
     """Sums detached metric tensors on their device; only `pop()` synchronises."""
@@ -25,14 +27,24 @@ class MetricAccumulator:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
 
-    def pop(self) -> dict[str, float]:
-        """Means since the last pop; the one host sync of a log step (one transfer, not one per metric)."""
-        if not self.count:
+    def pop(self, totals: dict[str, int] | None = None) -> dict[str, float]:
+        """Means since the last pop, and the integer `totals` summed, over all ranks.
+
+        The one host sync of a log step, and with several processes its one collective: sums,
+        count and totals travel as one tensor (every rank adds the same number of steps)."""
+        totals = totals or {}
+        if not self.count and not totals:
             return {}
         names = list(self.sums)
-        means = (torch.stack([self.sums[n] for n in names]) / self.count).tolist()
+        sums = torch.stack([self.sums[n] for n in names]) if names else torch.zeros(0)
+        counts = torch.tensor([self.count, *totals.values()], dtype=torch.float32,
+                              device=sums.device)
+        summed = distributed.all_reduce_sum(torch.cat([sums, counts]))
+        values = torch.cat([summed[:len(names)] / summed[len(names)],
+                            summed[len(names) + 1:]]).tolist()
         self.sums, self.count = {}, 0
-        return dict(zip(names, means))
+        return {**dict(zip(names, values)),
+                **{n: int(v) for n, v in zip(totals, values[len(names):])}}
 
 
 class ThroughputWindow:

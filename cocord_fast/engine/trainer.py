@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,16 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, load_config, save_config
-from ..data import Loaders, build_loaders
+from ..data import Batch, Loaders, build_loaders
+from ..data.build import resolve_root
 from ..data.contrast import NegativeSampler
 from ..errors import UserError
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
+from . import distributed
 from .checkpoint import (load_checkpoint, load_model_weights, load_strict, rng_state,
                          save_atomic, set_rng_state, training_checkpoint)
+from .engines import autocast, build_engine, check_engine_config
 from .evaluate import evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
 from .schedule import lr_factor
@@ -33,18 +35,20 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`train.device`; "auto" and "cuda" mean the GPU of this process (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UserError(f"train.device={name}, but CUDA is not available on this machine")
+    if device.index is None:
+        return torch.device("cuda", distributed.local_rank())
+    if distributed.launched_world_size() > 1:
+        raise UserError(f"train.device={name} would put every process on one GPU; use "
+                        f"train.device=auto or cuda (each process drives cuda:LOCAL_RANK)")
     return device
-
-
-def autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def find_resume_checkpoint(cfg: Config) -> Path | None:
@@ -94,29 +98,67 @@ def build_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
     return teacher.eval()
 
 
+def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: Config, world_size: int) -> None:
+    """Refuses a resume whose process count or engine differs from the checkpoint's."""
+    saved_world = checkpoint["world_size"]
+    if saved_world is not None and saved_world != world_size:
+        raise UserError(
+            f"{path} was written by {saved_world} process(es) and this run has {world_size}: "
+            f"resume it with {saved_world} (each epoch's shards, every process's data position "
+            f"and RNG state, and DeepSpeed's optimizer partitions belong to that number)")
+    engine = checkpoint["engine"]
+    if engine is None:
+        return
+    saved = f"engine.name={engine['name']}"
+    if engine["name"] == "deepspeed":
+        saved += f" engine.zero_stage={engine['zero_stage']}"
+    wanted = f"engine.name={cfg.engine.name}"
+    if cfg.engine.name == "deepspeed":
+        wanted += f" engine.zero_stage={cfg.engine.zero_stage}"
+    if saved != wanted:
+        raise UserError(f"{path} was written with {saved}, which stores the optimizer state "
+                        f"its own way; resume with those settings, not {wanted}")
+
+
 class Trainer:
-    """One run: `Trainer(cfg).fit()`. Everything that affects the next step is checkpointed."""
+    """One run: `Trainer(cfg).fit()`. Everything that affects the next step is checkpointed.
+
+    Under a launcher every process runs a Trainer: each takes its shard of every epoch,
+    the engine averages gradients, and only rank 0 prints, logs and writes checkpoint files.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
+        check_engine_config(cfg)
         self.device = resolve_device(cfg.train.device)
         resume_from = find_resume_checkpoint(cfg)
         checkpoint = load_checkpoint(resume_from) if resume_from else None
         if checkpoint is None and (self.run_dir / "last.pt").exists():
             raise UserError(f"{self.run_dir} already holds a run; continue it with "
                             f"train.resume=auto, or choose another train.output_dir")
+        if checkpoint is not None:
+            check_resumable(checkpoint, resume_from, cfg, distributed.launched_world_size())
+        distributed.init(self.device, group_of_one=cfg.engine.name == "deepspeed")
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
 
         method_class = METHODS[cfg.method.name]
         check_model_names(cfg, method_class.needs_teacher)
         torch.manual_seed(cfg.train.seed)
+        with distributed.main_first():
+            resolve_root(cfg.data)  # rank 0 makes the demo data set, if it is missing
         self.loaders: Loaders = build_loaders(
             cfg.data, method_class.num_views, cfg.train.seed, self.device,
-            torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
-        self.steps_per_epoch = self.loaders.steps_per_epoch
+            torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
+            self.rank, self.world_size)
+        self.accumulation = cfg.optim.grad_accum_steps
+        self.steps_per_epoch = len(self.loaders.train) // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise UserError(f"optim.grad_accum_steps={self.accumulation} is more than the "
+                            f"{len(self.loaders.train)} batches of an epoch")
         negatives = method_class.contrast_negatives(cfg)  # CRD's K; 0 for the other methods
         self.negative_sampler = (NegativeSampler(self.loaders.train_targets, negatives,
-                                                 cfg.train.seed, self.device)
+                                                 cfg.train.seed, self.device, rank=self.rank)
                                  if negatives else None)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
@@ -125,111 +167,149 @@ class Trainer:
         teacher = build_teacher(cfg, self.loaders.num_classes) if method_class.needs_teacher else None
         self.method: Method = build_method(cfg.method.name, cfg, student, teacher,
                                            self.loaders.num_train).to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.method.trainable_module().parameters(), lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-            nesterov=cfg.optim.nesterov)
+        if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
+            self.method.load_state_dict(checkpoint["method"])
+        self.engine = build_engine(cfg, self.method, self.device)
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
-        self.skipped_files = 0  # unreadable training images replaced (data.skip_corrupt)
+        self.skipped_files = 0  # unreadable training images this rank replaced (skip_corrupt)
         self.data_state: bytes | None = None  # the loader's state at the resumed step
         self.bar: tqdm | None = None
+        self.log: RunLog | None = None
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, resume_from.parent)
 
-    def _restore(self, checkpoint: dict[str, Any]) -> None:
-        self.method.load_state_dict(checkpoint["method"])
-        # A checkpoint imported from another code base carries weights but no optimizer or RNG
-        # state: those then start fresh.
-        if checkpoint.get("optimizer") is not None:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("rng") is not None:
-            set_rng_state(checkpoint["rng"])
+    def _restore(self, checkpoint: dict[str, Any], checkpoint_dir: Path) -> None:
+        # A checkpoint imported from another code base carries weights but no optimizer, RNG
+        # or data state: those then start fresh.
+        if checkpoint["engine"] is not None:
+            self.engine.load_state_dict(checkpoint["engine"], checkpoint_dir)
+        if checkpoint["ranks"] is not None:
+            mine = checkpoint["ranks"][self.rank]
+            # The checkpoint's model has the ranks' average; each rank continues with its own
+            # (after the engine is built: DDP broadcasts rank 0's buffers when it starts).
+            own = distributed.batchnorm_statistics(self.method)
+            with torch.no_grad():
+                for name, value in (mine.get("batchnorm") or {}).items():
+                    own[name].copy_(value)
+            set_rng_state(mine["rng"])
+            self.skipped_files, self.data_state = mine["skipped_files"], mine["data_state"]
         self.step = checkpoint["step"]
         self.best_top1, self.last_top1 = checkpoint["best_top1"], checkpoint["last_top1"]
-        self.skipped_files = checkpoint.get("skipped_files", 0)
-        self.data_state = checkpoint.get("data_state")
-        # Records written after this checkpoint describe steps that will be run again.
-        rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
+        if distributed.is_main():
+            # Records written after this checkpoint describe steps that will be run again.
+            rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
 
-    def save(self, name: str) -> None:
-        checkpoint = training_checkpoint(
-            self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
-            self.steps_per_epoch, self.optimizer.state_dict(), rng_state(), self.best_top1,
-            self.last_top1)
+    def save(self, *names: str) -> None:
+        """Writes the checkpoint of this step to each of `names` in the run directory.
+        Every rank calls it; rank 0 writes the files."""
+        engine_state = self.engine.state_dict(self.run_dir, self.step)
         mid_epoch = self.step % self.steps_per_epoch != 0
-        save_atomic({**checkpoint, "skipped_files": self.skipped_files,
-                     "data_state": self.loaders.train.state() if mid_epoch else None},
-                    self.run_dir / name)
+        own_batchnorm = ({name: t.clone() for name, t in
+                          distributed.batchnorm_statistics(self.method).items()}
+                         if self.world_size > 1 else None)
+        ranks = distributed.all_gather_objects({
+            "rng": rng_state(), "skipped_files": self.skipped_files, "batchnorm": own_batchnorm,
+            "data_state": self.loaders.train.state() if mid_epoch else None})
+        # With BatchNorm averaged every rank holds the same method state: it is saved once.
+        with distributed.averaged_batchnorm_statistics(self.method):
+            if distributed.is_main():
+                checkpoint = training_checkpoint(
+                    self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
+                    self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1)
+                for name in names:
+                    save_atomic(checkpoint, self.run_dir / name)
+        if distributed.is_main():
+            self.engine.release_unreferenced(self.run_dir)
 
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, self.steps_per_epoch,
                                            self.total_steps)
-        for group in self.optimizer.param_groups:
+        for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
-        for path in batch.skipped:
-            self.skipped_files += 1
-            self._print(f"warning: skipped unreadable image {path} (replaced by the next "
-                        f"readable one; {self.skipped_files} so far)")
-        batch = batch.to(self.device, non_blocking=True)
-        if self.negative_sampler is not None:
-            # Drawn on the device from (seed, step): a resumed run draws the same negatives.
-            batch.contrast_index = self.negative_sampler.sample(batch.index, self.step)
-        with autocast(self.cfg, self.device):
-            out = self.method(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+    def train_step(self, micro_batches: tuple[Batch, ...]) -> None:
+        """One optimizer step over `micro_batches` (optim.grad_accum_steps of them)."""
+        for i, batch in enumerate(micro_batches):
+            self._report_skipped(batch)
+            batch = batch.to(self.device, non_blocking=True)
+            if self.negative_sampler is not None:
+                # Drawn on the device from (seed, rank, micro-batch number): a resumed run
+                # draws the same negatives.
+                batch.contrast_index = self.negative_sampler.sample(
+                    batch.index, self.step * self.accumulation + i)
+            out = self.engine.micro_step(batch, boundary=i == len(micro_batches) - 1)
+            self.metrics.add({"loss": out.loss.detach(), **out.metrics})
         # Momentum (EMA) updates follow the optimizer step they average in.
         self.method.on_optimizer_step()
-        return {"loss": out.loss.detach(), **out.metrics}
 
-    def run_eval(self, log: RunLog) -> None:
-        with autocast(self.cfg, self.device):
+    def _report_skipped(self, batch: Batch) -> None:
+        for path in batch.skipped:
+            self.skipped_files += 1
+            where = f"rank {self.rank}: " if self.world_size > 1 else ""
+            self._print(f"{where}warning: skipped unreadable image {path} (replaced by the next "
+                        f"readable one; {self.skipped_files} so far)", every_rank=True)
+
+    def run_eval(self) -> None:
+        # Sharded over the ranks, which hold the same student once BatchNorm is averaged.
+        with distributed.averaged_batchnorm_statistics(self.method), autocast(self.cfg,
+                                                                               self.device):
             result = evaluate(self.method.student(), self.loaders.val, self.device)
         self.last_top1 = result["top1"]
         is_best = self.last_top1 >= self.best_top1
         self.best_top1 = max(self.best_top1, self.last_top1)
-        log.write("eval", {"step": self.step, "epoch": self.step / self.steps_per_epoch, **result})
-        self.save("last.pt")
-        if is_best:
-            self.save("best.pt")
+        self._record("eval", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              **result})
+        self.save("last.pt", *(["best.pt"] if is_best else []))
         self._print(f"step {self.step} epoch {self.step / self.steps_per_epoch:.2f}: "
                     f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
                     f"(best {self.best_top1:.2f})")
 
-    def _print(self, text: str) -> None:
+    def _print(self, text: str, every_rank: bool = False) -> None:
+        if not (every_rank or distributed.is_main()):
+            return
         if self.bar is not None:
             tqdm.write(text, file=sys.stderr)
         else:
             print(text, flush=True)
 
+    def _record(self, kind: str, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(kind, record)
+
+    def _describe(self) -> str:
+        cfg, world = self.cfg, self.world_size
+        processes = f" x {world} processes" if world > 1 else ""
+        global_batch = cfg.data.batch_size * self.accumulation * world
+        return (f"{cfg.method.name} on {self.device}{processes} ({self.engine.description}): "
+                f"{self.loaders.num_train} training images, {self.steps_per_epoch} steps per "
+                f"epoch of {global_batch} images, data through {self.loaders.backend}")
+
     def fit(self) -> RunResult:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        log = RunLog(self.run_dir)
-        print(f"{cfg.method.name} on {self.device}: {self.loaders.num_train} training images, "
-              f"{self.steps_per_epoch} steps per epoch, data through {self.loaders.backend}",
-              flush=True)
-        use_bar = cfg.train.progress and sys.stderr.isatty()
-        self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True,
-                        desc=self.run_dir.name) if use_bar else None
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.log = RunLog(self.run_dir)
+            if cfg.train.progress and sys.stderr.isatty():
+                self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step",
+                                dynamic_ncols=True, desc=self.run_dir.name)
+        self._print(self._describe())
         self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
         try:
             while self.step < self.stop_step:
                 epoch, consumed = divmod(self.step, self.steps_per_epoch)
                 # The data state only ever describes the position the run resumed from.
-                self.loaders.train.start(epoch, consumed, self.data_state if consumed else None)
+                self.loaders.train.start(epoch, consumed * self.accumulation,
+                                         self.data_state if consumed else None)
                 self.data_state = None
                 self.method.train()
-                for batch in self.loaders.train:
+                # Optimizer steps of `accumulation` micro-batches; a shorter tail is dropped.
+                for micro_batches in zip(*[iter(self.loaders.train)] * self.accumulation):
                     lr = self.set_lr()
-                    self.metrics.add(self.train_step(batch))
+                    self.train_step(micro_batches)
                     self.step += 1
-                    self.window.count(len(batch))
+                    self.window.count(sum(map(len, micro_batches)) * self.world_size)
                     if self.bar is not None:
                         self.bar.update(1)
                     epoch_end = self.step % self.steps_per_epoch == 0
@@ -238,39 +318,39 @@ class Trainer:
                     # Every save follows a log step, which checks that the metrics are finite:
                     # a diverged run never overwrites a good checkpoint.
                     if self.step % cfg.train.log_every == 0 or epoch_end or save_due or final:
-                        self._log_train(log, lr)
+                        self._log_train(lr)
                     if save_due:
-                        self.save("last.pt")
-                        self.save(f"step_{self.step:08d}.pt")
-                    if final:
+                        self.save("last.pt", f"step_{self.step:08d}.pt")
+                    if final or epoch_end:
                         break
                 if (epoch_end and (epoch + 1) % cfg.train.eval_every == 0) or final:
-                    self.run_eval(log)
+                    self.run_eval()
                 elif epoch_end:
                     self.save("last.pt")
                 self.window.restart()  # evaluation and saving are not training throughput
         finally:
             if self.bar is not None:
                 self.bar.close()
-            log.close()
+            if self.log is not None:
+                self.log.close()
         return RunResult(self.run_dir, self.step, self.last_top1, self.best_top1)
 
-    def _log_train(self, log: RunLog, lr: float) -> None:
-        means = self.metrics.pop()
+    def _log_train(self, lr: float) -> None:
+        # The one collective of a log step: every metric and counter summed over the ranks.
+        means = self.metrics.pop(totals={"skipped_files": self.skipped_files})
         if not all(map(math.isfinite, means.values())):
             raise UserError(
                 f"training diverged: non-finite metrics at step {self.step}: {means}; the last "
                 f"checkpoint in {self.run_dir} is from before this point (lower optim.lr?)")
         img_per_s = self.window.rate()
-        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "lr": lr,
-                  **means, "img_per_s": img_per_s, "skipped_files": self.skipped_files}
-        log.write("train", record)
+        self._record("train", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                               "lr": lr, **means, "img_per_s": img_per_s})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.3g}",
                                  img_s=f"{img_per_s:.0f}")
         else:
-            print(f"step {self.step}/{self.stop_step} loss {means['loss']:.4f} lr {lr:.4g} "
-                  f"{img_per_s:.0f} img/s", flush=True)
+            self._print(f"step {self.step}/{self.stop_step} loss {means['loss']:.4f} "
+                        f"lr {lr:.4g} {img_per_s:.0f} img/s")
 
 
 def train(cfg: Config) -> RunResult:

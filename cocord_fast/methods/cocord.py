@@ -9,12 +9,12 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import CoCoRDConfig, Config, merge
 from ..data import Batch
+from ..engine import distributed
 from ..errors import UserError
 from ..kernels import momentum_update_, queue_infonce
 from ..models import build_model
@@ -34,18 +34,6 @@ def prediction_loss(prediction: Tensor, target: Tensor) -> Tensor:
     prediction = F.normalize(_at_least_fp32(prediction), dim=1)  # (B, E)
     target = F.normalize(_at_least_fp32(target), dim=1).to(prediction.dtype)  # (B, E)
     return 2 - 2 * (prediction * target).sum(dim=1)
-
-
-def gather_keys(keys: Tensor) -> Tensor:
-    """(B, E) -> (world * B, E): every rank's keys in rank order, so all queues stay identical.
-
-    A no-op in a single process. Assumes the same B on every rank (the loader drops last).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, keys.contiguous())
-    return torch.cat(parts)
 
 
 class CoCoRD(Distiller):
@@ -163,7 +151,9 @@ class CoCoRD(Distiller):
 
         The pointer stays on the device: the slots are computed there, so no host sync.
         """
-        keys = gather_keys(keys).to(self.queue.dtype)  # autocast keys are cast to the queue's
+        # Every rank's keys in rank order (each rank's loader gives the same B), so the queues
+        # of all ranks stay identical; autocast keys are cast to the queue's dtype.
+        keys = distributed.all_gather(keys).to(self.queue.dtype)  # (world * B, E)
         size, count = self.queue.shape[0], keys.shape[0]
         if count > size:  # more keys than slots: only the newest N survive the lap
             keys = keys[count - size:]

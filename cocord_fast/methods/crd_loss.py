@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine import distributed
+
 EPS = 1e-7  # RepDistiller's `eps` in the NCE loss
 
 
@@ -53,6 +55,10 @@ class CRDLoss(nn.Module):
     mean(exp scores) * n_data and kept in a buffer (negative = not fixed yet), so it is saved
     in checkpoints and a resumed run keeps the Z of the original first batch.
 
+    Under several processes the banks and Z stay identical on every rank: the refresh writes
+    every rank's rows (indices and embeddings gathered in rank order; shards are disjoint, so
+    no row is written twice), and Z is the mean over the first global batch.
+
     Precision: the banks, scores and loss use the banks' dtype (float32, or float64 after
     `.double()`); under bf16 autocast only the embed heads' matmuls run in bf16, because
     exp(<row, v> / 0.07) amplifies bf16's ~3 significant digits into percent-level errors.
@@ -70,6 +76,14 @@ class CRDLoss(nn.Module):
             self.register_buffer(name, torch.rand(num_data, embed_dim).mul_(2 * bound).sub_(bound))
         self.register_buffer("student_normalizer", torch.tensor(-1.0))  # Z of student_scores
         self.register_buffer("teacher_normalizer", torch.tensor(-1.0))  # Z of teacher_scores
+        # Whether Z is fixed, read from the buffers once per process (None: not read yet);
+        # loading a state dict makes it unknown again.
+        self._normalizers_fixed: bool | None = None
+        self.register_load_state_dict_post_hook(CRDLoss._forget_normalizers)
+
+    @staticmethod
+    def _forget_normalizers(module: CRDLoss, incompatible_keys) -> None:
+        module._normalizers_fixed = None
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor, index: Tensor,
                 contrast_index: Tensor) -> Tensor:
@@ -78,28 +92,40 @@ class CRDLoss(nn.Module):
         with torch.autocast(v_s.device.type, enabled=False):
             dtype = self.student_memory.dtype
             v_s, v_t = v_s.to(dtype), v_t.to(dtype)
-            student_scores = self._scores(self.teacher_memory, v_s, contrast_index,
-                                          self.student_normalizer)  # (B, K+1)
-            teacher_scores = self._scores(self.student_memory, v_t, contrast_index,
-                                          self.teacher_normalizer)  # (B, K+1)
+            student_rows = self.teacher_memory[contrast_index]  # (B, K+1, E), detached copies
+            teacher_rows = self.student_memory[contrast_index]  # (B, K+1, E)
+            student_scores = self._exp_scores(student_rows, v_s)  # (B, K+1)
+            teacher_scores = self._exp_scores(teacher_rows, v_t)  # (B, K+1)
+            self._fix_normalizers_(student_scores, teacher_scores)
             # The gathered rows are copies, so refreshing the banks now does not touch the graph.
-            self._refresh_(self.student_memory, index, v_s)
-            self._refresh_(self.teacher_memory, index, v_t)
-            return nce_loss(student_scores, self.num_data) + nce_loss(teacher_scores, self.num_data)
+            all_index = distributed.all_gather(index)  # (world * B,)
+            all_v_s, all_v_t = distributed.all_gather(
+                torch.cat([v_s, v_t], dim=1).detach()).chunk(2, dim=1)  # (world * B, E) each
+            self._refresh_(self.student_memory, all_index, all_v_s)
+            self._refresh_(self.teacher_memory, all_index, all_v_t)
+            # Z is a constant: divide by copies, since autograd must not save buffers.
+            return (nce_loss(student_scores / self.student_normalizer.clone(), self.num_data)
+                    + nce_loss(teacher_scores / self.teacher_normalizer.clone(), self.num_data))
 
-    def _scores(self, memory: Tensor, embedding: Tensor, contrast_index: Tensor,
-                normalizer: Tensor) -> Tensor:
-        """exp(<row, v> / tau) / Z over the rows `contrast_index`; fixes Z on first use."""
-        rows = memory[contrast_index]  # (B, K+1, E), a detached copy: banks take no gradient
-        scores = torch.exp(torch.bmm(rows, embedding.unsqueeze(2)).squeeze(2)
-                           / self.temperature)  # (B, K+1)
-        # torch.where instead of `if normalizer < 0`: no host sync. Z is a constant (detached).
-        z = torch.where(normalizer < 0, scores.detach().mean() * self.num_data, normalizer)
-        normalizer.copy_(z)
-        return scores / z  # divide by the copy: autograd must not save the buffer written above
+    def _exp_scores(self, rows: Tensor, embedding: Tensor) -> Tensor:
+        """exp(<row, v> / tau): (B, K+1, E) rows and (B, E) embeddings -> (B, K+1)."""
+        return torch.exp(torch.bmm(rows, embedding.unsqueeze(2)).squeeze(2) / self.temperature)
+
+    @torch.no_grad()
+    def _fix_normalizers_(self, student_scores: Tensor, teacher_scores: Tensor) -> None:
+        """On the first batch (over all ranks), Z = mean(scores) * n_data for each direction."""
+        if self._normalizers_fixed is None:
+            self._normalizers_fixed = bool(self.student_normalizer >= 0)  # one host read
+        if self._normalizers_fixed:
+            return
+        means = torch.stack([student_scores.mean(), teacher_scores.mean()])  # (2,)
+        means = distributed.all_reduce_sum(means) / distributed.world_size()
+        self.student_normalizer.copy_(means[0] * self.num_data)
+        self.teacher_normalizer.copy_(means[1] * self.num_data)
+        self._normalizers_fixed = True
 
     @torch.no_grad()
     def _refresh_(self, memory: Tensor, index: Tensor, embedding: Tensor) -> None:
         m = self.memory_momentum
-        rows = memory[index] * m + embedding.detach() * (1 - m)  # (B, E)
+        rows = memory[index] * m + embedding * (1 - m)  # (B, E)
         memory.index_copy_(0, index, F.normalize(rows, dim=1))

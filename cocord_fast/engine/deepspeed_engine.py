@@ -1,0 +1,187 @@
+"""The DeepSpeed engine: ZeRO stages 0-2 around the method's trainable part.
+
+One source of truth: the DeepSpeed JSON is generated from our config (batch per GPU, gradient
+accumulation, clipping, ZeRO stage); `engine.deepspeed_config` (a JSON file) and
+`engine.deepspeed_overrides` add settings we do not own, and setting one we own there is an
+error naming the field to use instead.
+
+Precision: our autocast (`train.precision=bf16`) with fp32 weights, gradients and optimizer
+state, and no DeepSpeed `bf16`/`fp16` mode. Those modes cast the wrapped module's parameters
+(BatchNorm's too) to 16 bits and keep the fp32 masters inside the optimizer, so the momentum
+copies would average bf16 weights: with m = 0.999 an EMA step (1 - m) * delta falls below
+bf16's resolution and the teacher head stops moving. On CPU bf16 BatchNorm does not even run
+with fp32 running statistics. Autocast keeps BatchNorm, the momentum copies, the teacher head
+and the queue in fp32.
+
+ZeRO-3 is refused: it partitions the student's parameters across ranks, and CoCoRD's momentum
+update reads all of them after every step (it would need a gather of the whole student per
+step, which is what ZeRO-3 exists to avoid).
+
+Checkpoints: every rank writes DeepSpeed's own files (each rank its optimizer partition under
+ZeRO 1/2) under `RUN_DIR/deepspeed/step_<N>/`; our checkpoint file, written after them, names
+that directory. A directory is written once and deleted when no checkpoint file names it any
+more, so a crash mid-save leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+from ..config import Config
+from ..data import Batch
+from ..errors import UserError
+from ..methods import Method, StepOutput
+from . import distributed
+from .checkpoint import load_file
+from .engines import StepModule, build_optimizer
+
+CHECKPOINT_DIR = "deepspeed"
+
+# DeepSpeed key -> the cocord_fast setting it comes from.
+OWNED_KEYS = {
+    "train_batch_size": "data.batch_size, optim.grad_accum_steps and the number of processes",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "the optim section (SGD)",
+    "scheduler": "the optim section (optim.schedule)",
+    "bf16": "train.precision (autocast with fp32 weights)",
+    "fp16": "train.precision (autocast with fp32 weights)",
+    "torch_autocast": "train.precision",
+}
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _user_settings(cfg: Config) -> dict[str, Any]:
+    """`engine.deepspeed_config` with `engine.deepspeed_overrides` on top, checked for keys
+    that our config owns."""
+    settings: dict[str, Any] = {}
+    sources = []
+    if cfg.engine.deepspeed_config:
+        path = Path(cfg.engine.deepspeed_config).expanduser()
+        try:
+            from_file = json.loads(path.read_text())
+        except OSError as err:
+            raise UserError(f"engine.deepspeed_config: cannot read {path}: {err.strerror}") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"engine.deepspeed_config: {path} is not valid JSON: {err}") from None
+        if not isinstance(from_file, dict):
+            raise UserError(f"engine.deepspeed_config: {path} must hold a JSON object")
+        sources.append((f"engine.deepspeed_config ({path})", from_file))
+    sources.append(("engine.deepspeed_overrides", cfg.engine.deepspeed_overrides))
+    for source, values in sources:
+        owned = [key for key in values if key in OWNED_KEYS]
+        if "stage" in (values.get("zero_optimization") or {}):
+            raise UserError(f"{source} sets zero_optimization.stage: set engine.zero_stage instead")
+        if owned:
+            raise UserError(f"{source} sets {owned[0]}: it comes from {OWNED_KEYS[owned[0]]}")
+        settings = _deep_merge(settings, values)
+    return settings
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: ours, merged over the user's settings."""
+    batch, accumulation = cfg.data.batch_size, cfg.optim.grad_accum_steps
+    ours = {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": batch * accumulation * world_size,
+        # DeepSpeed clips at 1.0 when the key is missing; 0 turns clipping off.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # Our optimizer is torch's SGD, which ZeRO has no test for, and handles correctly:
+        # it steps this rank's fp32 partition like any parameter.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 62,  # the trainer logs
+    }
+    return _deep_merge(_user_settings(cfg), ours)
+
+
+def check_deepspeed_config(cfg: Config) -> None:
+    """Everything about `engine.*` that can be checked before any work starts."""
+    if cfg.engine.zero_stage == 3:
+        raise UserError("engine.zero_stage=3 is not supported: ZeRO-3 partitions the student's "
+                        "parameters, which the momentum copies read in full after every step; "
+                        "use engine.zero_stage=0, 1 or 2")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError("engine.name=deepspeed, but DeepSpeed is not installed "
+                        "(pip install 'cocord_fast[deepspeed]')") from None
+    _user_settings(cfg)
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, method: Method, forward_context: Callable[[], ContextManager]):
+        import deepspeed
+
+        # DeepSpeed's info logs (its whole config, per-step timers) drown the run's own lines.
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
+                                category=FutureWarning)  # DeepSpeed's own call, every step
+        self.optimizer = build_optimizer(cfg.optim, method.trainable_module().parameters())
+        self.config = deepspeed_config(cfg, distributed.world_size())
+        self.engine, *_ = deepspeed.initialize(model=StepModule(method), optimizer=self.optimizer,
+                                               config=self.config)
+        self.forward_context = forward_context
+        self.zero_stage = cfg.engine.zero_stage
+        self.description = f"DeepSpeed ZeRO-{self.zero_stage}"
+        self.saved_tag: str | None = None
+
+    def micro_step(self, batch: Batch, boundary: bool) -> StepOutput:
+        if boundary != self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's gradient accumulation is out of step with the trainer's")
+        with self.forward_context():
+            out = self.engine(batch)
+        self.engine.backward(out.loss)  # scaled by 1 / gradient_accumulation_steps
+        self.engine.step()  # clips and steps the optimizer at the boundary only
+        return out
+
+    def state_dict(self, run_dir: Path, step: int) -> dict[str, Any]:
+        tag = f"step_{step:08d}"
+        if tag != self.saved_tag:  # several checkpoint files of one step share the files
+            self.engine.save_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag, client_state={},
+                                        save_latest=False)
+            self.saved_tag = tag
+        return {"name": "deepspeed", "zero_stage": self.zero_stage,
+                "tag": f"{CHECKPOINT_DIR}/{tag}"}
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
+        directory = checkpoint_dir / state["tag"]
+        if not directory.is_dir():
+            raise UserError(f"the checkpoint in {checkpoint_dir} needs DeepSpeed's files in "
+                            f"{directory}, which is missing")
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory.parent), tag=directory.name, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load its checkpoint from {directory}")
+
+    def release_unreferenced(self, run_dir: Path) -> None:
+        root = run_dir / CHECKPOINT_DIR
+        if not root.is_dir():
+            return
+        # A step_N.pt file names step_N; last.pt and best.pt name what they hold.
+        referenced = {path.stem for path in run_dir.glob("step_*.pt")}
+        for name in ("last.pt", "best.pt"):
+            if (run_dir / name).exists():
+                engine = load_file(run_dir / name, mmap=True).get("engine") or {}
+                referenced.add(Path(engine.get("tag", "")).name)
+        for directory in root.iterdir():
+            if directory.is_dir() and directory.name not in referenced:
+                shutil.rmtree(directory, ignore_errors=True)
+

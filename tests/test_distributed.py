@@ -1,0 +1,192 @@
+"""Two processes under `torchrun` (engine.name=torch: DistributedDataParallel), CPU and gloo.
+
+One launch of `tests/distributed_worker.py` trains several small runs; the tests read what
+each rank saw and saved. A 2-rank run with per-rank batch B must equal a 1-process run with
+batch 2B step for step (with BatchNorm frozen, the one layer whose output depends on the
+batch): that proves the gradients are averaged and the queue and banks receive every rank's
+keys in rank order. The CLI is launched as users launch it (`torchrun -m cocord_fast`) to stop
+a run mid-epoch and resume it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cocord_fast.config import load_config
+from cocord_fast.engine.checkpoint import load_checkpoint
+from cocord_fast.engine.metrics import read_log
+from cocord_fast.engine.trainer import Trainer, config_for_resume
+from cocord_fast.errors import UserError
+from cocord_fast.models import build_model
+
+from distributed_worker import freeze_batchnorm
+from launch import launch, launch_worker, one_process_reference, rank_dumps
+
+PER_RANK_BATCH = 8
+STEPS = 14  # 2 epochs of 120 images / (2 x 8)
+
+
+def recipe(root, teacher, name: str, method: str, batch: int = PER_RANK_BATCH) -> list[str]:
+    return [f"data.root={root}", "data.dataset=demo", f"data.batch_size={batch}",
+            "data.eval_batch_size=16", "data.num_workers=0", "data.backend=torch",
+            "model.student=resnet8", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher}",
+            f"method.name={method}", "train.epochs=2", "train.log_every=1",
+            "train.progress=false", f"train.output_dir={teacher.parent / name}",
+            "cocord.queue_size=64", "cocord.embed_dim=16", "cocord.proj_hidden_dim=32",
+            "cocord.pred_hidden_dim=16", "crd.num_negatives=16", "crd.embed_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp") / "teacher.pt"
+    torch.manual_seed(1)
+    torch.save(build_model("resnet8", 10).state_dict(), path)
+    return path
+
+
+def runs(root, teacher) -> dict[str, dict]:
+    """The runs of the torchrun launch, by name."""
+    return {
+        "cocord": {"overrides": recipe(root, teacher, "cocord", "cocord"), "bn_eval": True},
+        "crd": {"overrides": recipe(root, teacher, "crd", "crd"), "bn_eval": True},
+        # 5 per rank, 2 micro-batches per step: the global batch of 20 of the reference.
+        "kd_accum": {"overrides": recipe(root, teacher, "kd_accum", "kd", batch=5)
+                     + ["optim.grad_accum_steps=2"], "bn_eval": True},
+        # Real BatchNorm and the DALI pipeline: the uninterrupted run the resume test matches.
+        "cocord_dali": {"overrides": recipe(root, teacher, "cocord_dali", "cocord")
+                        + ["data.backend=dali"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny_demo_root, teacher):
+    specs = runs(tiny_demo_root, teacher)
+    for name, spec in specs.items():
+        spec["dump"] = str(teacher.parent / name / "dump")
+    output = launch_worker("torchrun", list(specs.values()), teacher.parent)
+    return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
+            "teacher": teacher}
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir) if r["kind"] == "train"}
+
+
+def assert_same_on_every_rank(dumps: list[dict]) -> None:
+    first = dumps[0]["method"]
+    for other in dumps[1:]:
+        assert first.keys() == other["method"].keys()
+        different = [k for k in first if not torch.equal(first[k], other["method"][k])]
+        assert not different, f"differ across ranks: {different[:5]}"
+
+
+def test_cocord_queue_and_copies_stay_identical_and_hold_both_ranks_keys(ddp):
+    dumps = rank_dumps(ddp["work"] / "cocord" / "dump")
+    assert_same_on_every_rank(dumps)  # trainable weights, slow copies, teacher head, queue
+    state = dumps[0]["method"]
+    queue, size, global_batch = state["queue"], 64, 2 * PER_RANK_BATCH
+    assert int(state["queue_ptr"]) == STEPS * global_batch % size
+    # The queue's newest rows are the last steps' keys: rank 0's, then rank 1's, each step.
+    for step in range(STEPS - size // global_batch, STEPS):
+        slot = step * global_batch % size
+        for rank, dump in enumerate(dumps):
+            rows = queue[slot + rank * PER_RANK_BATCH: slot + (rank + 1) * PER_RANK_BATCH]
+            assert torch.equal(rows, dump["keys"][step])
+
+
+def test_each_rank_trains_on_its_own_shard(ddp):
+    dumps = rank_dumps(ddp["work"] / "cocord" / "dump")
+    steps_per_epoch = STEPS // 2
+    for epoch in range(2):
+        shards = [torch.cat(d["index"][epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch])
+                  for d in dumps]
+        assert all(len(set(s.tolist())) == len(s) for s in shards)
+        assert not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+def test_crd_banks_and_normalizers_stay_identical_and_negatives_differ_by_rank(ddp):
+    dumps = rank_dumps(ddp["work"] / "crd" / "dump")
+    assert_same_on_every_rank(dumps)  # both memory banks, both Z
+    state = dumps[0]["method"]
+    assert state["crd.student_normalizer"] > 0 and state["crd.teacher_normalizer"] > 0
+    first = [d["contrast_index"][0][:, 1:] for d in dumps]  # negatives of step 1
+    assert not torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("name,global_batch", [("cocord", 16), ("crd", 16), ("kd_accum", 20)])
+def test_two_ranks_equal_one_process_with_the_global_batch(ddp, name, global_batch, tmp_path):
+    spec = runs(ddp["root"], ddp["teacher"])[name]
+    overrides = [o for o in spec["overrides"] if not o.startswith(("train.output_dir",
+                                                                   "optim.grad_accum_steps"))]
+    cfg = load_config(overrides=overrides + [f"data.batch_size={global_batch}",
+                                             f"train.output_dir={tmp_path / 'one'}"])
+    per_rank = global_batch // 2
+    reference = one_process_reference(cfg, per_rank)
+    freeze_batchnorm(reference.method)
+    reference.fit()
+    two_ranks = train_losses(ddp["work"] / name)
+    one = train_losses(tmp_path / "one")
+    assert two_ranks.keys() == one.keys() and len(one) >= 12
+    for step in one:
+        assert two_ranks[step] == pytest.approx(one[step], rel=1e-5), step
+    state = rank_dumps(ddp["work"] / name / "dump")[0]["method"]
+    for key, value in reference.method.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_batchnorm_statistics_are_averaged_for_evaluation_and_checkpoints(ddp):
+    run = ddp["work"] / "cocord_dali"
+    dumps = rank_dumps(run / "dump")
+    # Each rank keeps its own running statistics while it trains ...
+    own = [d["method"]["student_encoder.bn1.running_mean"] for d in dumps]
+    assert not torch.equal(own[0], own[1])
+    # ... and the checkpoint's model holds their average, with every rank's own beside it.
+    checkpoint = load_checkpoint(run / "last.pt")
+    torch.testing.assert_close(checkpoint["method"]["student_encoder.bn1.running_mean"],
+                               (own[0] + own[1]) / 2)
+    for rank, dump in enumerate(dumps):
+        saved = checkpoint["ranks"][rank]["batchnorm"]["student_encoder.bn1.running_mean"]
+        assert torch.equal(saved, dump["method"]["student_encoder.bn1.running_mean"])
+    # Everything else is the same on every rank.
+    for key, value in dumps[0]["method"].items():
+        if "running_" not in key:
+            assert torch.equal(value, dumps[1]["method"][key]), key
+    evals = [r for r in read_log(run) if r["kind"] == "eval"]
+    assert [r["num_samples"] for r in evals] == [40, 40]  # the val set once, over both ranks
+
+
+def test_only_rank_zero_reports(ddp):
+    assert ddp["output"].count("x 2 processes (torch DDP)") == len(runs(ddp["root"], ddp["teacher"]))
+    assert ddp["output"].count(f"step {STEPS} epoch 2.00: top1") == 3  # cocord, crd, dali runs
+
+
+@pytest.mark.slow
+def test_torchrun_cli_resumes_mid_epoch_exactly(ddp):
+    """`torchrun -m cocord_fast train` stopped at step 5 (mid-epoch, DALI: each rank's pipeline
+    state is in the checkpoint), then resumed: every loss and the final state equal the
+    uninterrupted run's."""
+    work, full = ddp["work"], ddp["work"] / "cocord_dali"
+    overrides = recipe(ddp["root"], ddp["teacher"], "split", "cocord") + ["data.backend=dali"]
+    launch("torchrun", ["-m", "cocord_fast", "train", *overrides, "train.max_steps=5"], work)
+    checkpoint = load_checkpoint(work / "split" / "last.pt")
+    assert checkpoint["world_size"] == 2
+    assert all(rank["data_state"] is not None for rank in checkpoint["ranks"])
+    output = launch("torchrun", ["-m", "cocord_fast", "train", "--resume", work / "split",
+                                 "train.max_steps=0"], work)
+    assert output.count(f"step {STEPS}, top-1") == 1  # the CLI's last line, from rank 0 only
+    assert train_losses(work / "split") == train_losses(full)
+    a, b = (load_checkpoint(run / "last.pt") for run in (full, work / "split"))
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    assert all(torch.equal(x, y) for r in range(2) for x, y in
+               zip(a["ranks"][r]["batchnorm"].values(), b["ranks"][r]["batchnorm"].values()))
+
+
+def test_resuming_on_another_number_of_processes_is_refused(ddp):
+    with pytest.raises(UserError, match="written by 2 process.*this run has 1: resume it with 2"):
+        Trainer(config_for_resume(ddp["work"] / "cocord", []))
+
+
+def test_resuming_with_another_engine_is_refused(ddp, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before the process group is joined
+    with pytest.raises(UserError, match="written with engine.name=torch.*not engine.name=deepspeed"):
+        Trainer(config_for_resume(ddp["work"] / "cocord", ["engine.name=deepspeed"]))
