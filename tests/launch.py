@@ -10,15 +10,46 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from cocord_fast.config import load_config
 from cocord_fast.data import Batch, build_loaders
 from cocord_fast.data.contrast import NegativeSampler
+from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer
+from cocord_fast.models import build_model
 
 BIN = Path(sys.executable).parent
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT = 900  # seconds: a hung collective fails the test instead of CI
+PER_RANK_BATCH = 8
+STEPS = 14  # 2 epochs of the tiny demo set's 120 images / (2 ranks x 8)
+
+
+def write_teacher(folder: Path) -> Path:
+    """A resnet8 for the 10 demo classes, as a plain state dict (the runs' frozen teacher)."""
+    torch.manual_seed(1)
+    path = folder / "teacher.pt"
+    torch.save(build_model("resnet8", 10).state_dict(), path)
+    return path
+
+
+def recipe(root: Path, teacher: Path, name: str, method: str,
+           batch: int = PER_RANK_BATCH) -> list[str]:
+    """Overrides for a seconds-long run of `method` on the tiny demo set, into
+    `teacher.parent / name`."""
+    return [f"data.root={root}", "data.dataset=demo", f"data.batch_size={batch}",
+            "data.eval_batch_size=16", "data.num_workers=0", "data.backend=torch",
+            "model.student=resnet8", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher}",
+            f"method.name={method}", "train.epochs=2", "train.log_every=1",
+            "train.progress=false", f"train.output_dir={teacher.parent / name}",
+            "cocord.queue_size=64", "cocord.embed_dim=16", "cocord.proj_hidden_dim=32",
+            "cocord.pred_hidden_dim=16", "crd.num_negatives=16", "crd.embed_dim=16"]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir) if r["kind"] == "train"}
 
 
 def free_port() -> int:
@@ -103,3 +134,26 @@ def one_process_reference(cfg, per_rank_batch: int, world_size: int = 2) -> Trai
             NegativeSampler(trainer.loaders.train_targets, method.contrast_negatives(cfg),
                             cfg.train.seed, trainer.device, rank=r) for r in range(world_size)])
     return trainer
+
+
+def assert_matches_one_process(run_dir: Path, overrides: list[str], global_batch: int,
+                               tmp_path: Path) -> None:
+    """The 2-rank run in `run_dir` (BatchNorm frozen, made with `overrides`) logged the losses
+    and ended with the method state of one process that trains on its global batches."""
+    from distributed_worker import freeze_batchnorm
+
+    # The reference: one process, torch engine, no accumulation, the global batch.
+    kept = [o for o in overrides if not o.startswith(
+        ("train.output_dir", "optim.grad_accum_steps", "engine.", "train.precision"))]
+    cfg = load_config(overrides=kept + [f"data.batch_size={global_batch}",
+                                        f"train.output_dir={tmp_path / 'one'}"])
+    reference = one_process_reference(cfg, global_batch // 2)
+    freeze_batchnorm(reference.method)
+    reference.fit()
+    two_ranks, one = train_losses(run_dir), train_losses(tmp_path / "one")
+    assert two_ranks.keys() == one.keys() and len(one) >= 12
+    for step in one:
+        assert two_ranks[step] == pytest.approx(one[step], rel=1e-5), step
+    state = torch.load(f"{run_dir}/dump.rank0.pt", weights_only=True)["method"]
+    for key, value in reference.method.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -12,36 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer, config_for_resume
 from cocord_fast.errors import UserError
-from cocord_fast.models import build_model
 
-from distributed_worker import freeze_batchnorm
-from launch import launch, launch_worker, one_process_reference, rank_dumps
-
-PER_RANK_BATCH = 8
-STEPS = 14  # 2 epochs of 120 images / (2 x 8)
-
-
-def recipe(root, teacher, name: str, method: str, batch: int = PER_RANK_BATCH) -> list[str]:
-    return [f"data.root={root}", "data.dataset=demo", f"data.batch_size={batch}",
-            "data.eval_batch_size=16", "data.num_workers=0", "data.backend=torch",
-            "model.student=resnet8", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher}",
-            f"method.name={method}", "train.epochs=2", "train.log_every=1",
-            "train.progress=false", f"train.output_dir={teacher.parent / name}",
-            "cocord.queue_size=64", "cocord.embed_dim=16", "cocord.proj_hidden_dim=32",
-            "cocord.pred_hidden_dim=16", "crd.num_negatives=16", "crd.embed_dim=16"]
+from launch import (PER_RANK_BATCH, STEPS, assert_matches_one_process, launch, launch_worker,
+                    rank_dumps, recipe, train_losses, write_teacher)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ddp") / "teacher.pt"
-    torch.manual_seed(1)
-    torch.save(build_model("resnet8", 10).state_dict(), path)
-    return path
+    return write_teacher(tmp_path_factory.mktemp("ddp"))
 
 
 def runs(root, teacher) -> dict[str, dict]:
@@ -66,10 +48,6 @@ def ddp(tiny_demo_root, teacher):
     output = launch_worker("torchrun", list(specs.values()), teacher.parent)
     return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
             "teacher": teacher}
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_log(run_dir) if r["kind"] == "train"}
 
 
 def assert_same_on_every_rank(dumps: list[dict]) -> None:
@@ -116,22 +94,7 @@ def test_crd_banks_and_normalizers_stay_identical_and_negatives_differ_by_rank(d
 @pytest.mark.parametrize("name,global_batch", [("cocord", 16), ("crd", 16), ("kd_accum", 20)])
 def test_two_ranks_equal_one_process_with_the_global_batch(ddp, name, global_batch, tmp_path):
     spec = runs(ddp["root"], ddp["teacher"])[name]
-    overrides = [o for o in spec["overrides"] if not o.startswith(("train.output_dir",
-                                                                   "optim.grad_accum_steps"))]
-    cfg = load_config(overrides=overrides + [f"data.batch_size={global_batch}",
-                                             f"train.output_dir={tmp_path / 'one'}"])
-    per_rank = global_batch // 2
-    reference = one_process_reference(cfg, per_rank)
-    freeze_batchnorm(reference.method)
-    reference.fit()
-    two_ranks = train_losses(ddp["work"] / name)
-    one = train_losses(tmp_path / "one")
-    assert two_ranks.keys() == one.keys() and len(one) >= 12
-    for step in one:
-        assert two_ranks[step] == pytest.approx(one[step], rel=1e-5), step
-    state = rank_dumps(ddp["work"] / name / "dump")[0]["method"]
-    for key, value in reference.method.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_matches_one_process(ddp["work"] / name, spec["overrides"], global_batch, tmp_path)
 
 
 def test_batchnorm_statistics_are_averaged_for_evaluation_and_checkpoints(ddp):

@@ -1,0 +1,163 @@
+"""engine.name=deepspeed: the generated DeepSpeed config, what is refused, and two processes
+under the `deepspeed` launcher (CPU, gloo) with ZeRO-1 and ZeRO-2.
+
+As under torchrun, a 2-rank run with frozen BatchNorm must equal one process with the global
+batch; with bf16 autocast every momentum copy, the teacher head, the queue and the banks stay
+fp32; and a run stopped mid-epoch and resumed through DeepSpeed's checkpoints logs the same
+losses, bit for bit, as one that never stopped.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cocord_fast.config import load_config
+from cocord_fast.engine.checkpoint import load_checkpoint
+from cocord_fast.engine.deepspeed_engine import deepspeed_config
+from cocord_fast.engine.engines import check_engine_config
+from cocord_fast.engine.trainer import Trainer
+from cocord_fast.errors import UserError
+
+from launch import (BIN, STEPS, assert_matches_one_process, launch, launch_worker, rank_dumps, recipe,
+                    train_losses, write_teacher)
+
+SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)
+
+
+def test_generated_config_comes_from_ours_and_keeps_the_users_other_settings(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True},
+                                "communication_data_type": "fp32"}))
+    cfg = load_config(overrides=[
+        "engine.name=deepspeed", "engine.zero_stage=2", f"engine.deepspeed_config={user}",
+        "engine.deepspeed_overrides={zero_optimization: {reduce_bucket_size: 1000}}",
+        "data.batch_size=32", "optim.grad_accum_steps=4", "optim.grad_clip=2.5"])
+    config = deepspeed_config(cfg, world_size=8)
+    assert config["train_micro_batch_size_per_gpu"] == 32
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 32 * 4 * 8
+    assert config["gradient_clipping"] == 2.5
+    assert config["zero_optimization"] == {"overlap_comm": True, "reduce_bucket_size": 1000,
+                                           "stage": 2}
+    assert config["communication_data_type"] == "fp32"
+    assert "bf16" not in config and "fp16" not in config
+    # DeepSpeed clips at 1.0 unless told otherwise: no clipping must say 0.
+    assert deepspeed_config(load_config(overrides=["engine.name=deepspeed"]), 1)[
+        "gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("engine.zero_stage=3", "engine.zero_stage=3 is not supported"),
+    ("engine.deepspeed_overrides={bf16: {enabled: true}}",
+     "engine.deepspeed_overrides sets bf16: it comes from train.precision"),
+    ("engine.deepspeed_overrides={gradient_clipping: 1.0}",
+     "sets gradient_clipping: it comes from optim.grad_clip"),
+    ("engine.deepspeed_overrides={train_micro_batch_size_per_gpu: 4}",
+     "it comes from data.batch_size"),
+    ("engine.deepspeed_overrides={zero_optimization: {stage: 1}}",
+     "sets zero_optimization.stage: set engine.zero_stage instead"),
+])
+def test_settings_that_cannot_work_are_refused_before_any_work(override, message):
+    with pytest.raises(UserError, match=message):
+        check_engine_config(load_config(overrides=["engine.name=deepspeed", override]))
+
+
+def test_a_deepspeed_file_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text("{stage: 1")
+    with pytest.raises(UserError, match=f"engine.deepspeed_config: {path} is not valid JSON"):
+        check_engine_config(load_config(overrides=["engine.name=deepspeed",
+                                                   f"engine.deepspeed_config={path}"]))
+
+
+def test_deepspeed_settings_with_the_torch_engine_are_refused(tmp_path):
+    with pytest.raises(UserError, match="engine.zero_stage set, but engine.name=torch"):
+        Trainer(load_config(overrides=["engine.zero_stage=1", f"train.output_dir={tmp_path}"]))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return write_teacher(tmp_path_factory.mktemp("deepspeed"))
+
+
+def runs(root, teacher) -> dict[str, dict]:
+    def deepspeed(name, method, stage, *extra, batch=8):
+        return recipe(root, teacher, name, method, batch) + [
+            "engine.name=deepspeed", f"engine.zero_stage={stage}", *extra]
+
+    specs = {
+        "cocord_zero1": {"overrides": deepspeed("cocord_zero1", "cocord", 1), "bn_eval": True},
+        "crd_zero2": {"overrides": deepspeed("crd_zero2", "crd", 2), "bn_eval": True},
+        "kd_accum_zero1": {"overrides": deepspeed("kd_accum_zero1", "kd", 1,
+                                                  "optim.grad_accum_steps=2", batch=5),
+                           "bn_eval": True},
+    }
+    for name, method, stage in (("cocord_bf16_zero1", "cocord", 1), ("crd_bf16_zero2", "crd", 2)):
+        overrides = deepspeed(name, method, stage, "train.precision=bf16", "data.backend=dali")
+        specs[name] = {"overrides": overrides}
+        specs[f"{name}_split"] = {"overrides": overrides + [
+            f"train.output_dir={teacher.parent / (name + '_split')}", f"train.max_steps={SPLIT}"]}
+    return specs
+
+
+@pytest.fixture(scope="module")
+def zero(tiny_demo_root, teacher):
+    specs = runs(tiny_demo_root, teacher)
+    for name, spec in specs.items():
+        spec["dump"] = str(teacher.parent / name / "dump")
+    output = launch_worker("deepspeed", list(specs.values()), teacher.parent)
+    return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
+            "teacher": teacher}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,global_batch", [("cocord_zero1", 16), ("crd_zero2", 16),
+                                               ("kd_accum_zero1", 20)])
+def test_two_ranks_equal_one_process_with_the_global_batch(zero, name, global_batch, tmp_path):
+    dumps = rank_dumps(zero["work"] / name / "dump")
+    for key, value in dumps[0]["method"].items():
+        assert torch.equal(value, dumps[1]["method"][key]), key  # queue, banks, Z, copies
+    spec = runs(zero["root"], zero["teacher"])[name]
+    assert_matches_one_process(zero["work"] / name, spec["overrides"], global_batch, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cocord_bf16_zero1", "crd_bf16_zero2"])
+def test_bf16_autocast_keeps_weights_copies_queue_and_banks_in_fp32(zero, name):
+    state = rank_dumps(zero["work"] / name / "dump")[0]["method"]
+    floating = {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+    assert set(floating.values()) == {torch.float32}
+    checkpoint = load_checkpoint(zero["work"] / name / "last.pt")
+    assert {v.dtype for v in checkpoint["method"].values() if v.is_floating_point()} == {
+        torch.float32}
+
+
+@pytest.mark.slow
+def test_only_the_checkpoints_deepspeed_files_are_kept(zero):
+    run = zero["work"] / "cocord_bf16_zero1"
+    tags = {load_checkpoint(run / name)["engine"]["tag"] for name in ("last.pt", "best.pt")}
+    kept = {f"deepspeed/{d.name}" for d in (run / "deepspeed").iterdir() if d.is_dir()}
+    assert kept == tags
+    assert (run / "deepspeed" / f"step_{STEPS:08d}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+            ).exists()  # ZeRO-1: each rank's optimizer partition
+
+
+@pytest.mark.slow
+def test_resume_through_deepspeed_checkpoints_is_bit_exact(zero):
+    """Both runs stopped at step 5 resume from DeepSpeed's files (each rank its optimizer
+    partition) and our checkpoint (each rank its DALI state): the CoCoRD run through the CLI
+    as users launch it, the CRD run through the worker."""
+    work = zero["work"]
+    launch("deepspeed", [BIN / "cocord-fast", "train", "--resume",
+                         work / "cocord_bf16_zero1_split", "train.max_steps=0"], work)
+    launch_worker("deepspeed", [{"resume": str(work / "crd_bf16_zero2_split"),
+                                 "overrides": ["train.max_steps=0"]}], work)
+    for name in ("cocord_bf16_zero1", "crd_bf16_zero2"):
+        full, split = work / name, work / f"{name}_split"
+        losses = train_losses(split)
+        assert len(losses) == STEPS and losses == train_losses(full), name
+        a, b = (load_checkpoint(run / "last.pt")["method"] for run in (full, split))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+

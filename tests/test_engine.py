@@ -1,0 +1,93 @@
+"""The torch engine in one process (gradient accumulation, clipping), what a rank is given
+(its evaluation shard, its own CRD negatives) and checkpoints of the single-process layout."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cocord_fast.config import load_config
+from cocord_fast.data import build_loaders
+from cocord_fast.data.contrast import NegativeSampler
+from cocord_fast.engine.checkpoint import FORMAT, load_checkpoint
+from cocord_fast.engine.metrics import MetricAccumulator
+from cocord_fast.engine.trainer import Trainer
+
+from distributed_worker import freeze_batchnorm
+from launch import train_losses, write_teacher
+
+
+def kd_run(tiny_overrides, tmp_path, name, *extra):
+    teacher = write_teacher(tmp_path)
+    cfg = load_config(overrides=tiny_overrides + [
+        "method.name=kd", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher}",
+        "data.backend=torch", f"train.output_dir={tmp_path / name}", *extra])
+    trainer = Trainer(cfg)
+    freeze_batchnorm(trainer.method)  # no layer that depends on the batch
+    trainer.fit()
+    return trainer
+
+
+def test_accumulated_micro_batches_equal_one_batch_of_the_same_samples(tiny_overrides, tmp_path):
+    """2 micro-batches of 8 per step and batches of 16 see the same samples in the same
+    order (one process), so with BatchNorm frozen they take the same steps."""
+    accumulated = kd_run(tiny_overrides, tmp_path, "accum", "data.batch_size=8",
+                         "optim.grad_accum_steps=2")
+    whole = kd_run(tiny_overrides, tmp_path, "whole", "data.batch_size=16")
+    assert accumulated.steps_per_epoch == whole.steps_per_epoch == 7
+    a, b = train_losses(tmp_path / "accum"), train_losses(tmp_path / "whole")
+    assert a.keys() == b.keys() == set(range(1, 15))
+    assert all(a[step] == pytest.approx(b[step], rel=1e-5) for step in a)
+    for (name, x), y in zip(accumulated.method.student().state_dict().items(),
+                            whole.method.student().state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_bounds_the_step(tiny_overrides, tmp_path):
+    lr, clip = 0.5, 1e-3
+    cfg = load_config(overrides=tiny_overrides + [
+        f"optim.lr={lr}", "optim.momentum=0", "optim.weight_decay=0", f"optim.grad_clip={clip}",
+        "train.max_steps=1", f"train.output_dir={tmp_path / 'clip'}"])
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.method.trainable_module().parameters()]
+    trainer.fit()
+    after = trainer.method.trainable_module().parameters()
+    step_norm = torch.cat([(b - a).flatten() for a, b in zip(before, after)]).norm()
+    assert step_norm.item() == pytest.approx(lr * clip, rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_every_evaluation_sample_is_in_exactly_one_ranks_shard(tiny_overrides, backend):
+    cfg = load_config(overrides=tiny_overrides + [f"data.backend={backend}"])
+    shards = [torch.cat([batch.index for batch in build_loaders(
+        cfg.data, 1, 0, rank=rank, world_size=3).val]).tolist() for rank in range(3)]
+    assert [len(s) for s in shards] == [13, 13, 14]  # 40 evaluation images
+    assert sorted(sum(shards, [])) == list(range(40))
+
+
+def test_each_rank_draws_its_own_reproducible_negatives():
+    targets = torch.arange(60) % 6
+    index = torch.tensor([0, 7, 14, 21])
+    draws = {(rank, draw): NegativeSampler(targets, 8, seed=3, rank=rank).sample(index, draw)
+             for rank in (0, 1) for draw in (5, 6)}
+    assert not torch.equal(draws[0, 5], draws[1, 5])
+    assert not torch.equal(draws[0, 5], draws[0, 6])
+    assert torch.equal(draws[1, 5], NegativeSampler(targets, 8, seed=3, rank=1).sample(index, 5))
+
+
+def test_checkpoints_of_the_single_process_layout_still_load(tmp_path):
+    optimizer, rng = {"state": {}, "param_groups": []}, {"torch": torch.get_rng_state()}
+    torch.save({"format": FORMAT, "step": 3, "method": {}, "optimizer": optimizer, "rng": rng,
+                "data_state": b"dali", "skipped_files": 2}, tmp_path / "old.pt")
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint["engine"] == {"name": "torch", "optimizer": optimizer}
+    assert checkpoint["world_size"] == 1
+    (rank0,) = checkpoint["ranks"]
+    assert rank0["data_state"] == b"dali" and rank0["skipped_files"] == 2
+    assert torch.equal(rank0["rng"]["torch"], rng["torch"])
+
+
+def test_metric_totals_are_summed_beside_the_means():
+    acc = MetricAccumulator()
+    acc.add({"loss": torch.tensor(1.0)})
+    acc.add({"loss": torch.tensor(2.0)})
+    assert acc.pop(totals={"skipped_files": 3}) == {"loss": 1.5, "skipped_files": 3}
