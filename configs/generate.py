@@ -54,13 +54,20 @@ def cifar_common(student: str, output: str) -> dict:
     }
 
 
+# ImageNet runs on one node of 8 GPUs: 32 images per GPU make METHOD.md's global batch of 256
+# at lr 0.1 (lr = 0.1 x global batch / 256).
+IMAGENET_GPUS, IMAGENET_GLOBAL_BATCH = 8, 256
+
+
 def imagenet_common(output: str) -> dict:
     return {
         "data": {"dataset": "imagefolder", "root": "data/imagenet", "image_size": 224,
-                 "batch_size": 256, "num_workers": 8},
+                 "batch_size": IMAGENET_GLOBAL_BATCH // IMAGENET_GPUS, "num_workers": 8},
         "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1.0e-4, "schedule": "step",
                   "milestones": [30, 60, 90], "gamma": 0.1},
-        "train": {"epochs": 100, "log_every": 100, "output_dir": f"runs/imagenet/{output}"},
+        "train": {"epochs": 100, "log_every": 100, "precision": "bf16",
+                  "output_dir": f"runs/imagenet/{output}"},
+        "engine": {"name": "deepspeed", "zero_stage": 1},
     }
 
 
@@ -73,7 +80,8 @@ def recipe(method: str, student: str, teacher: str | None, common: dict, dataset
     result = {"model": model, "data": common["data"], **settings}
     if method.startswith("cocord") and dataset == "imagenet":
         result["cocord"] = {"queue_size": 16384, **result["cocord"]}
-    return {**result, "optim": common["optim"], "train": common["train"]}
+    engine = {"engine": common["engine"]} if "engine" in common else {}
+    return {**result, "optim": common["optim"], "train": common["train"], **engine}
 
 
 def render(header: str, values: dict) -> str:
@@ -106,6 +114,14 @@ def cifar_recipes() -> dict[str, str]:
     return files
 
 
+def imagenet_launch(name: str) -> str:
+    return (f"One node of {IMAGENET_GPUS} GPUs: deepspeed --num_gpus {IMAGENET_GPUS} $(which "
+            f"cocord-fast) train configs/imagenet/{name}.yaml\ndata.batch_size is per GPU: "
+            f"G GPUs make a global batch of {IMAGENET_GLOBAL_BATCH // IMAGENET_GPUS} x G; scale "
+            f"optim.lr with it\n(lr = 0.1 x global batch / {IMAGENET_GLOBAL_BATCH}) or set "
+            f"data.batch_size = {IMAGENET_GLOBAL_BATCH} / G.")
+
+
 def imagenet_recipes() -> dict[str, str]:
     files = {}
     for teacher, student in IMAGENET_PAIRS:
@@ -115,12 +131,13 @@ def imagenet_recipes() -> dict[str, str]:
                       f"ImageFolder tree).\nThe paper's ImageNet recipe is not public: batch "
                       f"256, lr 0.1, 100 epochs (METHOD.md).\nCRD reports 71.38 top-1 for "
                       f"resnet34 -> resnet18 with CRD+KD; CoCoRD reports resnet101 ->\nresnet50 "
-                      f"0.2 points above its teacher. A torchvision state dict works as teacher.")
+                      f"0.2 points above its teacher. A torchvision state dict works as teacher.\n"
+                      f"{imagenet_launch(name)}")
             files[f"imagenet/{name}.yaml"] = render(
                 header, recipe(method, student, teacher, imagenet_common(name), "imagenet"))
     for model in sorted({m for pair in IMAGENET_PAIRS for m in pair}):
         header = (f"{model} trained with cross-entropy on ImageNet: a teacher or the student "
-                  f"baseline\nof the ImageNet pairs.")
+                  f"baseline\nof the ImageNet pairs.\n{imagenet_launch(f'vanilla_{model}')}")
         files[f"imagenet/vanilla_{model}.yaml"] = render(
             header, recipe("vanilla", model, None, imagenet_common(f"vanilla_{model}"),
                            "imagenet"))

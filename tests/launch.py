@@ -58,7 +58,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, args: list[str], cwd: Path, nproc: int = 2) -> str:
+def _environment() -> dict[str, str]:
+    # One thread per process on the 2-core machine; the launchers find python and each other.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def _check(name: str, done: subprocess.CompletedProcess) -> str:
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{name} failed ({done.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def launch(launcher: str, args: list, cwd: Path, nproc: int = 2) -> str:
     """Runs `args` under `torchrun` or `deepspeed` with `nproc` processes on its own port;
     returns stdout + stderr, and fails with them if the launch failed."""
     port = str(free_port())
@@ -66,13 +77,26 @@ def launch(launcher: str, args: list[str], cwd: Path, nproc: int = 2) -> str:
         command = [BIN / "torchrun", "--nproc_per_node", str(nproc), "--master_port", port]
     else:
         command = [BIN / "deepspeed", "--num_gpus", str(nproc), "--master_port", port]
-    # One thread per process on the 2-core machine; the launchers find python and each other.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    done = subprocess.run([*map(str, command), *map(str, args)], cwd=cwd, env=env,
+    done = subprocess.run([*map(str, command), *map(str, args)], cwd=cwd, env=_environment(),
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{launcher} failed ({done.returncode}):\n{output[-6000:]}"
-    return output
+    return _check(launcher, done)
+
+
+def launch_nodes(args: list, cwd: Path, nodes: int = 2) -> list[str]:
+    """`torchrun --nnodes N` once per node, all on this machine (one process each): node n's
+    process has RANK n and LOCAL_RANK 0, as on a real cluster. Returns each node's output."""
+    port = str(free_port())
+    agents = [subprocess.Popen(
+        [str(BIN / "torchrun"), "--nnodes", str(nodes), "--nproc_per_node", "1", "--node_rank",
+         str(node), "--master_addr", "127.0.0.1", "--master_port", port, *map(str, args)],
+        cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in range(nodes)]
+    outputs = []
+    for node, agent in enumerate(agents):
+        stdout, stderr = agent.communicate(timeout=LAUNCH_TIMEOUT)
+        outputs.append(_check(f"torchrun node {node}", subprocess.CompletedProcess(
+            agent.args, agent.returncode, stdout, stderr)))
+    return outputs
 
 
 def launch_worker(launcher: str, runs: list[dict], cwd: Path) -> str:

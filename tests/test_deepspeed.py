@@ -135,6 +135,14 @@ def test_bf16_autocast_keeps_weights_copies_queue_and_banks_in_fp32(zero, name):
 
 
 @pytest.mark.slow
+def test_each_run_names_its_engine_once(zero):
+    names = runs(zero["root"], zero["teacher"])
+    for stage in (1, 2):
+        count = sum(f"engine.zero_stage={stage}" in spec["overrides"] for spec in names.values())
+        assert zero["output"].count(f"x 2 processes (DeepSpeed ZeRO-{stage})") == count
+
+
+@pytest.mark.slow
 def test_only_the_checkpoints_deepspeed_files_are_kept(zero):
     run = zero["work"] / "cocord_bf16_zero1"
     tags = {load_checkpoint(run / name)["engine"]["tag"] for name in ("last.pt", "best.pt")}

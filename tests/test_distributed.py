@@ -17,8 +17,8 @@ from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer, config_for_resume
 from cocord_fast.errors import UserError
 
-from launch import (PER_RANK_BATCH, STEPS, assert_matches_one_process, launch, launch_worker,
-                    rank_dumps, recipe, train_losses, write_teacher)
+from launch import (PER_RANK_BATCH, STEPS, assert_matches_one_process, launch, launch_nodes,
+                    launch_worker, rank_dumps, recipe, train_losses, write_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,17 @@ def test_torchrun_cli_resumes_mid_epoch_exactly(ddp):
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
     assert all(torch.equal(x, y) for r in range(2) for x, y in
                zip(a["ranks"][r]["batchnorm"].values(), b["ranks"][r]["batchnorm"].values()))
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_two_processes_on_one_node(ddp):
+    """Two torchrun agents, one process each (RANK 0 and 1, both LOCAL_RANK 0), train exactly
+    as the single-node launch did."""
+    overrides = recipe(ddp["root"], ddp["teacher"], "nodes", "cocord") + ["data.backend=dali"]
+    outputs = launch_nodes(["-m", "cocord_fast", "train", *overrides], ddp["work"])
+    assert "x 2 processes (torch DDP)" in outputs[0]
+    assert "processes" not in outputs[1]  # the second node's rank prints nothing
+    assert train_losses(ddp["work"] / "nodes") == train_losses(ddp["work"] / "cocord_dali")
 
 
 def test_resuming_on_another_number_of_processes_is_refused(ddp):
