@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,17 +71,36 @@ def _check(name: str, done: subprocess.CompletedProcess) -> str:
     return output
 
 
-def launch(launcher: str, args: list, cwd: Path, nproc: int = 2) -> str:
-    """Runs `args` under `torchrun` or `deepspeed` with `nproc` processes on its own port;
-    returns stdout + stderr, and fails with them if the launch failed."""
-    port = str(free_port())
+def _command(launcher: str, args: list, nproc: int) -> list[str]:
+    port = str(free_port())  # its own port: launches never meet
     if launcher == "torchrun":
         command = [BIN / "torchrun", "--nproc_per_node", str(nproc), "--master_port", port]
     else:
         command = [BIN / "deepspeed", "--num_gpus", str(nproc), "--master_port", port]
-    done = subprocess.run([*map(str, command), *map(str, args)], cwd=cwd, env=_environment(),
+    return [*map(str, command), *map(str, args)]
+
+
+def launch(launcher: str, args: list, cwd: Path, nproc: int = 2) -> str:
+    """Runs `args` under `torchrun` or `deepspeed` with `nproc` processes on its own port;
+    returns stdout + stderr, and fails with them if the launch failed."""
+    done = subprocess.run(_command(launcher, args, nproc), cwd=cwd, env=_environment(),
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     return _check(launcher, done)
+
+
+def launch_and_kill(launcher: str, args: list, cwd: Path, when: Path, nproc: int = 2) -> None:
+    """Starts a launch and SIGKILLs the launcher and every worker as soon as `when` exists,
+    as a scheduler ending a job without warning would."""
+    job = subprocess.Popen(_command(launcher, args, nproc), cwd=cwd, env=_environment(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not when.exists():
+        assert job.poll() is None, f"{launcher} ended ({job.returncode}) before {when} existed"
+        assert time.monotonic() < deadline, f"{when} did not appear"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
 
 
 def launch_nodes(args: list, cwd: Path, nodes: int = 2) -> list[str]:

@@ -1,5 +1,5 @@
 """engine.name=deepspeed: the generated DeepSpeed config, what is refused, and two processes
-under the `deepspeed` launcher (CPU, gloo) with ZeRO-1 and ZeRO-2.
+under the `deepspeed` launcher (CPU, gloo) with ZeRO-0, ZeRO-1 and ZeRO-2.
 
 As under torchrun, a 2-rank run with frozen BatchNorm must equal one process with the global
 batch; with bf16 autocast every momentum copy, the teacher head, the queue and the banks stay
@@ -20,8 +20,8 @@ from cocord_fast.engine.engines import check_engine_config
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
 
-from launch import (BIN, STEPS, assert_matches_one_process, launch, launch_worker, rank_dumps, recipe,
-                    train_losses, write_teacher)
+from launch import (BIN, STEPS, assert_matches_one_process, launch, launch_and_kill,
+                    launch_worker, rank_dumps, recipe, train_losses, write_teacher)
 
 SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)
 
@@ -90,7 +90,7 @@ def runs(root, teacher) -> dict[str, dict]:
     specs = {
         "cocord_zero1": {"overrides": deepspeed("cocord_zero1", "cocord", 1), "bn_eval": True},
         "crd_zero2": {"overrides": deepspeed("crd_zero2", "crd", 2), "bn_eval": True},
-        "kd_accum_zero1": {"overrides": deepspeed("kd_accum_zero1", "kd", 1,
+        "kd_accum_zero0": {"overrides": deepspeed("kd_accum_zero0", "kd", 0,
                                                   "optim.grad_accum_steps=2", batch=5),
                            "bn_eval": True},
     }
@@ -114,7 +114,7 @@ def zero(tiny_demo_root, teacher):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,global_batch", [("cocord_zero1", 16), ("crd_zero2", 16),
-                                               ("kd_accum_zero1", 20)])
+                                               ("kd_accum_zero0", 20)])
 def test_two_ranks_equal_one_process_with_the_global_batch(zero, name, global_batch, tmp_path):
     dumps = rank_dumps(zero["work"] / name / "dump")
     for key, value in dumps[0]["method"].items():
@@ -137,7 +137,7 @@ def test_bf16_autocast_keeps_weights_copies_queue_and_banks_in_fp32(zero, name):
 @pytest.mark.slow
 def test_each_run_names_its_engine_once(zero):
     names = runs(zero["root"], zero["teacher"])
-    for stage in (1, 2):
+    for stage in (0, 1, 2):
         count = sum(f"engine.zero_stage={stage}" in spec["overrides"] for spec in names.values())
         assert zero["output"].count(f"x 2 processes (DeepSpeed ZeRO-{stage})") == count
 
@@ -169,3 +169,21 @@ def test_resume_through_deepspeed_checkpoints_is_bit_exact(zero):
         a, b = (load_checkpoint(run / "last.pt")["method"] for run in (full, split))
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint_exactly(zero):
+    """SIGKILL to every process once a checkpoint exists (the run goes on saving every 3
+    steps, and may be killed mid-save), then `--resume`: the losses of all 14 steps equal
+    those of the run that was never interrupted."""
+    work, name = zero["work"], "cocord_bf16_zero1"
+    run = work / "killed"
+    overrides = runs(zero["root"], zero["teacher"])[name]["overrides"] + [
+        f"train.output_dir={run}", "train.ckpt_every=3", "train.epochs=200"]
+    launch_and_kill("deepspeed", [BIN / "cocord-fast", "train", *overrides], work,
+                    when=run / "step_00000006.pt")
+    stopped_at = load_checkpoint(run / "last.pt")["step"]
+    assert 6 <= stopped_at < STEPS
+    launch("deepspeed", [BIN / "cocord-fast", "train", "--resume", run,
+                         f"train.max_steps={STEPS}"], work)
+    assert train_losses(run) == train_losses(work / name)

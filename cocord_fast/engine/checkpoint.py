@@ -134,7 +134,9 @@ def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: reading every visible GPU's state would open a CUDA
+        # context on each of them from every process of a node.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -145,4 +147,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)

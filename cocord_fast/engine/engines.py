@@ -130,6 +130,11 @@ def check_engine_config(cfg: Config) -> None:
     check_deepspeed_config(cfg)
 
 
+def join_processes(cfg: Config, device: torch.device) -> None:
+    """Joins the launcher's process group; DeepSpeed needs one even for a single process."""
+    distributed.init(device, group_of_one=cfg.engine.name == "deepspeed")
+
+
 def build_engine(cfg: Config, method: Method, device: torch.device) -> Engine:
     """The engine `engine.name` names, around `method` (already on `device`, with its
     restored state: DeepSpeed copies the weights it is given into its own buffers)."""

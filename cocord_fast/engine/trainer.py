@@ -20,7 +20,7 @@ from ..models import MODELS, build_model
 from . import distributed
 from .checkpoint import (load_checkpoint, load_model_weights, load_strict, rng_state,
                          save_atomic, set_rng_state, training_checkpoint)
-from .engines import autocast, build_engine, check_engine_config
+from .engines import autocast, build_engine, check_engine_config, join_processes
 from .evaluate import evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
 from .schedule import lr_factor
@@ -139,7 +139,7 @@ class Trainer:
                             f"train.resume=auto, or choose another train.output_dir")
         if checkpoint is not None:
             check_resumable(checkpoint, resume_from, cfg, distributed.launched_world_size())
-        distributed.init(self.device, group_of_one=cfg.engine.name == "deepspeed")
+        join_processes(cfg, self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
 
         method_class = METHODS[cfg.method.name]
