@@ -77,9 +77,9 @@ def load_file(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """A cocord_fast training checkpoint (config, method state, optimizer, position, RNG)."""
-    state = load_file(path)
+    state = load_file(path, mmap)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a cocord_fast training checkpoint")
     if "ranks" not in state:  # written before multi-process runs: one process, torch engine

@@ -135,13 +135,29 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
-def batchnorm_statistics(module: nn.Module) -> dict[str, Tensor]:
+def _batchnorm_statistics(module: nn.Module) -> dict[str, Tensor]:
     """Every BatchNorm's running mean and variance in `module`, by state-dict name (the live
     buffers, not copies)."""
     return {f"{name}.{stat}" if name else stat: getattr(layer, stat)
             for name, layer in module.named_modules()
             if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
             for stat in ("running_mean", "running_var")}
+
+
+def own_batchnorm_statistics(module: nn.Module) -> dict[str, Tensor] | None:
+    """A copy of this rank's BatchNorm running statistics; None in a single process (where
+    the model's own are the run's)."""
+    if world_size() == 1:
+        return None
+    return {name: t.clone() for name, t in _batchnorm_statistics(module).items()}
+
+
+@torch.no_grad()
+def restore_batchnorm_statistics_(module: nn.Module, stats: dict[str, Tensor] | None) -> None:
+    """Puts back what `own_batchnorm_statistics` copied."""
+    live = _batchnorm_statistics(module)
+    for name, value in (stats or {}).items():
+        live[name].copy_(value)
 
 
 @contextmanager
@@ -157,7 +173,7 @@ def averaged_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
     and the checkpoint's model is written once. Restoring each rank's own statistics after
     the block keeps a resumed run bit-identical to one that never stopped.
     """
-    stats = list(batchnorm_statistics(module).values()) if world_size() > 1 else []
+    stats = list(_batchnorm_statistics(module).values()) if world_size() > 1 else []
     if not stats:
         yield
         return

@@ -72,7 +72,7 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     """The saved config of the run at `path` (directory or checkpoint), with `overrides` on top."""
     path = Path(path)
     checkpoint = path / "last.pt" if path.is_dir() else path
-    saved = load_checkpoint(checkpoint)["config"]
+    saved = load_checkpoint(checkpoint, mmap=True)["config"]
     return load_config(base=saved, overrides=[f"train.resume={checkpoint}", *overrides])
 
 
@@ -133,7 +133,8 @@ class Trainer:
         check_engine_config(cfg)
         self.device = resolve_device(cfg.train.device)
         resume_from = find_resume_checkpoint(cfg)
-        checkpoint = load_checkpoint(resume_from) if resume_from else None
+        # Mapped, not read: every process of a node shares one copy in the page cache.
+        checkpoint = load_checkpoint(resume_from, mmap=True) if resume_from else None
         if checkpoint is None and (self.run_dir / "last.pt").exists():
             raise UserError(f"{self.run_dir} already holds a run; continue it with "
                             f"train.resume=auto, or choose another train.output_dir")
@@ -187,10 +188,7 @@ class Trainer:
             mine = checkpoint["ranks"][self.rank]
             # The checkpoint's model has the ranks' average; each rank continues with its own
             # (after the engine is built: DDP broadcasts rank 0's buffers when it starts).
-            own = distributed.batchnorm_statistics(self.method)
-            with torch.no_grad():
-                for name, value in (mine.get("batchnorm") or {}).items():
-                    own[name].copy_(value)
+            distributed.restore_batchnorm_statistics_(self.method, mine.get("batchnorm"))
             set_rng_state(mine["rng"])
             self.skipped_files, self.data_state = mine["skipped_files"], mine["data_state"]
         self.step = checkpoint["step"]
@@ -204,11 +202,9 @@ class Trainer:
         Every rank calls it; rank 0 writes the files."""
         engine_state = self.engine.state_dict(self.run_dir, self.step)
         mid_epoch = self.step % self.steps_per_epoch != 0
-        own_batchnorm = ({name: t.clone() for name, t in
-                          distributed.batchnorm_statistics(self.method).items()}
-                         if self.world_size > 1 else None)
         ranks = distributed.all_gather_objects({
-            "rng": rng_state(), "skipped_files": self.skipped_files, "batchnorm": own_batchnorm,
+            "rng": rng_state(), "skipped_files": self.skipped_files,
+            "batchnorm": distributed.own_batchnorm_statistics(self.method),
             "data_state": self.loaders.train.state() if mid_epoch else None})
         # With BatchNorm averaged every rank holds the same method state: it is saved once.
         with distributed.averaged_batchnorm_statistics(self.method):
