@@ -103,8 +103,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # DeepSpeed clips at 1.0 when the key is missing; 0 turns clipping off.
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
-        # Our optimizer is torch's SGD, which ZeRO has no test for, and handles correctly:
-        # it steps this rank's fp32 partition like any parameter.
+        # ZeRO refuses optimizers outside its tested list unless told; torch's SGD steps
+        # this rank's fp32 partition like any other set of parameters.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 62,  # the trainer logs
     }
@@ -126,6 +126,8 @@ def check_deepspeed_config(cfg: Config) -> None:
 
 
 class DeepSpeedEngine:
+    """The `Engine` contract (engines.py) over `deepspeed.initialize` with our torch SGD."""
+
     def __init__(self, cfg: Config, method: Method, forward_context: Callable[[], ContextManager]):
         import deepspeed
 

@@ -118,9 +118,8 @@ def check_engine_config(cfg: Config) -> None:
     """Engine settings that cannot work, refused before any data is read."""
     engine = cfg.engine
     if engine.name == "torch":
-        given = [f"engine.{key}" for key, unset in (
-            ("zero_stage", engine.zero_stage == 0), ("deepspeed_config", not engine.deepspeed_config),
-            ("deepspeed_overrides", not engine.deepspeed_overrides)) if not unset]
+        given = [f"engine.{key}" for key in ("zero_stage", "deepspeed_config",
+                                             "deepspeed_overrides") if getattr(engine, key)]
         if given:
             raise UserError(f"{', '.join(given)} set, but engine.name=torch: they apply to "
                             f"engine.name=deepspeed")

@@ -176,6 +176,7 @@ class Trainer:
         self.data_state: bytes | None = None  # the loader's state at the resumed step
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
+        self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
         if checkpoint is not None:
             self._restore(checkpoint, resume_from.parent)
 
@@ -291,7 +292,7 @@ class Trainer:
                 self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step",
                                 dynamic_ncols=True, desc=self.run_dir.name)
         self._print(self._describe())
-        self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
+        self.window.restart()
         try:
             while self.step < self.stop_step:
                 epoch, consumed = divmod(self.step, self.steps_per_epoch)

@@ -1,0 +1,136 @@
+"""Training images/s of one step under each engine: the same method, models and batch under
+`engine.name=torch` and under DeepSpeed ZeRO stages, on one device.
+
+Each engine gets its own `Trainer` from the same seed, and its steps run through
+`Trainer.train_step` (autocast, forward, backward, optimizer step, momentum updates), in
+interleaved rounds so that the machine's drift hits every engine alike. The untimed warm-up
+steps before the rounds hold the one-off costs (allocator, cuDNN autotuning, DeepSpeed's
+buffers) and are reported apart, as is building the trainer. The batch is made once on the
+device, laid out as the DALI pipeline hands it over (channels-last on CUDA): the numbers are
+the engines', not the data pipeline's.
+
+    python bench/engines.py                                   # CPU: small images
+    python bench/engines.py --image-size 224 --batch-size 128 --precision bf16    # one GPU
+
+Writes `bench/results/engines_<method>_<teacher>_<student>_<device>.json` and a PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cocord_fast.config import load_config
+from cocord_fast.data import Batch
+from cocord_fast.engine.trainer import Trainer
+from cocord_fast.models import build_model
+from provenance import RESULTS, device_name, provenance, slug
+from throughput import plot, write_synthetic_cifar
+
+CUDA = torch.cuda.is_available()
+
+
+def build(engine: str, args: argparse.Namespace, data: Path, teacher: Path, work: Path) -> Trainer:
+    name, _, stage = engine.partition(":")
+    overrides = [
+        f"method.name={args.method}", f"model.student={args.student}",
+        f"model.teacher={args.teacher}", f"model.teacher_checkpoint={teacher}",
+        "data.dataset=cifar100", f"data.root={data}", f"data.batch_size={args.batch_size}",
+        "data.num_workers=0", "data.backend=torch", f"train.precision={args.precision}",
+        f"train.output_dir={work / engine.replace(':', '_')}", f"engine.name={name}",
+        *([f"engine.zero_stage={stage}"] if stage else []), *args.override]
+    return Trainer(load_config(overrides=overrides))
+
+
+def synthetic_batch(trainer: Trainer, args: argparse.Namespace) -> Batch:
+    generator = torch.Generator().manual_seed(0)
+    size, count = args.image_size, args.batch_size
+    layout = torch.channels_last if CUDA else torch.contiguous_format
+    views = [torch.randn(count, 3, size, size, generator=generator).to(
+        trainer.device, memory_format=layout) for _ in range(trainer.method.num_views)]
+    labels = torch.randint(0, trainer.loaders.num_classes, (count,), generator=generator)
+    return Batch(views=views, labels=labels.to(trainer.device),
+                 index=torch.randperm(trainer.loaders.num_train, generator=generator)[:count]
+                 .to(trainer.device))
+
+
+def run_steps(trainer: Trainer, batch: Batch, steps: int) -> float:
+    """Seconds for `steps` optimizer steps, from a synchronised start to a synchronised end."""
+    if CUDA:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.set_lr()
+        trainer.train_step((batch,))
+        trainer.step += 1
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="cocord")
+    parser.add_argument("--teacher", default="resnet34")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--engines", nargs="+", default=["torch", "deepspeed:0", "deepspeed:1"],
+                        help="torch, or deepspeed:STAGE")
+    parser.add_argument("--image-size", type=int, default=224 if CUDA else 64)
+    parser.add_argument("--batch-size", type=int, default=128 if CUDA else 16)
+    parser.add_argument("--precision", default="bf16" if CUDA else "fp32",
+                        choices=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per engine first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per engine")
+    parser.add_argument("--override", nargs="*", default=[], help="extra section.key=value")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_synthetic_cifar(tmp / "data", num_train=50_000)  # the size CRD's banks get
+        teacher = tmp / "teacher.pth"
+        torch.manual_seed(0)
+        torch.save(build_model(args.teacher, 100).state_dict(), teacher)
+        trainers, rows = {}, {}
+        for engine in args.engines:
+            started = time.perf_counter()
+            trainers[engine] = build(engine, args, tmp / "data", teacher, tmp)
+            built = time.perf_counter() - started
+            batch = synthetic_batch(trainers[engine], args)
+            warmup = run_steps(trainers[engine], batch, args.warmup)
+            rows[engine] = {"engine": engine, "build_s": built, "warmup_s": warmup,
+                            "batch": batch, "rounds": []}
+        for _ in range(args.rounds):
+            for engine, trainer in trainers.items():
+                seconds = run_steps(trainer, rows[engine]["batch"], args.steps)
+                rows[engine]["rounds"].append(args.steps * args.batch_size / seconds)
+        for engine, trainer in trainers.items():
+            row = rows[engine]
+            del row["batch"]
+            row["img_per_s"] = statistics.median(row["rounds"])
+            row["loss"] = trainer.metrics.pop()["loss"]  # over all steps: equal for equal work
+            print(f"{engine:12s} {row['img_per_s']:9.1f} img/s  (build {row['build_s']:.1f} s, "
+                  f"warm-up {row['warmup_s']:.1f} s, mean loss {row['loss']:.4f})", flush=True)
+
+    device = device_name(str(next(iter(trainers.values())).device))
+    report = {**provenance(device), "method": args.method, "teacher": args.teacher,
+              "student": args.student, "image_size": args.image_size,
+              "batch_size": args.batch_size, "precision": args.precision,
+              "steps": args.steps, "rounds": args.rounds, "rows": list(rows.values())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"engines_{args.method}_{args.teacher}_{args.student}_{slug(device)}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot([{"method": r["engine"], "img_per_s": r["img_per_s"]} for r in rows.values()],
+         f"{args.method} {args.teacher} -> {args.student}, {args.image_size}px, batch "
+         f"{args.batch_size}, {args.precision}, {device}", stem.with_suffix(".png"))
+    print(f"wrote {stem.with_suffix('.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()
