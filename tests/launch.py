@@ -126,6 +126,13 @@ def launch_worker(launcher: str, runs: list[dict], cwd: Path) -> str:
     return launch(launcher, [WORKER, spec], cwd)
 
 
+def launch_runs(launcher: str, runs: dict[str, dict], work: Path) -> str:
+    """Launches the worker over `runs` (specs by name); run NAME dumps into work/NAME/dump."""
+    for name, spec in runs.items():
+        spec["dump"] = str(work / name / "dump")
+    return launch_worker(launcher, list(runs.values()), work)
+
+
 def rank_dumps(path: Path, world_size: int = 2) -> list[dict]:
     return [torch.load(f"{path}.rank{r}.pt", weights_only=True) for r in range(world_size)]
 

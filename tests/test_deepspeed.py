@@ -20,7 +20,7 @@ from cocord_fast.engine.engines import check_engine_config
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
 
-from launch import (BIN, STEPS, assert_matches_one_process, launch, launch_and_kill,
+from launch import (BIN, STEPS, assert_matches_one_process, launch, launch_and_kill, launch_runs,
                     launch_worker, rank_dumps, recipe, train_losses, write_teacher)
 
 SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)
@@ -72,6 +72,21 @@ def test_a_deepspeed_file_that_is_not_json_is_named(tmp_path):
                                                    f"engine.deepspeed_config={path}"]))
 
 
+def test_a_missing_deepspeed_is_named_with_its_install_command(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "deepspeed" else find_spec(name, *args))
+    with pytest.raises(UserError, match=r"DeepSpeed is not installed \(pip install"):
+        check_engine_config(load_config(overrides=["engine.name=deepspeed"]))
+
+
+def test_deepspeed_overrides_must_be_a_mapping():
+    with pytest.raises(UserError, match="engine.deepspeed_overrides: expected a mapping, got 5"):
+        load_config(overrides=["engine.deepspeed_overrides=5"])
+
+
 def test_deepspeed_settings_with_the_torch_engine_are_refused(tmp_path):
     with pytest.raises(UserError, match="engine.zero_stage set, but engine.name=torch"):
         Trainer(load_config(overrides=["engine.zero_stage=1", f"train.output_dir={tmp_path}"]))
@@ -104,10 +119,7 @@ def runs(root, teacher) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def zero(tiny_demo_root, teacher):
-    specs = runs(tiny_demo_root, teacher)
-    for name, spec in specs.items():
-        spec["dump"] = str(teacher.parent / name / "dump")
-    output = launch_worker("deepspeed", list(specs.values()), teacher.parent)
+    output = launch_runs("deepspeed", runs(tiny_demo_root, teacher), teacher.parent)
     return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
             "teacher": teacher}
 

@@ -18,7 +18,7 @@ from cocord_fast.engine.trainer import Trainer, config_for_resume
 from cocord_fast.errors import UserError
 
 from launch import (PER_RANK_BATCH, STEPS, assert_matches_one_process, launch, launch_nodes,
-                    launch_worker, rank_dumps, recipe, train_losses, write_teacher)
+                    launch_runs, rank_dumps, recipe, train_losses, write_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,7 @@ def runs(root, teacher) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def ddp(tiny_demo_root, teacher):
-    specs = runs(tiny_demo_root, teacher)
-    for name, spec in specs.items():
-        spec["dump"] = str(teacher.parent / name / "dump")
-    output = launch_worker("torchrun", list(specs.values()), teacher.parent)
+    output = launch_runs("torchrun", runs(tiny_demo_root, teacher), teacher.parent)
     return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
             "teacher": teacher}
 

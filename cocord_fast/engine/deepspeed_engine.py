@@ -25,6 +25,7 @@ more, so a crash mid-save leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import shutil
@@ -117,11 +118,9 @@ def check_deepspeed_config(cfg: Config) -> None:
         raise UserError("engine.zero_stage=3 is not supported: ZeRO-3 partitions the student's "
                         "parameters, which the momentum copies read in full after every step; "
                         "use engine.zero_stage=0, 1 or 2")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("deepspeed") is None:
         raise UserError("engine.name=deepspeed, but DeepSpeed is not installed "
-                        "(pip install 'cocord_fast[deepspeed]')") from None
+                        "(pip install 'cocord_fast[deepspeed]')")
     _user_settings(cfg)
 
 
