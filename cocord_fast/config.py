@@ -146,8 +146,9 @@ class EngineConfig:
                                 "2 (and gradients)", min=0, max=3)
     deepspeed_config: str = _field("", "deepspeed only: a DeepSpeed JSON file for the settings "
                                        "cocord_fast does not set itself (e.g. communication)")
-    deepspeed_overrides: dict = _field({}, "deepspeed only: DeepSpeed settings applied last, as a "
-                                           "mapping, e.g. {zero_optimization: {overlap_comm: true}}")
+    deepspeed_overrides: dict = _field(
+        {}, "deepspeed only: DeepSpeed settings applied last, as a mapping, e.g. "
+            "{zero_optimization: {overlap_comm: true}}")
 
 
 @dataclass

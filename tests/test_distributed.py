@@ -116,7 +116,8 @@ def test_batchnorm_statistics_are_averaged_for_evaluation_and_checkpoints(ddp):
 
 
 def test_only_rank_zero_reports(ddp):
-    assert ddp["output"].count("x 2 processes (torch DDP)") == len(runs(ddp["root"], ddp["teacher"]))
+    launched = len(runs(ddp["root"], ddp["teacher"]))
+    assert ddp["output"].count("x 2 processes (torch DDP)") == launched
     assert ddp["output"].count(f"step {STEPS} epoch 2.00: top1") == 3  # cocord, crd, dali runs
 
 
@@ -159,5 +160,6 @@ def test_resuming_on_another_number_of_processes_is_refused(ddp):
 
 def test_resuming_with_another_engine_is_refused(ddp, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before the process group is joined
-    with pytest.raises(UserError, match="written with engine.name=torch.*not engine.name=deepspeed"):
+    with pytest.raises(UserError,
+                       match="written with engine.name=torch.*not engine.name=deepspeed"):
         Trainer(config_for_resume(ddp["work"] / "cocord", ["engine.name=deepspeed"]))

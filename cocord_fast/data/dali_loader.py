@@ -3,10 +3,9 @@
 An epoch's samples and order are those of `order.epoch_order`, exactly as on the torch path;
 each rank's file reader is given its shard of this epoch's permuted file list, in order (and
 evaluation readers their shard of `order.eval_shards`). DALI's own `random_shuffle` is not
-used: it shuffles
-through a buffer of `initial_fill` samples, whose order cannot be reproduced per epoch nor
-resumed mid-epoch. A pipeline is built per epoch, its random operators seeded from
-(seed, epoch, rank).
+used: it shuffles through a buffer of `initial_fill` samples, whose order cannot be
+reproduced per epoch nor resumed mid-epoch. A pipeline is built per epoch, its random
+operators seeded from (seed, epoch, rank).
 
 Resume is exact through DALI's pipeline checkpoints: `state()` is the checkpoint of the
 training pipeline after the last batch it yielded (its reader position and the state of every
@@ -254,7 +253,7 @@ class DaliEvalLoader:
 
     def __init__(self, feed: DaliFeed, batch_size: int, skip_corrupt: bool, rank: int = 0,
                  world_size: int = 1):
-        self.shard = list(eval_shards(len(feed.source), world_size)[rank])
+        self.shard = eval_shards(len(feed.source), world_size)[rank]
         self.runner = _Resilient(feed, partial(eval_pipeline, recipe=feed.recipe),
                                  ["view0", "index"], batch_size, skip_corrupt, training=False)
 

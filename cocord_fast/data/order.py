@@ -41,6 +41,6 @@ def epoch_order(num_samples: int, batch_size: int, seed: int, epoch: int,
 
 def eval_shards(num_samples: int, world_size: int) -> list[range]:
     """Every evaluation sample once over all ranks: rank r takes the contiguous range
-    [n r / R, n (r + 1) / R), the split DALI's readers make of a sharded file list."""
+    [n r / R, n (r + 1) / R) (sizes differ by at most one; the counts are summed)."""
     return [range(num_samples * r // world_size, num_samples * (r + 1) // world_size)
             for r in range(world_size)]

@@ -86,7 +86,8 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         optimizer, rng = state.pop("optimizer", None), state.pop("rng", None)
         rank0 = {"rng": rng, "data_state": state.pop("data_state", None),
                  "skipped_files": state.pop("skipped_files", 0)}
-        state.update(engine=None if optimizer is None else {"name": "torch", "optimizer": optimizer},
+        torch_engine = {"name": "torch", "optimizer": optimizer}
+        state.update(engine=None if optimizer is None else torch_engine,
                      ranks=None if rng is None else [rank0],
                      world_size=None if rng is None else 1)
     return state

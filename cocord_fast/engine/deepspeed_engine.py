@@ -77,7 +77,8 @@ def _user_settings(cfg: Config) -> dict[str, Any]:
         try:
             from_file = json.loads(path.read_text())
         except OSError as err:
-            raise UserError(f"engine.deepspeed_config: cannot read {path}: {err.strerror}") from None
+            raise UserError(f"engine.deepspeed_config: cannot read {path}: "
+                            f"{err.strerror}") from None
         except json.JSONDecodeError as err:
             raise UserError(f"engine.deepspeed_config: {path} is not valid JSON: {err}") from None
         if not isinstance(from_file, dict):
@@ -145,7 +146,8 @@ class DeepSpeedEngine:
 
     def micro_step(self, batch: Batch, boundary: bool) -> StepOutput:
         if boundary != self.engine.is_gradient_accumulation_boundary():
-            raise RuntimeError("DeepSpeed's gradient accumulation is out of step with the trainer's")
+            raise RuntimeError("DeepSpeed's gradient accumulation is out of step with the "
+                               "trainer's")
         with self.forward_context():
             out = self.engine(batch)
         self.engine.backward(out.loss)  # scaled by 1 / gradient_accumulation_steps
