@@ -188,6 +188,16 @@ def one_process_reference(cfg, per_rank_batch: int, world_size: int = 2) -> Trai
     return trainer
 
 
+def assert_disjoint_shards(dumps: list[dict], micro_batches_per_epoch: int) -> None:
+    """In every epoch each rank trained on samples no other rank saw, each once."""
+    epochs = len(dumps[0]["index"]) // micro_batches_per_epoch
+    for epoch in range(epochs):
+        part = slice(epoch * micro_batches_per_epoch, (epoch + 1) * micro_batches_per_epoch)
+        shards = [set(torch.cat(d["index"][part]).tolist()) for d in dumps]
+        assert sum(map(len, shards)) == len(set.union(*shards))
+        assert all(len(s) == len(torch.cat(d["index"][part])) for s, d in zip(shards, dumps))
+
+
 def assert_matches_one_process(run_dir: Path, overrides: list[str], global_batch: int,
                                tmp_path: Path) -> None:
     """The 2-rank run in `run_dir` (BatchNorm frozen, made with `overrides`) logged the losses

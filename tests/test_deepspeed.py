@@ -20,8 +20,9 @@ from cocord_fast.engine.engines import check_engine_config
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
 
-from launch import (BIN, STEPS, assert_matches_one_process, launch, launch_and_kill, launch_runs,
-                    launch_worker, rank_dumps, recipe, train_losses, write_teacher)
+from launch import (BIN, STEPS, assert_disjoint_shards, assert_matches_one_process, launch,
+                    launch_and_kill, launch_runs, launch_worker, rank_dumps, recipe, train_losses,
+                    write_teacher)
 
 SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)
 
@@ -131,6 +132,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(zero, name, global_ba
     dumps = rank_dumps(zero["work"] / name / "dump")
     for key, value in dumps[0]["method"].items():
         assert torch.equal(value, dumps[1]["method"][key]), key  # queue, banks, Z, copies
+    assert_disjoint_shards(dumps, len(dumps[0]["index"]) // 2)  # 2 epochs
     spec = runs(zero["root"], zero["teacher"])[name]
     assert_matches_one_process(zero["work"] / name, spec["overrides"], global_batch, tmp_path)
 
