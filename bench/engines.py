@@ -10,7 +10,7 @@ device, laid out as the DALI pipeline hands it over (channels-last on CUDA): the
 the engines', not the data pipeline's.
 
     python bench/engines.py                                   # CPU: small images
-    python bench/engines.py --image-size 224 --batch-size 128 --precision bf16    # one GPU
+    deepspeed --num_gpus 1 bench/engines.py                   # one GPU: 224 px, bf16
 
 Writes `bench/results/engines_<method>_<teacher>_<student>_<device>.json` and a PNG beside it.
 """
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per engine")
     parser.add_argument("--override", nargs="*", default=[], help="extra section.key=value")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from `deepspeed`
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
