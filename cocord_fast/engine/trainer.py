@@ -280,7 +280,8 @@ class Trainer:
         global_batch = cfg.data.batch_size * self.accumulation * world
         return (f"{cfg.method.name} on {self.device}{processes} ({self.engine.description}): "
                 f"{self.loaders.num_train} training images, {self.steps_per_epoch} steps per "
-                f"epoch of {global_batch} images, data through {self.loaders.backend}")
+                f"epoch of {global_batch} images, data through {self.loaders.backend}; run in "
+                f"{self.run_dir}")
 
     def fit(self) -> RunResult:
         cfg = self.cfg
