@@ -223,12 +223,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.overrides = [*ns.overrides, *extra]
     from .engine import distributed
+    from .engine.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         code = ns.func(ns)
     except UserError as err:
         print(f"cocord-fast: error: {_user_message(err)}", file=sys.stderr)
         code = 2
+    except Preempted as stop:
+        if distributed.is_main():
+            print(f"cocord-fast: {stop}", file=sys.stderr)
+        code = EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("cocord-fast: interrupted; continue with --resume RUN_DIR from the last checkpoint",
               file=sys.stderr)

@@ -133,6 +133,9 @@ class TrainConfig:
     kernels: Literal["auto", "triton", "torch"] = _field(
         "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch otherwise")
     progress: bool = _field(True, "show a progress bar")
+    stop_signals: list[str] = _field(
+        ["SIGTERM", "SIGUSR1"], "signals that end the run after the current step with last.pt "
+        "saved (exit code 75); a scheduler's pre-emption")
 
 
 @dataclass

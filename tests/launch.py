@@ -88,17 +88,27 @@ def launch(launcher: str, args: list, cwd: Path, nproc: int = 2) -> str:
     return _check(launcher, done)
 
 
+def start(launcher: str, args: list, cwd: Path, output: Path, nproc: int = 2) -> subprocess.Popen:
+    """A launch in the background, in a session of its own, writing to `output`."""
+    with open(output, "w") as log:
+        return subprocess.Popen(_command(launcher, args, nproc), cwd=cwd, env=_environment(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(job: subprocess.Popen, ready, what: str) -> None:
+    """Polls `ready()` until it holds; fails if the job ends first or it takes too long."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not ready():
+        assert job.poll() is None, f"the launch ended ({job.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {LAUNCH_TIMEOUT} s"
+        time.sleep(0.02)
+
+
 def launch_and_kill(launcher: str, args: list, cwd: Path, when: Path, nproc: int = 2) -> None:
     """Starts a launch and SIGKILLs the launcher and every worker as soon as `when` exists,
     as a scheduler ending a job without warning would."""
-    job = subprocess.Popen(_command(launcher, args, nproc), cwd=cwd, env=_environment(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while not when.exists():
-        assert job.poll() is None, f"{launcher} ended ({job.returncode}) before {when} existed"
-        assert time.monotonic() < deadline, f"{when} did not appear"
-        time.sleep(0.02)
+    job = start(launcher, args, cwd, cwd / "killed.log", nproc)
+    wait_for(job, when.exists, str(when))
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
 

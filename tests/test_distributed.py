@@ -9,6 +9,9 @@ a run mid-epoch and resume it.
 """
 from __future__ import annotations
 
+import signal
+
+import psutil
 import pytest
 import torch
 
@@ -18,8 +21,8 @@ from cocord_fast.engine.trainer import Trainer, config_for_resume
 from cocord_fast.errors import UserError
 
 from launch import (PER_RANK_BATCH, STEPS, assert_disjoint_shards, assert_matches_one_process,
-                    launch, launch_nodes, launch_runs, rank_dumps, recipe, train_losses,
-                    write_teacher)
+                    launch, launch_nodes, launch_runs, rank_dumps, recipe, start, train_losses,
+                    wait_for, write_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +149,29 @@ def test_two_nodes_train_like_two_processes_on_one_node(ddp):
     assert "x 2 processes (torch DDP)" in outputs[0]
     assert "processes" not in outputs[1]  # the second node's rank prints nothing
     assert train_losses(ddp["work"] / "nodes") == train_losses(ddp["work"] / "cocord_dali")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(ddp):
+    """SIGTERM reaches rank 1 only (mid-run, 200-epoch schedule): both ranks save the same
+    step and exit 75; the resumed run logs the uninterrupted run's losses."""
+    work, run = ddp["work"], ddp["work"] / "signalled"
+    overrides = recipe(ddp["root"], ddp["teacher"], "signalled", "cocord") + [
+        "data.backend=dali", "train.epochs=200"]  # the first 14 steps are those of 2 epochs
+    job = start("torchrun", ["-m", "cocord_fast", "train", *overrides], work, work / "term.log")
+    wait_for(job, lambda: any(r["kind"] == "train" for r in read_log(run)), "logged step")
+    workers = psutil.Process(job.pid).children(recursive=True)
+    (rank1,) = [p for p in workers if p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=300) != 0
+    output = (work / "term.log").read_text()
+    assert output.count("exitcode  : 75") == 2, output[-3000:]  # torchrun's report, both ranks
+    stopped_at = load_checkpoint(run / "last.pt")["step"]
+    assert f"stopped by a stop signal to another process after step {stopped_at}" in output
+    assert stopped_at < STEPS
+    launch("torchrun", ["-m", "cocord_fast", "train", "--resume", run,
+                        f"train.max_steps={STEPS}"], work)
+    assert train_losses(run) == train_losses(work / "cocord_dali")
 
 
 def test_resuming_on_another_number_of_processes_is_refused(ddp):

@@ -7,6 +7,7 @@ mid-epoch sees exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -136,11 +137,19 @@ class TorchTrainLoader:
         return iter(self.loader)
 
 
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A scheduler signals every process of the job; a worker killed by it would fail the
+    step the trainer is finishing before it saves and stops (`train.stop_signals`)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_torch_loaders(cfg: DataConfig, train_source, val_source, recipe: Recipe,
                         num_views: int, seed: int, pin_memory: bool, rank: int,
                         world_size: int) -> tuple[TorchTrainLoader, DataLoader]:
     workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=pin_memory, collate_fn=collate)
+                   pin_memory=pin_memory, collate_fn=collate,
+                   worker_init_fn=leave_stop_signals_to_the_trainer)
     sampler = EpochBatchSampler(len(train_source), cfg.batch_size, seed, rank, world_size)
     train = DataLoader(MultiViewDataset(train_source, recipe.train, num_views, seed,
                                         cfg.skip_corrupt), batch_sampler=sampler, **workers)

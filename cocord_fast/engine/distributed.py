@@ -135,6 +135,39 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+class LaggedAny:
+    """Whether any rank raised its flag, known the same on every rank one call late.
+
+    Each call waits for the all-reduce the previous call started, and starts one over this
+    rank's flag, on a gloo group of its own on the CPU: no host sync with the training
+    device, and the wait usually finds the result there. In one process, the flag itself.
+    """
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
+        self.pending: tuple[Any, Tensor] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        if self.group is None:
+            return flag
+        raised = self._wait()
+        votes = torch.tensor([int(flag)])
+        self.pending = (dist.all_reduce(votes, group=self.group, async_op=True), votes)
+        return raised
+
+    def _wait(self) -> bool:
+        if self.pending is None:
+            return False
+        work, votes = self.pending
+        work.wait()
+        self.pending = None
+        return bool(votes.item())
+
+    def close(self) -> None:
+        """Waits for the last vote (every rank casts the same number)."""
+        self._wait()
+
+
 def _batchnorm_statistics(module: nn.Module) -> dict[str, Tensor]:
     """Every BatchNorm's running mean and variance in `module`, by state-dict name (the live
     buffers, not copies)."""

@@ -23,6 +23,7 @@ from .checkpoint import (load_checkpoint, load_model_weights, load_strict, rng_s
 from .engines import autocast, build_engine, check_engine_config, join_processes
 from .evaluate import evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
+from .preemption import Preempted, StopSignals, parse_signals
 from .schedule import lr_factor
 
 
@@ -131,6 +132,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         check_engine_config(cfg)
+        stop_signals = parse_signals(cfg.train.stop_signals)
         self.device = resolve_device(cfg.train.device)
         resume_from = find_resume_checkpoint(cfg)
         # Mapped, not read: every process of a node shares one copy in the page cache.
@@ -142,6 +144,7 @@ class Trainer:
             check_resumable(checkpoint, resume_from, cfg, distributed.launched_world_size())
         join_processes(cfg, self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.stop_requests = StopSignals(stop_signals)
 
         method_class = METHODS[cfg.method.name]
         check_model_names(cfg, method_class.needs_teacher)
@@ -284,6 +287,8 @@ class Trainer:
                 f"{self.run_dir}")
 
     def fit(self) -> RunResult:
+        """Trains to `train.max_steps` or the end of the schedule; raises `Preempted` after
+        saving when a stop signal arrives."""
         cfg = self.cfg
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,43 +300,61 @@ class Trainer:
         self._print(self._describe())
         self.window.restart()
         try:
-            while self.step < self.stop_step:
-                epoch, consumed = divmod(self.step, self.steps_per_epoch)
-                # The data state only ever describes the position the run resumed from.
-                self.loaders.train.start(epoch, consumed * self.accumulation,
-                                         self.data_state if consumed else None)
-                self.data_state = None
-                self.method.train()
-                # Optimizer steps of `accumulation` micro-batches; a shorter tail is dropped.
-                for micro_batches in zip(*[iter(self.loaders.train)] * self.accumulation):
-                    lr = self.set_lr()
-                    self.train_step(micro_batches)
-                    self.step += 1
-                    self.window.count(sum(map(len, micro_batches)) * self.world_size)
-                    if self.bar is not None:
-                        self.bar.update(1)
-                    epoch_end = self.step % self.steps_per_epoch == 0
-                    save_due = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
-                    final = self.step == self.stop_step
-                    # Every save follows a log step, which checks that the metrics are finite:
-                    # a diverged run never overwrites a good checkpoint.
-                    if self.step % cfg.train.log_every == 0 or epoch_end or save_due or final:
-                        self._log_train(lr)
-                    if save_due:
-                        self.save("last.pt", f"step_{self.step:08d}.pt")
-                    if final or epoch_end:
-                        break
-                if (epoch_end and (epoch + 1) % cfg.train.eval_every == 0) or final:
-                    self.run_eval()
-                elif epoch_end:
-                    self.save("last.pt")
-                self.window.restart()  # evaluation and saving are not training throughput
+            with self.stop_requests:
+                self._train_until_stop()
         finally:
             if self.bar is not None:
                 self.bar.close()
             if self.log is not None:
                 self.log.close()
         return RunResult(self.run_dir, self.step, self.last_top1, self.best_top1)
+
+    def _train_until_stop(self) -> None:
+        """Epochs of steps until `stop_step`, or until a stop signal (`Preempted`)."""
+        cfg = self.cfg
+        while self.step < self.stop_step:
+            epoch, consumed = divmod(self.step, self.steps_per_epoch)
+            # The data state only ever describes the position the run resumed from.
+            self.loaders.train.start(epoch, consumed * self.accumulation,
+                                     self.data_state if consumed else None)
+            self.data_state = None
+            self.method.train()
+            # Optimizer steps of `accumulation` micro-batches; a shorter tail is dropped.
+            for micro_batches in zip(*[iter(self.loaders.train)] * self.accumulation):
+                lr = self.set_lr()
+                self.train_step(micro_batches)
+                self.step += 1
+                self.window.count(sum(map(len, micro_batches)) * self.world_size)
+                if self.bar is not None:
+                    self.bar.update(1)
+                epoch_end = self.step % self.steps_per_epoch == 0
+                save_due = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
+                final = self.step == self.stop_step
+                # Every rank votes every step; all learn the same outcome.
+                stopping = self.stop_requests.should_stop() and not final
+                # Every save follows a log step, which checks that the metrics are finite:
+                # a diverged run never overwrites a good checkpoint.
+                if (self.step % cfg.train.log_every == 0 or epoch_end or save_due or final
+                        or stopping):
+                    self._log_train(lr)
+                if save_due or stopping:
+                    self.save("last.pt", *([f"step_{self.step:08d}.pt"] if save_due else []))
+                if stopping:
+                    self._stop()
+                if final or epoch_end:
+                    break
+            if (epoch_end and (epoch + 1) % cfg.train.eval_every == 0) or final:
+                self.run_eval()
+            elif epoch_end:
+                self.save("last.pt")
+            self.window.restart()  # evaluation and saving are not training throughput
+
+    def _stop(self) -> None:
+        """After a stop signal, with last.pt saved: say so, then end the run."""
+        stop = Preempted(self.stop_requests.reason(), self.step, str(self.run_dir))
+        self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              "signal": stop.signal_name})
+        raise stop
 
     def _log_train(self, lr: float) -> None:
         # The one collective of a log step: every metric and counter summed over the ranks.

@@ -1,0 +1,81 @@
+"""Graceful pre-emption: a stop signal ends the run after the current step with last.pt
+saved and exit code 75, and the resumed run continues exactly (one process here; two ranks
+that received the signal at different moments in tests/test_distributed.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cocord_fast.config import load_config
+from cocord_fast.engine.checkpoint import load_checkpoint
+from cocord_fast.engine.metrics import read_log
+from cocord_fast.engine.preemption import EXIT_PREEMPTED, Preempted
+from cocord_fast.engine.trainer import Trainer, config_for_resume, train
+from cocord_fast.errors import UserError
+
+from launch import recipe, train_losses, write_teacher
+
+
+@pytest.fixture
+def cocord(tiny_demo_root, tmp_path):
+    """Overrides of a 14-step CoCoRD run (2 epochs of 7), by run directory name."""
+    teacher = write_teacher(tmp_path)
+    return lambda name: recipe(tiny_demo_root, teacher, name, "cocord") + ["data.batch_size=16"]
+
+
+def test_a_stop_signal_saves_the_step_and_the_resumed_run_is_exact(cocord, tmp_path):
+    train(load_config(overrides=cocord("full")))
+    trainer = Trainer(load_config(overrides=cocord("stopped")))
+    train_step = trainer.train_step
+
+    def signalled_at_step_4(micro_batches):
+        train_step(micro_batches)
+        if trainer.step == 3:  # the 4th step is running
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.train_step = signalled_at_step_4
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 4"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["step"] == 4
+    stops = [r for r in read_log(tmp_path / "stopped") if r["kind"] == "stop"]
+    assert stops == [{"kind": "stop", "step": 4, "epoch": 4 / 7, "signal": "SIGUSR1"}]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone again
+    train(config_for_resume(tmp_path / "stopped", []))
+    assert train_losses(tmp_path / "stopped") == train_losses(tmp_path / "full")
+
+
+def test_signals_that_cannot_be_caught_are_refused(tmp_path):
+    with pytest.raises(UserError, match="train.stop_signals: 'SIGKILL' is not a signal"):
+        Trainer(load_config(overrides=["train.stop_signals=[SIGTERM, SIGKILL]",
+                                       f"train.output_dir={tmp_path}"]))
+
+
+@pytest.mark.slow
+def test_sigterm_twice_stops_the_cli_with_exit_75_and_it_resumes_exactly(cocord, tmp_path):
+    """`cocord-fast train` gets SIGTERM, then SIGTERM again while it finishes its step and
+    saves; it exits 75, and `--resume` logs the losses of a run that never stopped."""
+    train(load_config(overrides=cocord("full")))
+    run = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # torch threads as here: same sums
+    # 200 epochs: the schedule of the first 14 steps is the same (lr steps at epoch 150).
+    job = subprocess.Popen([sys.executable, "-m", "cocord_fast", "train", *cocord("stopped"),
+                            "train.epochs=200"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    while not any(r["kind"] == "train" for r in read_log(run)):
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == EXIT_PREEMPTED, stderr
+    stopped_at = load_checkpoint(run / "last.pt")["step"]
+    assert f"stopped by SIGTERM after step {stopped_at}" in stderr and "Traceback" not in stderr
+    assert stopped_at < 14
+    train(config_for_resume(run, ["train.max_steps=14"]))
+    assert train_losses(run) == train_losses(tmp_path / "full")
