@@ -124,6 +124,8 @@ class TrainConfig:
     eval_every: int = _field(1, "evaluate every this many epochs", min=1)
     ckpt_every: int = _field(0, "also keep a checkpoint every this many steps; 0: only last and best",
                              min=0)
+    keep_last: int = _field(0, "keep only the newest this many step_N.pt checkpoints; 0: keep all",
+                            min=0)
     output_dir: str = _field("runs/default", "run directory: config, checkpoints, metrics")
     seed: int = _field(0, "seed for weights, data order and augmentation", min=0)
     resume: str = _field("", "'auto' continues the run in output_dir if there is one; or a run "

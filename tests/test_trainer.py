@@ -125,3 +125,10 @@ def test_metric_accumulator_means_and_resets():
     acc.add({"a": torch.tensor(3.0), "b": torch.tensor(0.0)})
     assert acc.pop() == {"a": 2.0, "b": 2.0}
     assert acc.pop() == {}
+
+
+def test_keep_last_bounds_the_periodic_checkpoints(tiny_overrides, tmp_path):
+    train(load_config(overrides=tiny_overrides + ["train.ckpt_every=2", "train.keep_last=2"]))
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*.pt")) == [
+        "step_00000012.pt", "step_00000014.pt"]
+    assert load_checkpoint(tmp_path / "run" / "step_00000012.pt")["step"] == 12

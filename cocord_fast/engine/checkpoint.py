@@ -35,6 +35,19 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def periodic_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's step_N.pt files, oldest first."""
+    return sorted(Path(run_dir).glob("step_*.pt"), key=lambda path: int(path.stem[5:]))
+
+
+def remove_old_periodic(run_dir: str | os.PathLike, keep: int) -> None:
+    """Deletes all but the newest `keep` step_N.pt files (keep=0: none), once the newest is
+    complete (files appear only whole: `save_atomic`)."""
+    if keep:
+        for path in periodic_checkpoints(run_dir)[:-keep]:
+            path.unlink(missing_ok=True)
+
+
 def student_prefix(method: torch.nn.Module) -> str:
     """Where the online student sits in the method's state dict (e.g. 'student_encoder.')."""
     student = method.student()

@@ -38,7 +38,7 @@ from ..data import Batch
 from ..errors import UserError
 from ..methods import Method, StepOutput
 from . import distributed
-from .checkpoint import load_file
+from .checkpoint import load_file, periodic_checkpoints
 from .engines import StepModule, build_optimizer
 
 CHECKPOINT_DIR = "deepspeed"
@@ -179,7 +179,7 @@ class DeepSpeedEngine:
         if not root.is_dir():
             return
         # A step_N.pt file names step_N; last.pt and best.pt name what they hold.
-        referenced = {path.stem for path in run_dir.glob("step_*.pt")}
+        referenced = {path.stem for path in periodic_checkpoints(run_dir)}
         for name in ("last.pt", "best.pt"):
             if (run_dir / name).exists():
                 engine = load_file(run_dir / name, mmap=True).get("engine") or {}

@@ -18,8 +18,8 @@ from ..errors import UserError
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
 from . import distributed
-from .checkpoint import (load_checkpoint, load_model_weights, load_strict, rng_state,
-                         save_atomic, set_rng_state, training_checkpoint)
+from .checkpoint import (load_checkpoint, load_model_weights, load_strict, remove_old_periodic,
+                         rng_state, save_atomic, set_rng_state, training_checkpoint)
 from .engines import autocast, build_engine, check_engine_config, join_processes
 from .evaluate import evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
@@ -219,6 +219,7 @@ class Trainer:
                 for name in names:
                     save_atomic(checkpoint, self.run_dir / name)
         if distributed.is_main():
+            remove_old_periodic(self.run_dir, self.cfg.train.keep_last)
             self.engine.release_unreferenced(self.run_dir)
 
     def set_lr(self) -> float:
