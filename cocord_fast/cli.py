@@ -33,7 +33,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .config import load_config
     from .demo import ensure_demo_teacher, run_default_job
     from .engine import distributed
-    from .engine.trainer import config_for_resume, train
+    from .engine.resume import config_for_resume
+    from .engine.trainer import train
 
     config_path, overrides = _split_train_args(ns.args)
     if ns.resume:

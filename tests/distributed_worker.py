@@ -20,7 +20,8 @@ from torch import nn
 
 from cocord_fast.config import load_config
 from cocord_fast.engine import distributed
-from cocord_fast.engine.trainer import Trainer, config_for_resume
+from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine.trainer import Trainer
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

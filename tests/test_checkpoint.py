@@ -24,8 +24,8 @@ def test_save_is_atomic_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
-    (b"garbage bytes", "cannot read checkpoint"),
-    (b"", "cannot read checkpoint"),
+    (b"garbage bytes", "is not a checkpoint"),
+    (b"", "is empty"),
 ])
 def test_unreadable_files_raise_user_errors(tmp_path, content, message):
     path = tmp_path / "x.pt"
@@ -82,3 +82,43 @@ def test_rng_state_round_trips(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def flip_a_byte(path, where=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def not_a_checkpoint(path):
+    path.write_text("model:\n  student: resnet8\n")
+
+
+def a_pickled_module(path):
+    torch.save(torch.nn.Linear(2, 2), path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (flip_a_byte, r"corrupt or truncated checkpoint .*ckpt\.pt \(expected digest sha256:"),
+    (truncate, r"corrupt or truncated checkpoint .*ckpt\.pt: "),
+    (not_a_checkpoint, r"ckpt\.pt is not a checkpoint \(not a file written by torch.save\)"),
+    (a_pickled_module, r"ckpt\.pt holds Python objects besides tensors .* state_dict\(\)"),
+])
+def test_damaged_and_foreign_files_are_named_with_the_problem(tmp_path, damage, message):
+    path = tmp_path / "ckpt.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "weights": torch.randn(4096)}, path)
+    assert ckpt.load_file(path)["weights"].shape == (4096,)  # sealed files load as before
+    damage(path)
+    with pytest.raises(UserError, match=message):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path):
+    ckpt.save_atomic({"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION + 1},
+                     tmp_path / "new.pt")
+    with pytest.raises(UserError, match=f"newer cocord_fast .*format {ckpt.FORMAT_VERSION + 1}"):
+        ckpt.load_checkpoint(tmp_path / "new.pt")

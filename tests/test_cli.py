@@ -70,7 +70,7 @@ def test_config_and_models_commands(capsys):
      "no CIFAR-100 data under data.root=/nonexistent"),
     (["train", "data.dataset=imagefolder", "data.root=/nonexistent", "train.output_dir=OUT"],
      "data.root=/nonexistent does not exist"),
-    (["eval", "BAD"], "cannot read checkpoint"),
+    (["eval", "BAD"], "BAD is not a checkpoint"),
     (["export", "/nonexistent.pt", "out.pth"], "does not exist"),
     (["train", "missing.yaml"], "cannot read config file missing.yaml"),
 ])

@@ -10,7 +10,8 @@ from cocord_fast.data import Batch
 from cocord_fast.data.contrast import NegativeSampler
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import Trainer, config_for_resume, train
+from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 from cocord_fast.methods import METHODS, build_method
 from cocord_fast.methods.crd import CRD

@@ -17,7 +17,8 @@ import torch
 
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import Trainer, config_for_resume
+from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
 
 from launch import (PER_RANK_BATCH, STEPS, assert_disjoint_shards, assert_matches_one_process,

@@ -15,7 +15,8 @@ from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.preemption import EXIT_PREEMPTED, Preempted
-from cocord_fast.engine.trainer import Trainer, config_for_resume, train
+from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 
 from launch import recipe, train_losses, write_teacher

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import MetricAccumulator, read_log
-from cocord_fast.engine.trainer import Trainer, config_for_resume, train
+from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 
 
@@ -132,3 +133,33 @@ def test_keep_last_bounds_the_periodic_checkpoints(tiny_overrides, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("step_*.pt")) == [
         "step_00000012.pt", "step_00000014.pt"]
     assert load_checkpoint(tmp_path / "run" / "step_00000012.pt")["step"] == 12
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tiny_overrides, tmp_path,
+                                                                 capsys):
+    from test_checkpoint import flip_a_byte
+
+    full = tiny_overrides + [f"train.output_dir={tmp_path / 'full'}"]
+    train(load_config(overrides=full))
+    train(load_config(overrides=tiny_overrides + ["train.max_steps=12", "train.ckpt_every=4"]))
+    run = tmp_path / "run"
+    for name in ("last.pt", "step_00000012.pt"):
+        flip_a_byte(run / name)
+    train(load_config(overrides=tiny_overrides + ["train.resume=auto"]))
+    out = capsys.readouterr().out
+    assert f"corrupt or truncated checkpoint {run / 'last.pt'}" in out
+    assert "resuming from" in out and "step_00000008.pt (step 8)" in out
+
+    def losses(name):
+        return {r["step"]: r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"}
+
+    assert losses("run") == losses("full")
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_not_restarted(tiny_overrides, tmp_path):
+    from test_checkpoint import flip_a_byte
+
+    train(load_config(overrides=tiny_overrides + ["train.max_steps=3"]))
+    flip_a_byte(tmp_path / "run" / "last.pt")
+    with pytest.raises(UserError, match="corrupt or truncated checkpoint .*last.pt"):
+        Trainer(load_config(overrides=tiny_overrides + ["train.resume=auto"]))

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read with clear errors, and weights in several formats."""
+"""Checkpoints: written atomically and sealed, read with clear errors, and weights in several
+formats."""
 from __future__ import annotations
 
 import os
@@ -13,12 +14,16 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .sealed import CorruptCheckpoint, verify_seal, write_sealed
 
 FORMAT = "cocord_fast"
+# 2: `engine`, `world_size` and per-process `ranks` (1: one process: `optimizer`, `rng`, ...).
+FORMAT_VERSION = 2
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Writes to a temporary file in the same directory, then renames it over `path`.
+    """Writes a sealed file (`sealed.py`) to a temporary file in the same directory, then
+    renames it over `path`.
 
     A crash mid-write leaves the previous file intact: the rename is atomic on POSIX.
     """
@@ -26,7 +31,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write_sealed(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,25 +74,48 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
     base (the optimizer, RNG and data position then start fresh on resume). The method state
     is saved once: it is the same on every rank.
     """
-    return {"format": FORMAT, "config": config, "step": step, "epoch": step / steps_per_epoch,
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "step": step,
+            "epoch": step / steps_per_epoch,
             "num_classes": num_classes, "method": method.state_dict(),
             "student_prefix": student_prefix(method), "engine": engine,
             "world_size": None if ranks is None else len(ranks), "ranks": ranks,
             "best_top1": best_top1, "last_top1": last_top1}
 
 
-def load_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+def load_file(path: str | os.PathLike, mmap: bool = False, verify: bool = True) -> Any:
     """`torch.load` of a file the user named, restricted to tensors and plain containers.
-    With `mmap`, tensors are mapped rather than read: cheap when only small entries are used."""
+
+    A sealed file's bytes are checked first (`verify=False` skips reading them all). With
+    `mmap`, tensors are mapped rather than read: cheap when only small entries are used.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if verify:
+        verify_seal(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> UserError:
+    """What to tell the user about a file torch.load could not read."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return CorruptCheckpoint(f"checkpoint {path} is empty")
+    # A torch.save file is a zip archive, or a pickle in the format before torch 1.6.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return UserError(f"{path} is not a checkpoint (not a file written by torch.save)")
+    text = str(err).strip()
+    if "Unsupported global" in text:
+        return UserError(f"{path} holds Python objects besides tensors and plain containers "
+                         f"(e.g. a whole pickled model); cocord_fast reads weights only: save "
+                         f"the model's state_dict() instead")
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    return CorruptCheckpoint(f"corrupt or truncated checkpoint {path}: {first_line}")
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -95,6 +123,9 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     state = load_file(path, mmap)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a cocord_fast training checkpoint")
+    if state.get("format_version", 1) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer cocord_fast (checkpoint format "
+                        f"{state['format_version']}; this one reads up to {FORMAT_VERSION})")
     if "ranks" not in state:  # written before multi-process runs: one process, torch engine
         optimizer, rng = state.pop("optimizer", None), state.pop("rng", None)
         rank0 = {"rng": rng, "data_state": state.pop("data_state", None),

@@ -182,7 +182,7 @@ class DeepSpeedEngine:
         referenced = {path.stem for path in periodic_checkpoints(run_dir)}
         for name in ("last.pt", "best.pt"):
             if (run_dir / name).exists():
-                engine = load_file(run_dir / name, mmap=True).get("engine") or {}
+                engine = load_file(run_dir / name, mmap=True, verify=False).get("engine") or {}
                 referenced.add(Path(engine.get("tag", "")).name)
         for directory in root.iterdir():
             if directory.is_dir() and directory.name not in referenced:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..config import Config, load_config, save_config
+from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
 from ..data.build import resolve_root
 from ..data.contrast import NegativeSampler
@@ -18,12 +18,13 @@ from ..errors import UserError
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
 from . import distributed
-from .checkpoint import (load_checkpoint, load_model_weights, load_strict, remove_old_periodic,
-                         rng_state, save_atomic, set_rng_state, training_checkpoint)
+from .checkpoint import (load_model_weights, load_strict, remove_old_periodic, rng_state,
+                         save_atomic, set_rng_state, training_checkpoint)
 from .engines import autocast, build_engine, check_engine_config, join_processes
 from .evaluate import evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
 from .preemption import Preempted, StopSignals, parse_signals
+from .resume import check_resumable, resume_point
 from .schedule import lr_factor
 
 
@@ -52,31 +53,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint `train.resume` points at: 'auto' (last.pt of output_dir, if any), a run
-    directory or a checkpoint file."""
-    resume = cfg.train.resume
-    if not resume:
-        return None
-    if resume == "auto":
-        last = Path(cfg.train.output_dir) / "last.pt"
-        return last if last.exists() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.exists():
-        raise UserError(f"train.resume={resume}: no checkpoint at {path}")
-    return path
-
-
-def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
-    """The saved config of the run at `path` (directory or checkpoint), with `overrides` on top."""
-    path = Path(path)
-    checkpoint = path / "last.pt" if path.is_dir() else path
-    saved = load_checkpoint(checkpoint, mmap=True)["config"]
-    return load_config(base=saved, overrides=[f"train.resume={checkpoint}", *overrides])
-
-
 def check_model_names(cfg: Config, needs_teacher: bool) -> None:
     """Fails on a misspelt architecture before any data is read or made."""
     fields = [("model.student", cfg.model.student)]
@@ -99,28 +75,6 @@ def build_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
     return teacher.eval()
 
 
-def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: Config, world_size: int) -> None:
-    """Refuses a resume whose process count or engine differs from the checkpoint's."""
-    saved_world = checkpoint["world_size"]
-    if saved_world is not None and saved_world != world_size:
-        raise UserError(
-            f"{path} was written by {saved_world} process(es) and this run has {world_size}: "
-            f"resume it with {saved_world} (each epoch's shards, every process's data position "
-            f"and RNG state, and DeepSpeed's optimizer partitions belong to that number)")
-    engine = checkpoint["engine"]
-    if engine is None:
-        return
-    saved = f"engine.name={engine['name']}"
-    if engine["name"] == "deepspeed":
-        saved += f" engine.zero_stage={engine['zero_stage']}"
-    wanted = f"engine.name={cfg.engine.name}"
-    if cfg.engine.name == "deepspeed":
-        wanted += f" engine.zero_stage={cfg.engine.zero_stage}"
-    if saved != wanted:
-        raise UserError(f"{path} was written with {saved}, which stores the optimizer state "
-                        f"its own way; resume with those settings, not {wanted}")
-
-
 class Trainer:
     """One run: `Trainer(cfg).fit()`. Everything that affects the next step is checkpointed.
 
@@ -134,9 +88,7 @@ class Trainer:
         check_engine_config(cfg)
         stop_signals = parse_signals(cfg.train.stop_signals)
         self.device = resolve_device(cfg.train.device)
-        resume_from = find_resume_checkpoint(cfg)
-        # Mapped, not read: every process of a node shares one copy in the page cache.
-        checkpoint = load_checkpoint(resume_from, mmap=True) if resume_from else None
+        resume_from, checkpoint = resume_point(cfg)
         if checkpoint is None and (self.run_dir / "last.pt").exists():
             raise UserError(f"{self.run_dir} already holds a run; continue it with "
                             f"train.resume=auto, or choose another train.output_dir")
