@@ -183,5 +183,5 @@ def test_resuming_on_another_number_of_processes_is_refused(ddp):
 def test_resuming_with_another_engine_is_refused(ddp, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before the process group is joined
     with pytest.raises(UserError,
-                       match="written with engine.name=torch.*not engine.name=deepspeed"):
+                       match="engine.name: 'torch' -> 'deepspeed'"):
         Trainer(config_for_resume(ddp["work"] / "cocord", ["engine.name=deepspeed"]))

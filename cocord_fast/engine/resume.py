@@ -61,23 +61,50 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     return load_config(base=state["config"], overrides=[f"train.resume={checkpoint}", *overrides])
 
 
-def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: Config, world_size: int) -> None:
-    """Refuses a resume whose process count or engine differs from the checkpoint's."""
+# Settings a resumed run may not change: they change what the saved weights mean, or what a
+# step is (the checkpoint's data position counts steps of this many images per process).
+FIXED = {
+    "model.student", "model.teacher", "method.name", "data.dataset", "data.image_size",
+    "cocord.embed_dim", "cocord.queue_size", "cocord.proj_hidden_dim", "cocord.pred_hidden_dim",
+    "crd.embed_dim", "data.batch_size", "optim.grad_accum_steps", "engine.name",
+    "engine.zero_stage",
+}
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """`section.key` -> (saved value, new value) for every setting that differs (keys the
+    saved config predates count as unchanged)."""
+    changes = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value and f"{section}.{key}" != "train.resume":
+                changes[f"{section}.{key}"] = (old, value)
+    return changes
+
+
+def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: Config,
+                    world_size: int) -> dict[str, tuple[Any, Any]]:
+    """Refuses a resume whose settings change what the checkpoint means (listing each
+    difference) or whose process count differs; returns the changes it allows."""
+    changes = config_changes(checkpoint["config"], cfg)
+    fixed = FIXED
+    if checkpoint["ranks"] is None:  # imported: its data settings were only defaults
+        fixed = {key for key in FIXED if not key.startswith("data.")}
+    refused = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()
+               if key in fixed]
+    if refused:
+        raise UserError(f"{path} cannot continue with other values of settings that define "
+                        f"its weights and steps ({'; '.join(refused)}); start a new run (another "
+                        f"train.output_dir) for them")
+    engine = (checkpoint["engine"] or {}).get("name", cfg.engine.name)
+    if engine != cfg.engine.name:  # a checkpoint older than the engine section
+        raise UserError(f"{path} was written with engine.name={engine}, which stores the "
+                        f"optimizer state its own way; resume with engine.name={engine}")
     saved_world = checkpoint["world_size"]
     if saved_world is not None and saved_world != world_size:
         raise UserError(
             f"{path} was written by {saved_world} process(es) and this run has {world_size}: "
             f"resume it with {saved_world} (each epoch's shards, every process's data position "
             f"and RNG state, and DeepSpeed's optimizer partitions belong to that number)")
-    engine = checkpoint["engine"]
-    if engine is None:
-        return
-    saved = f"engine.name={engine['name']}"
-    if engine["name"] == "deepspeed":
-        saved += f" engine.zero_stage={engine['zero_stage']}"
-    wanted = f"engine.name={cfg.engine.name}"
-    if cfg.engine.name == "deepspeed":
-        wanted += f" engine.zero_stage={cfg.engine.zero_stage}"
-    if saved != wanted:
-        raise UserError(f"{path} was written with {saved}, which stores the optimizer state "
-                        f"its own way; resume with those settings, not {wanted}")
+    return changes

@@ -92,8 +92,10 @@ class Trainer:
         if checkpoint is None and (self.run_dir / "last.pt").exists():
             raise UserError(f"{self.run_dir} already holds a run; continue it with "
                             f"train.resume=auto, or choose another train.output_dir")
-        if checkpoint is not None:
-            check_resumable(checkpoint, resume_from, cfg, distributed.launched_world_size())
+        # Settings changed since the checkpoint (allowed ones; the others are refused here).
+        self.resume_changes = (check_resumable(checkpoint, resume_from, cfg,
+                                               distributed.launched_world_size())
+                               if checkpoint is not None else {})
         join_processes(cfg, self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.stop_requests = StopSignals(stop_signals)
@@ -107,6 +109,9 @@ class Trainer:
             cfg.data, method_class.num_views, cfg.train.seed, self.device,
             torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
             self.rank, self.world_size)
+        if checkpoint is not None and checkpoint["num_classes"] != self.loaders.num_classes:
+            raise UserError(f"{resume_from} predicts {checkpoint['num_classes']} classes, but "
+                            f"{cfg.data.root or cfg.data.dataset} has {self.loaders.num_classes}")
         self.accumulation = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.loaders.train) // self.accumulation
         if self.steps_per_epoch == 0:
@@ -251,6 +256,11 @@ class Trainer:
                 self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step",
                                 dynamic_ncols=True, desc=self.run_dir.name)
         self._print(self._describe())
+        if self.resume_changes:
+            self._print(f"resuming at step {self.step} with changed settings: " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, (old, new) in self.resume_changes.items()))
+            self._record("resume", {"step": self.step, "changes": {
+                key: {"saved": old, "now": new} for key, (old, new) in self.resume_changes.items()}})
         self.window.restart()
         try:
             with self.stop_requests:

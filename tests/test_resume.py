@@ -1,0 +1,49 @@
+"""What a resumed run may change: settings that change what the weights mean or what a step is
+are refused (each difference listed); the others are allowed, printed and recorded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cocord_fast.cli import main
+from cocord_fast.config import load_config
+from cocord_fast.engine.metrics import read_log
+from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine.trainer import Trainer, train
+from cocord_fast.errors import UserError
+
+from data_trees import write_identity_tree
+from test_cocord import reference_state
+
+
+@pytest.fixture
+def stopped_run(tiny_overrides, tmp_path):
+    train(load_config(overrides=tiny_overrides + ["train.max_steps=4"]))
+    return tmp_path / "run"
+
+
+def test_changes_to_what_the_weights_mean_are_refused_and_listed(stopped_run):
+    with pytest.raises(UserError, match=r"model.student: 'resnet8' -> 'resnet20'; "
+                                        r"data.batch_size: 16 -> 32\); start a new run"):
+        Trainer(config_for_resume(stopped_run, ["model.student=resnet20", "data.batch_size=32"]))
+
+
+def test_harmless_changes_are_allowed_printed_and_recorded(stopped_run, capsys):
+    train(config_for_resume(stopped_run, ["train.max_steps=6", "train.log_every=2"]))
+    assert ("resuming at step 4 with changed settings: train.max_steps 4 -> 6, "
+            "train.log_every 1 -> 2") in capsys.readouterr().out
+    (record,) = [r for r in read_log(stopped_run) if r["kind"] == "resume"]
+    assert record == {"kind": "resume", "step": 4, "changes": {
+        "train.max_steps": {"saved": 4, "now": 6}, "train.log_every": {"saved": 1, "now": 2}}}
+
+
+def test_an_imported_run_takes_its_data_settings_but_not_another_class_count(tmp_path):
+    path = tmp_path / "reference.pth"
+    torch.save({"state_dict": reference_state()}, path)
+    assert main(["import-reference", str(path), str(tmp_path / "imported"), "--student",
+                 "resnet8", "--teacher", "resnet14", "--num-classes", "10"]) == 0
+    three_classes = write_identity_tree(tmp_path / "tree", classes=3)
+    with pytest.raises(UserError, match=r"last.pt predicts 10 classes, but .*tree has 3"):
+        Trainer(config_for_resume(tmp_path / "imported", [
+            "data.dataset=imagefolder", f"data.root={three_classes}", "data.image_size=32",
+            "data.batch_size=4"]))
