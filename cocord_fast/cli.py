@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from .errors import UserError
 
@@ -224,22 +225,48 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.overrides = [*ns.overrides, *extra]
     from .engine import distributed
+
+    return distributed.finish(run_command(lambda: ns.func(ns)))
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """`command()`'s exit code, or the one of what went wrong, said in one line.
+
+    Under several processes, a process that fails leaves its reason in the group's store
+    first; the others, whose next collective then fails, stop naming that process and reason
+    instead of a connection error. A collective that times out (`engine.timeout_s`) is named
+    as such.
+    """
+    from .engine import distributed
     from .engine.preemption import EXIT_PREEMPTED, Preempted
 
     try:
-        code = ns.func(ns)
+        return command()
     except UserError as err:
+        distributed.report_failure(_user_message(err))
         print(f"cocord-fast: error: {_user_message(err)}", file=sys.stderr)
-        code = 2
+        return 2
     except Preempted as stop:
         if distributed.is_main():
             print(f"cocord-fast: {stop}", file=sys.stderr)
-        code = EXIT_PREEMPTED
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("cocord-fast: interrupted; continue with --resume RUN_DIR from the last checkpoint",
               file=sys.stderr)
-        code = 130
-    return distributed.finish(code)
+        return 130
+    except Exception as err:
+        peer = distributed.peer_failure()
+        if peer is not None:
+            print(f"cocord-fast: error: stopped because {peer}", file=sys.stderr)
+            return 1
+        if distributed.world_size() > 1 and "Timed out" in str(err):
+            message = ("no answer from the other processes within engine.timeout_s (one is "
+                       "stuck or gone)")
+            distributed.report_failure(message)
+            print(f"cocord-fast: error: {message}", file=sys.stderr)
+            return 1
+        distributed.report_failure(f"{type(err).__name__}: {err}")
+        raise
 
 
 if __name__ == "__main__":

@@ -154,6 +154,9 @@ class EngineConfig:
     deepspeed_overrides: dict = _field(
         {}, "deepspeed only: DeepSpeed settings applied last, as a mapping, e.g. "
             "{zero_optimization: {overlap_comm: true}}")
+    timeout_s: float = _field(
+        600.0, "seconds a process waits for the others in a collective before it stops the run "
+        "(a stuck or dead process); long enough for rank 0 to write a checkpoint", min=1.0)
 
 
 @dataclass

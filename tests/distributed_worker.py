@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py SPEC.json
 
 SPEC.json: {"runs": [{"overrides": [...], "resume": RUN_DIR or null, "bn_eval": bool,
-"dump": PATH}, ...]}. Each run is a `Trainer` built as `cocord-fast train` builds it; with
-`bn_eval` every BatchNorm stays in eval mode (a model without batch-dependent layers). After
+"dump": PATH, "hang": [RANK, STEP]}, ...]}. Each run is a `Trainer` built as `cocord-fast
+train` builds it; with `bn_eval` every BatchNorm stays in eval mode (a model without
+batch-dependent layers); with `hang`, rank RANK stops answering in step STEP. After
 `fit()`, each rank writes `PATH.rank<R>.pt`: its method state, the dataset indices and CRD
 contrast indices of every micro-batch it trained on, the keys CoCoRD computed before
 gathering them, and its losses as the engine returned them.
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 
 import torch
 from torch import nn
 
+from cocord_fast.cli import run_command
 from cocord_fast.config import load_config
 from cocord_fast.engine import distributed
 from cocord_fast.engine.resume import config_for_resume
@@ -31,6 +34,18 @@ def freeze_batchnorm(module: nn.Module) -> None:
             layer.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False),
                                            layer)
             layer.eval()
+
+
+def hang(trainer: Trainer, rank: int, step: int) -> None:
+    """Rank `rank` stops answering in step `step` (a stuck process: alive, silent)."""
+    micro_step = trainer.engine.micro_step
+
+    def stuck_micro_step(batch, boundary):
+        if distributed.rank() == rank and trainer.step + 1 == step:
+            time.sleep(3600)
+        return micro_step(batch, boundary)
+
+    trainer.engine.micro_step = stuck_micro_step
 
 
 def record(trainer: Trainer) -> dict[str, list]:
@@ -66,6 +81,8 @@ def run(spec: dict) -> None:
     trainer = Trainer(cfg)
     if spec.get("bn_eval"):
         freeze_batchnorm(trainer.method)
+    if spec.get("hang"):
+        hang(trainer, *spec["hang"])
     seen = record(trainer)
     trainer.fit()
     if spec.get("dump"):
@@ -78,9 +95,14 @@ def main(argv: list[str]) -> int:
     # The deepspeed launcher puts --local_rank=N first; the rank comes from the environment.
     spec_path = next(arg for arg in argv if not arg.startswith("--local"))
     with open(spec_path) as f:
-        for spec in json.load(f)["runs"]:
+        specs = json.load(f)["runs"]
+
+    def run_all() -> int:
+        for spec in specs:
             run(spec)
-    return distributed.finish(0)
+        return 0
+
+    return distributed.finish(run_command(run_all))  # errors handled as by the CLI
 
 
 if __name__ == "__main__":

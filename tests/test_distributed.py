@@ -9,21 +9,26 @@ a run mid-epoch and resume it.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+import time
 
 import psutil
 import pytest
 import torch
 
+from cocord_fast.data.order import epoch_order
+from cocord_fast.data.sources import open_source
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
 
-from launch import (PER_RANK_BATCH, STEPS, assert_disjoint_shards, assert_matches_one_process,
-                    launch, launch_nodes, launch_runs, rank_dumps, recipe, start, train_losses,
-                    wait_for, write_teacher)
+from launch import (PER_RANK_BATCH, STEPS, WORKER, assert_disjoint_shards,
+                    assert_matches_one_process, launch, launch_nodes, launch_runs, rank_dumps,
+                    recipe, start, train_losses, wait_for, write_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +178,40 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(ddp):
     launch("torchrun", ["-m", "cocord_fast", "train", "--resume", run,
                         f"train.max_steps={STEPS}"], work)
     assert train_losses(run) == train_losses(work / "cocord_dali")
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_is_named_by_the_others(ddp):
+    """Rank 1 meets an unreadable image in step 3 (a file of its shard only): it stops with
+    that error, and rank 0, whose collective then fails, stops naming rank 1 and the file."""
+    work = ddp["work"]
+    data = work / "damaged_data"
+    shutil.copytree(ddp["root"], data)
+    rank1_step3 = epoch_order(120, PER_RANK_BATCH, 0, 0, world_size=2)[1][2 * PER_RANK_BATCH]
+    damaged = open_source("demo", data, train=True).files[int(rank1_step3)]
+    damaged.write_bytes(b"not a jpeg")
+    overrides = recipe(data, ddp["teacher"], "failing", "cocord")
+    started = time.monotonic()
+    job = start("torchrun", ["-m", "cocord_fast", "train", *overrides], work, work / "fail.log")
+    assert job.wait(timeout=300) != 0
+    output = (work / "fail.log").read_text()
+    assert f"stopped because rank 1: cannot decode image {damaged}" in output, output[-3000:]
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_times_out_the_others(ddp):
+    """Rank 1 goes silent in step 3: rank 0 gives up after engine.timeout_s and says why."""
+    work = ddp["work"]
+    spec = {"overrides": recipe(ddp["root"], ddp["teacher"], "stuck", "cocord")
+            + ["engine.timeout_s=5"], "hang": [1, 3]}
+    (work / "stuck.json").write_text(json.dumps({"runs": [spec]}))
+    started = time.monotonic()
+    job = start("torchrun", [WORKER, work / "stuck.json"], work, work / "stuck.log")
+    assert job.wait(timeout=300) != 0
+    output = (work / "stuck.log").read_text()
+    assert "no answer from the other processes within engine.timeout_s" in output, output[-3000:]
+    assert time.monotonic() - started < 120
 
 
 def test_resuming_on_another_number_of_processes_is_refused(ddp):

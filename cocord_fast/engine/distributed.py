@@ -15,11 +15,15 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+
+_timeout: timedelta | None = None  # of the joined group's collectives
 
 
 def launched_world_size() -> int:
@@ -56,20 +60,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(device: torch.device, group_of_one: bool = False) -> None:
-    """Joins the launcher's process group (idempotent). With `group_of_one`, a process
-    started without a launcher forms a group of one (DeepSpeed needs a group)."""
+def init(device: torch.device, timeout_s: float, group_of_one: bool = False) -> None:
+    """Joins the launcher's process group (idempotent); its collectives give up after
+    `timeout_s`. With `group_of_one`, a process started without a launcher forms a group of
+    one (DeepSpeed needs a group)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device
     if is_initialized() or (launched_world_size() == 1 and not group_of_one):
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    global _timeout
+    timeout = _timeout = timedelta(seconds=timeout_s)
     if "WORLD_SIZE" in os.environ:  # a launcher described the group
-        dist.init_process_group(backend, init_method="env://")
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
         return
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1)
+                            world_size=1, timeout=timeout)
 
 
 def finish(exit_code: int) -> int:
@@ -88,6 +95,36 @@ def finish(exit_code: int) -> int:
         sys.stderr.flush()
         os._exit(exit_code)
     return exit_code
+
+
+_FAILURE, _FAILURES = "cocord_fast/failure", "cocord_fast/failures"
+
+
+def report_failure(message: str) -> None:
+    """Leaves why this process stops in the group's store, for the others to name when their
+    next collective fails (the first failure wins). Best effort: the store may be gone."""
+    if world_size() == 1:
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add(_FAILURES, 1) == 1:
+            store.set(_FAILURE, f"rank {rank()}: {message}")
+    except (RuntimeError, ValueError):
+        pass
+
+
+def peer_failure() -> str | None:
+    """What another process reported before it stopped, if one did."""
+    if world_size() == 1:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if not store.check([_FAILURE]):
+            return None
+        found = store.get(_FAILURE).decode()
+    except (RuntimeError, ValueError):
+        return None
+    return None if found.startswith(f"rank {rank()}:") else found
 
 
 def barrier() -> None:
@@ -144,7 +181,8 @@ class LaggedAny:
     """
 
     def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
+        self.group = (dist.new_group(backend="gloo", timeout=_timeout) if world_size() > 1
+                      else None)
         self.pending: tuple[Any, Tensor] | None = None
 
     def __call__(self, flag: bool) -> bool:

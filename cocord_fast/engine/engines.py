@@ -131,7 +131,7 @@ def check_engine_config(cfg: Config) -> None:
 
 def join_processes(cfg: Config, device: torch.device) -> None:
     """Joins the launcher's process group; DeepSpeed needs one even for a single process."""
-    distributed.init(device, group_of_one=cfg.engine.name == "deepspeed")
+    distributed.init(device, cfg.engine.timeout_s, group_of_one=cfg.engine.name == "deepspeed")
 
 
 def build_engine(cfg: Config, method: Method, device: torch.device) -> Engine:
