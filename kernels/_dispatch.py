@@ -25,6 +25,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_unavailable(impl: str, on_cuda: bool) -> str | None:
+    """Why `impl` cannot run (on CUDA tensors, or CPU ones), or None when it can."""
+    if impl != "triton":
+        return None
+    if not triton_available():
+        return "impl='triton' needs the triton package (pip install triton)"
+    if not on_cuda and not interpreting():
+        return ("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                "before triton is first used (Triton's CPU interpreter)")
+    return None
+
+
 def use_triton(impl: str, tensors: list[torch.Tensor], op: str) -> bool:
     """Whether `op` runs its Triton kernels for these inputs.
 
@@ -39,9 +51,7 @@ def use_triton(impl: str, tensors: list[torch.Tensor], op: str) -> bool:
         return False
     if impl == "auto":
         return bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()
-    if not triton_available():
-        raise ImportError(f"{op}: impl='triton' needs the triton package (pip install triton)")
-    if not all(t.is_cuda for t in tensors) and not interpreting():
-        raise RuntimeError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the "
-                           f"environment before triton is first used (Triton's CPU interpreter)")
+    reason = triton_unavailable(impl, all(t.is_cuda for t in tensors))
+    if reason is not None:
+        raise (ImportError if not triton_available() else RuntimeError)(f"{op}: {reason}")
     return True

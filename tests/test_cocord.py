@@ -460,3 +460,28 @@ def test_cli_import_reference_writes_a_resumable_run(tmp_path, capsys):
     assert main([*argv[:2], str(tmp_path / "other"), *argv[3:]]) == 2
     assert "missing keys: queue" in capsys.readouterr().err
     assert math.isfinite(fresh(make_batch(dtype=torch.float32)).loss.item())
+
+
+def test_the_teacher_heads_effective_momentum_is_printed_and_saved(tiny_demo_root, tmp_path,
+                                                                   capsys):
+    """resnet32x4 (256 features) -> resnet8 (64): the teacher head cannot track the student's,
+    so it runs frozen whatever cocord.teacher_head_momentum says."""
+    from cocord_fast.config import load_config
+    from cocord_fast.engine.metrics import read_log
+    from cocord_fast.engine.trainer import train
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("resnet32x4", 10).state_dict(), teacher)
+    train(load_config(overrides=[
+        f"data.root={tiny_demo_root}", "data.batch_size=16", "data.num_workers=0",
+        "data.backend=torch", "method.name=cocord", "model.student=resnet8",
+        "model.teacher=resnet32x4", f"model.teacher_checkpoint={teacher}", "train.max_steps=1",
+        "train.progress=false", "cocord.queue_size=32", "cocord.embed_dim=16",
+        "cocord.proj_hidden_dim=16", "cocord.pred_hidden_dim=8",
+        f"train.output_dir={tmp_path / 'run'}"]))
+    assert ("cocord.teacher_head_momentum is 1.0 in this run, not 0.999: the teacher's "
+            "features (256) and the student's (64) differ") in capsys.readouterr().out
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["effective_settings"] == {"cocord.teacher_head_momentum": 1.0}
+    assert {"kind": "effective", "step": 0, "key": "cocord.teacher_head_momentum",
+            "value": 1.0} in read_log(tmp_path / "run")

@@ -176,3 +176,22 @@ def test_batch_moves_every_tensor():
     moved = batch.to(torch.device("cpu"))
     assert moved.contrast_index is None and torch.equal(moved.index, batch.index)
     assert len(moved) == 2
+
+
+def test_an_io_error_is_named_as_such_and_never_skipped_as_a_damaged_image(tiny_demo_root,
+                                                                           monkeypatch):
+    import errno
+
+    from cocord_fast.data import sources
+
+    source = sources.open_source("demo", tiny_demo_root, train=True)
+
+    def failing_disk(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(sources.Image, "open", failing_disk)
+    for read in (lambda: source.load(0), lambda: sources.decode_error(source.files[0])):
+        with pytest.raises(UserError, match=r"cannot read .*: Input/output error \(an I/O "
+                                            r"error, not a damaged image") as caught:
+            read()
+        assert not isinstance(caught.value, sources.CorruptImage)

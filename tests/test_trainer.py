@@ -163,3 +163,24 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_not_restarted(tiny_overrides
     flip_a_byte(tmp_path / "run" / "last.pt")
     with pytest.raises(UserError, match="corrupt or truncated checkpoint .*last.pt"):
         Trainer(load_config(overrides=tiny_overrides + ["train.resume=auto"]))
+
+
+def test_tensorboard_hides_the_steps_a_resumed_run_repeats(tiny_overrides, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(load_config(overrides=tiny_overrides + ["train.max_steps=6", "train.ckpt_every=4"]))
+    run = tmp_path / "run"
+    train(config_for_resume(run / "step_00000004.pt", ["train.max_steps=8"]))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = {r["step"]: r["loss"] for r in read_log(run) if r["kind"] == "train"}
+    scalars = events.Scalars("train/loss")
+    assert [s.step for s in scalars] == list(range(1, 9)) == list(losses)
+    assert all(s.value == pytest.approx(losses[s.step]) for s in scalars)
+
+
+def test_triton_kernels_on_cpu_without_the_interpreter_are_a_clear_error(tiny_overrides,
+                                                                         monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UserError, match="train.kernels=triton on cpu: .*TRITON_INTERPRET=1"):
+        Trainer(load_config(overrides=tiny_overrides + ["train.kernels=triton"]))

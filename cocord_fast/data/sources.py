@@ -27,6 +27,16 @@ class CorruptImage(UserError):
         self.path = path
 
 
+def io_failure(path: Path, err: Exception) -> UserError | None:
+    """The error to raise when `err` is the file system failing (permissions, a failing disk:
+    an OSError with an errno), not the image: those are never skipped as damaged images.
+    PIL's own decode errors carry no errno."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return UserError(f"cannot read {path}: {err.strerror or err} (an I/O error, not a "
+                         f"damaged image: data.skip_corrupt does not skip it)")
+    return None
+
+
 def decode_error(path: Path) -> str | None:
     """Why `path` cannot be fully decoded, or None if it can (a whole decode, not a header
     check: a truncated JPEG has a valid header)."""
@@ -34,6 +44,8 @@ def decode_error(path: Path) -> str | None:
         with Image.open(path) as image:
             image.load()
     except DECODE_ERRORS as err:
+        if (failure := io_failure(path, err)) is not None:
+            raise failure from None
         return str(err) or type(err).__name__
     return None
 
@@ -122,7 +134,8 @@ class ImageFolder:
             with Image.open(path) as image:
                 return image.convert("RGB"), int(self.targets[index])
         except DECODE_ERRORS as err:
-            raise CorruptImage(path, str(err) or type(err).__name__) from None
+            raise io_failure(path, err) or CorruptImage(path, str(err) or type(err).__name__) \
+                from None
 
 
 def open_source(dataset: str, root: str | Path, train: bool, download: bool = False):

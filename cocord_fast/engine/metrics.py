@@ -68,13 +68,16 @@ class ThroughputWindow:
 class RunLog:
     """Appends one JSON object per record to `metrics.jsonl`, and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resumed_at: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # A resumed run hides the scalars its previous process logged after the checkpoint,
+            # as `rewrite_log` drops them from metrics.jsonl.
+            purge = None if resumed_at is None else resumed_at + 1
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
         record = {"kind": kind, **record}

@@ -15,6 +15,7 @@ from ..data import Batch, Loaders, build_loaders
 from ..data.build import resolve_root
 from ..data.contrast import NegativeSampler
 from ..errors import UserError
+from ..kernels import triton_unavailable
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
 from . import distributed
@@ -88,6 +89,9 @@ class Trainer:
         check_engine_config(cfg)
         stop_signals = parse_signals(cfg.train.stop_signals)
         self.device = resolve_device(cfg.train.device)
+        if reason := triton_unavailable(cfg.train.kernels, self.device.type == "cuda"):
+            raise UserError(f"train.kernels=triton on {self.device}: {reason}; or set "
+                            f"train.kernels=auto")
         resume_from, checkpoint = resume_point(cfg)
         if checkpoint is None and (self.run_dir / "last.pt").exists():
             raise UserError(f"{self.run_dir} already holds a run; continue it with "
@@ -173,6 +177,8 @@ class Trainer:
                 checkpoint = training_checkpoint(
                     self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
                     self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1)
+                checkpoint["effective_settings"] = {
+                    key: value for key, (value, _) in self.method.effective_settings().items()}
                 for name in names:
                     save_atomic(checkpoint, self.run_dir / name)
         if distributed.is_main():
@@ -235,6 +241,10 @@ class Trainer:
         if self.log is not None:
             self.log.write(kind, record)
 
+    def _configured(self, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(self.cfg, section), name)
+
     def _describe(self) -> str:
         cfg, world = self.cfg, self.world_size
         processes = f" x {world} processes" if world > 1 else ""
@@ -251,11 +261,14 @@ class Trainer:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            self.log = RunLog(self.run_dir)
+            self.log = RunLog(self.run_dir, resumed_at=self.step if self.step else None)
             if cfg.train.progress and sys.stderr.isatty():
                 self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step",
                                 dynamic_ncols=True, desc=self.run_dir.name)
         self._print(self._describe())
+        for key, (value, why) in self.method.effective_settings().items():
+            self._print(f"{key} is {value} in this run, not {self._configured(key)!r}: {why}")
+            self._record("effective", {"step": self.step, "key": key, "value": value})
         if self.resume_changes:
             self._print(f"resuming at step {self.step} with changed settings: " + ", ".join(
                 f"{key} {old!r} -> {new!r}" for key, (old, new) in self.resume_changes.items()))

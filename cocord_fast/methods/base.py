@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -51,3 +52,8 @@ class Method(nn.Module):
 
     def on_optimizer_step(self) -> None:
         """Runs right after each optimizer step (momentum updates live here)."""
+
+    def effective_settings(self) -> dict[str, tuple[Any, str]]:
+        """Settings this method runs with other values than the config's:
+        'section.key' -> (value, why). The loop prints and saves them."""
+        return {}

@@ -175,6 +175,14 @@ class CoCoRD(Distiller):
             momenta += [self.teacher_head_momentum] * len(head)
         return targets, sources, momenta
 
+    def effective_settings(self) -> dict[str, tuple[Any, str]]:
+        if self.teacher_head_momentum == self.config.teacher_head_momentum:
+            return {}
+        why = (f"the teacher's features ({self.teacher_encoder.num_features}) and the student's "
+               f"({self.student_encoder.num_features}) differ in width: the teacher head is "
+               f"random and frozen")
+        return {"cocord.teacher_head_momentum": (self.teacher_head_momentum, why)}
+
     def on_optimizer_step(self) -> None:
         # Right after the optimizer step: the next forward's slow student and teacher head see
         # the student's weights as they are now (METHOD.md, step 3; also correct under
