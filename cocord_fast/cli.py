@@ -56,6 +56,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
+    from .engine.evaluate import describe_samples
     from .engine.evaluate_checkpoint import evaluate_checkpoint
 
     overrides = [f"data.{k}={v}" for k, v in (("root", ns.data), ("dataset", ns.dataset),
@@ -63,7 +64,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                                               ("num_workers", ns.workers)) if v is not None]
     result = evaluate_checkpoint(ns.checkpoint, overrides, ns.device)
     print(f"{ns.checkpoint}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
-          f"({result['num_samples']} images)")
+          f"({describe_samples(result)})")
     return 0
 
 
@@ -124,7 +125,8 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
     if (out_dir / "last.pt").exists():
         raise UserError(f"{out_dir / 'last.pt'} already exists; choose another OUT_DIR")
     overrides = ns.overrides
-    cfg = load_config(None, overrides)  # every override is checked before the file is read
+    # The reference trains on CIFAR-100 only; every override is checked before the file is read.
+    cfg = load_config(None, ["data.dataset=cifar100", *overrides])
     cocord_overrides = {key: value for text in overrides
                         for section, values in parse_override(text).items()
                         if section == "cocord" for key, value in values.items()}

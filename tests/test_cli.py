@@ -89,3 +89,20 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2
     assert "optim.lr: expected float, got 'abc'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluation_images_left_out_are_reported_and_saved(tmp_path, capsys):
+    from data_trees import write_identity_tree
+
+    root = write_identity_tree(tmp_path / "tree", classes=3, per_class=4, val_per_class=2)
+    damaged = sorted((root / "val").rglob("*.jpg"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # truncated
+    run = tmp_path / "run"
+    assert main(["train", "data.dataset=imagefolder", f"data.root={root}", "data.image_size=32",
+                 "data.batch_size=4", "data.num_workers=0", "data.backend=torch",
+                 "data.skip_corrupt=true", "model.student=resnet8", "train.max_steps=1",
+                 "train.progress=false", f"train.output_dir={run}"]) == 0
+    assert "; 5 images, 1 unreadable image left out)" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["last_eval"]["skipped_files"] == 1
+    assert main(["eval", str(run / "last.pt")]) == 0
+    assert "(5 images, 1 unreadable image left out)" in capsys.readouterr().out

@@ -47,3 +47,32 @@ def test_an_imported_run_takes_its_data_settings_but_not_another_class_count(tmp
         Trainer(config_for_resume(tmp_path / "imported", [
             "data.dataset=imagefolder", f"data.root={three_classes}", "data.image_size=32",
             "data.batch_size=4"]))
+
+
+def test_the_readme_import_recipe_runs_end_to_end(tmp_path, capsys):
+    """`import-reference REF OUT --student --teacher`, then `train --resume OUT data.root=...`
+    on CIFAR-100-format data, as the README says."""
+    from cocord_fast.config import CoCoRDConfig
+    from cocord_fast.engine.checkpoint import load_checkpoint
+    from cocord_fast.methods.cocord import CoCoRD
+    from cocord_fast.models import build_model
+    from test_cocord import OURS
+    from test_data import write_cifar
+
+    heads = CoCoRDConfig(queue_size=32, embed_dim=16, proj_hidden_dim=16, pred_hidden_dim=8)
+    ours = CoCoRD(build_model("resnet8", 100), build_model("resnet14", 100), heads).state_dict()
+    theirs = {"queue": ours.pop("queue").T.contiguous(), "queue_ptr": ours.pop("queue_ptr")[None]}
+    for key, value in ours.items():
+        reference_prefix = next(r for r, o in OURS.items() if key.startswith(o))
+        theirs[reference_prefix + key[len(OURS[reference_prefix]):]] = value
+    torch.save({"epoch": 120, "state_dict": theirs}, tmp_path / "checkpoint.pth")
+    write_cifar(tmp_path / "cifar", n_train=64, n_test=16)
+    out = tmp_path / "imported"
+    assert main(["import-reference", str(tmp_path / "checkpoint.pth"), str(out), "--student",
+                 "resnet8", "--teacher", "resnet14"]) == 0
+    assert main(["train", "--resume", str(out), f"data.root={tmp_path / 'cifar'}",
+                 "data.batch_size=16", "data.num_workers=0", "train.max_steps=2",
+                 "train.progress=false"]) == 0
+    assert ("was imported: it holds weights but no optimizer state or data position, so the "
+            "schedule starts at step 0 (epoch 0)") in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pt")["step"] == 2

@@ -10,6 +10,13 @@ from ..data import Batch
 from . import distributed
 
 
+def describe_samples(result: dict[str, float]) -> str:
+    """'N images', and the unreadable ones `data.skip_corrupt` left out, if any."""
+    left_out = result["skipped_files"]
+    return f"{result['num_samples']} images" + (
+        f", {left_out} unreadable image{'s' * (left_out != 1)} left out" if left_out else "")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict[str, float]:
     """Accuracy over every sample of `loader`; unreadable files it dropped (data.skip_corrupt)

@@ -22,7 +22,7 @@ from . import distributed
 from .checkpoint import (load_model_weights, load_strict, remove_old_periodic, rng_state,
                          save_atomic, set_rng_state, training_checkpoint)
 from .engines import autocast, build_engine, check_engine_config, join_processes
-from .evaluate import evaluate
+from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
 from .preemption import Preempted, StopSignals, parse_signals
 from .resume import check_resumable, resume_point
@@ -136,17 +136,19 @@ class Trainer:
             self.method.load_state_dict(checkpoint["method"])
         self.engine = build_engine(cfg, self.method, self.device)
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
+        self.last_eval: dict[str, float] | None = None
         self.skipped_files = 0  # unreadable training images this rank replaced (skip_corrupt)
         self.data_state: bytes | None = None  # the loader's state at the resumed step
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
         self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
+        # A checkpoint imported from another code base holds no optimizer, RNG or data state.
+        self.imported_from = (resume_from if checkpoint is not None and checkpoint["ranks"] is None
+                              else None)
         if checkpoint is not None:
             self._restore(checkpoint, resume_from.parent)
 
     def _restore(self, checkpoint: dict[str, Any], checkpoint_dir: Path) -> None:
-        # A checkpoint imported from another code base carries weights but no optimizer, RNG
-        # or data state: those then start fresh.
         if checkpoint["engine"] is not None:
             self.engine.load_state_dict(checkpoint["engine"], checkpoint_dir)
         if checkpoint["ranks"] is not None:
@@ -179,6 +181,7 @@ class Trainer:
                     self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1)
                 checkpoint["effective_settings"] = {
                     key: value for key, (value, _) in self.method.effective_settings().items()}
+                checkpoint["last_eval"] = self.last_eval  # with the images it left out
                 for name in names:
                     save_atomic(checkpoint, self.run_dir / name)
         if distributed.is_main():
@@ -219,7 +222,7 @@ class Trainer:
         with distributed.averaged_batchnorm_statistics(self.method), autocast(self.cfg,
                                                                                self.device):
             result = evaluate(self.method.student(), self.loaders.val, self.device)
-        self.last_top1 = result["top1"]
+        self.last_top1, self.last_eval = result["top1"], result
         is_best = self.last_top1 >= self.best_top1
         self.best_top1 = max(self.best_top1, self.last_top1)
         self._record("eval", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
@@ -227,7 +230,7 @@ class Trainer:
         self.save("last.pt", *(["best.pt"] if is_best else []))
         self._print(f"step {self.step} epoch {self.step / self.steps_per_epoch:.2f}: "
                     f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-                    f"(best {self.best_top1:.2f})")
+                    f"(best {self.best_top1:.2f}; {describe_samples(result)})")
 
     def _print(self, text: str, every_rank: bool = False) -> None:
         if not (every_rank or distributed.is_main()):
@@ -266,6 +269,10 @@ class Trainer:
                 self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step",
                                 dynamic_ncols=True, desc=self.run_dir.name)
         self._print(self._describe())
+        if self.imported_from is not None:
+            self._print(f"{self.imported_from} was imported: it holds weights but no optimizer "
+                        f"state or data position, so the schedule starts at step {self.step} "
+                        f"(epoch 0) with a fresh optimizer")
         for key, (value, why) in self.method.effective_settings().items():
             self._print(f"{key} is {value} in this run, not {self._configured(key)!r}: {why}")
             self._record("effective", {"step": self.step, "key": key, "value": value})
