@@ -184,3 +184,36 @@ def test_triton_kernels_on_cpu_without_the_interpreter_are_a_clear_error(tiny_ov
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(UserError, match="train.kernels=triton on cpu: .*TRITON_INTERPRET=1"):
         Trainer(load_config(overrides=tiny_overrides + ["train.kernels=triton"]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("method", ["kd", "crd", "cocord"])
+def test_every_method_resumes_exactly_mid_epoch_and_at_an_epoch_boundary(tiny_overrides,
+                                                                          tmp_path, method,
+                                                                          backend):
+    """Stopped after step 5 (mid-epoch) or 7 (the end of epoch 1), then resumed to step 14:
+    every loss, and the whole method state (queue and pointer, slow copies, banks and Z),
+    equal those of one uninterrupted run."""
+    from launch import write_teacher
+
+    teacher = write_teacher(tmp_path)
+    overrides = tiny_overrides + [
+        f"method.name={method}", f"data.backend={backend}", "model.teacher=resnet8",
+        f"model.teacher_checkpoint={teacher}", "cocord.queue_size=40", "cocord.embed_dim=16",
+        "cocord.proj_hidden_dim=16", "cocord.pred_hidden_dim=8", "crd.num_negatives=16",
+        "crd.embed_dim=16"]
+
+    def losses(name):
+        return {r["step"]: r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"}
+
+    train(load_config(overrides=overrides + [f"train.output_dir={tmp_path / 'full'}"]))
+    full = load_checkpoint(tmp_path / "full" / "last.pt")["method"]
+    for stop in (5, 7):
+        run = tmp_path / f"stop{stop}"
+        train(load_config(overrides=overrides + [f"train.output_dir={run}",
+                                                 f"train.max_steps={stop}"]))
+        torch.manual_seed(999)  # a resumed process starts with other RNG state
+        train(config_for_resume(run, ["train.max_steps=0"]))
+        assert losses(run.name) == losses("full") and len(losses("full")) == 14
+        resumed = load_checkpoint(run / "last.pt")["method"]
+        assert all(torch.equal(resumed[k], full[k]) for k in full), stop
