@@ -40,6 +40,12 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def remove_partial_saves(run_dir: str | os.PathLike) -> None:
+    """Deletes the temporary files of saves a killed process never finished."""
+    for partial in Path(run_dir).glob(".*.pt.*.tmp"):
+        partial.unlink(missing_ok=True)
+
+
 def periodic_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's step_N.pt files, oldest first."""
     return sorted(Path(run_dir).glob("step_*.pt"), key=lambda path: int(path.stem[5:]))

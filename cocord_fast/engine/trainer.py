@@ -19,8 +19,9 @@ from ..kernels import triton_unavailable
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
 from . import distributed
-from .checkpoint import (load_model_weights, load_strict, remove_old_periodic, rng_state,
-                         save_atomic, set_rng_state, training_checkpoint)
+from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
+                         remove_partial_saves, rng_state, save_atomic, set_rng_state,
+                         training_checkpoint)
 from .engines import autocast, build_engine, check_engine_config, join_processes
 from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
@@ -263,6 +264,7 @@ class Trainer:
         cfg = self.cfg
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_saves(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")
             self.log = RunLog(self.run_dir, resumed_at=self.step if self.step else None)
             if cfg.train.progress and sys.stderr.isatty():
