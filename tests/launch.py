@@ -165,7 +165,7 @@ class ConcatenatedRanks:
         return len(self.loaders[0])
 
     def __iter__(self):
-        for parts in zip(*self.loaders):
+        for parts in zip(*self.loaders, strict=True):
             yield Batch(views=[torch.cat(views) for views in zip(*(p.views for p in parts))],
                         labels=torch.cat([p.labels for p in parts]),
                         index=torch.cat([p.index for p in parts]))

@@ -98,7 +98,7 @@ def test_cifar_resume_from_state_repeats_the_uninterrupted_views(cifar_root):
     resumed.train.start(2, skip=4, state=state)
     rest = list(resumed.train)
     assert len(rest) == len(full) - 4 == 2
-    for a, b in zip(rest, full[4:]):
+    for a, b in zip(rest, full[4:], strict=True):
         assert torch.equal(a.index, b.index)
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
 
@@ -149,7 +149,7 @@ def test_random_resized_crops_have_torchvisions_distribution(tmp_path):
 def test_cifar_evaluation_equals_the_torch_path(cifar_root):
     dali, torch_path = (list(cifar_loaders(cifar_root, backend).val) for backend in ("dali", "torch"))
     assert [len(b) for b in dali] == [4, 4, 2]
-    for a, b in zip(dali, torch_path):
+    for a, b in zip(dali, torch_path, strict=True):
         assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
         assert torch.allclose(a.views[0], b.views[0], atol=1e-5)
 
@@ -162,7 +162,7 @@ def test_demo_evaluation_equals_the_torch_path(tiny_demo_root):
 
     dali, torch_path = val("dali"), val("torch")
     assert sum(len(b) for b in dali) == 40
-    for a, b in zip(dali, torch_path):
+    for a, b in zip(dali, torch_path, strict=True):
         assert torch.equal(a.labels, b.labels)
         assert torch.allclose(a.views[0], b.views[0], atol=1e-5)
 
@@ -201,7 +201,7 @@ def test_gpu_pipeline_decodes_on_the_device_into_channels_last_bf16(tiny_demo_ro
             assert view.is_contiguous(memory_format=torch.channels_last)
         assert batch.labels.device == batch.index.device == device
         cpu = build_loaders(cfg, num_views=1, seed=0)
-        for gpu_batch, cpu_batch in zip(loaders.val, cpu.val):
+        for gpu_batch, cpu_batch in zip(loaders.val, cpu.val, strict=True):
             assert torch.equal(gpu_batch.index.cpu(), cpu_batch.index)
             # nvJPEG and libjpeg-turbo may round an IDCT differently: a level or two of 255.
             assert (gpu_batch.views[0].float().cpu() - cpu_batch.views[0]).abs().max() < 0.1

@@ -147,7 +147,7 @@ def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root
     sampler = EpochBatchSampler(len(source), 8, seed=0)
     batches = {w: list(DataLoader(dataset, batch_sampler=sampler, num_workers=w, collate_fn=collate))
                for w in (0, 2)}
-    for a, b in zip(batches[0], batches[2]):
+    for a, b in zip(batches[0], batches[2], strict=True):
         assert torch.equal(a.labels, b.labels)
         assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
 

@@ -76,3 +76,26 @@ def test_the_readme_import_recipe_runs_end_to_end(tmp_path, capsys):
     assert ("was imported: it holds weights but no optimizer state or data position, so the "
             "schedule starts at step 0 (epoch 0)") in capsys.readouterr().out
     assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("damage, changes, message", [
+    ("truncate", [], r"corrupt or truncated checkpoint .*bad\.pt: "),
+    ("flip", [], r"corrupt or truncated checkpoint .*bad\.pt \(expected digest sha256:"),
+    ("text", [], r"bad\.pt is not a checkpoint"),
+    (None, ["model.student=resnet14"], r"bad\.pt cannot continue .*model.student: 'resnet8' -> "
+                                       r"'resnet14'"),
+    (None, ["method.name=kd"], r"bad\.pt cannot continue .*method.name: 'vanilla' -> 'kd'"),
+])
+def test_a_bad_checkpoint_to_resume_is_named_with_its_problem(stopped_run, tiny_overrides,
+                                                              damage, changes, message):
+    bad = stopped_run / "bad.pt"
+    data = (stopped_run / "last.pt").read_bytes()
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "flip":
+        data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:]
+    elif damage == "text":
+        data = b"step: 4\n"
+    bad.write_bytes(data)
+    with pytest.raises(UserError, match=message):
+        Trainer(load_config(overrides=tiny_overrides + [f"train.resume={bad}", *changes]))
