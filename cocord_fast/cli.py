@@ -68,6 +68,16 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compare import compare
+
+    out = Path(ns.out) if ns.out else Path(ns.runs[0]).parent / "compare"
+    print(compare([Path(run) for run in ns.runs], out))
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from .engine.evaluate_checkpoint import export_student
 
@@ -178,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int)
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.set_defaults(func=cmd_eval)
+
+    comparison = sub.add_parser(
+        "compare", help="runs side by side: accuracy, speed, memory, with plots",
+        description="One table per student and data set; the first run given is the baseline.")
+    comparison.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    comparison.add_argument("--out", help="where the JSON and plots go (default: "
+                                          "RUN_DIR/../compare of the first run)")
+    comparison.set_defaults(func=cmd_compare)
 
     export = sub.add_parser("export", help="write the student alone, in its native parameter names")
     export.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")

@@ -33,6 +33,7 @@ def test_harmless_changes_are_allowed_printed_and_recorded(stopped_run, capsys):
     assert ("resuming at step 4 with changed settings: train.max_steps 4 -> 6, "
             "train.log_every 1 -> 2") in capsys.readouterr().out
     (record,) = [r for r in read_log(stopped_run) if r["kind"] == "resume"]
+    assert record.pop("wall_s") > 0
     assert record == {"kind": "resume", "step": 4, "changes": {
         "train.max_steps": {"saved": 4, "now": 6}, "train.log_every": {"saved": 1, "now": 2}}}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,16 @@ class MetricAccumulator:
         self.sums, self.count = {}, 0
         return {**dict(zip(names, values)),
                 **{n: int(v) for n, v in zip(totals, values[len(names):])}}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory tensors held on `device` since the last call. CPU: the
+    process's peak resident set size so far (Linux has no cheap way to reset it)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # kB on Linux
 
 
 class ThroughputWindow:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
                          training_checkpoint)
 from .engines import autocast, build_engine, check_engine_config, join_processes
 from .evaluate import describe_samples, evaluate
-from .metrics import MetricAccumulator, RunLog, ThroughputWindow, rewrite_log
+from .metrics import (MetricAccumulator, RunLog, ThroughputWindow, peak_memory_mb, read_log,
+                      rewrite_log)
 from .preemption import Preempted, StopSignals, parse_signals
 from .resume import check_resumable, resume_point
 from .schedule import lr_factor
@@ -143,6 +145,7 @@ class Trainer:
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
         self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
+        self.wall_offset, self.fit_started = 0.0, time.perf_counter()  # wall-clock of the run
         # A checkpoint imported from another code base holds no optimizer, RNG or data state.
         self.imported_from = (resume_from if checkpoint is not None and checkpoint["ranks"] is None
                               else None)
@@ -164,6 +167,8 @@ class Trainer:
         if distributed.is_main():
             # Records written after this checkpoint describe steps that will be run again.
             rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
+            kept = read_log(self.run_dir)
+            self.wall_offset = kept[-1].get("wall_s", 0.0) if kept else 0.0
 
     def save(self, *names: str) -> None:
         """Writes the checkpoint of this step to each of `names` in the run directory.
@@ -242,8 +247,10 @@ class Trainer:
             print(text, flush=True)
 
     def _record(self, kind: str, record: dict[str, Any]) -> None:
+        """A metrics.jsonl record (rank 0), with the run's wall-clock time so far."""
         if self.log is not None:
-            self.log.write(kind, record)
+            wall_s = self.wall_offset + time.perf_counter() - self.fit_started
+            self.log.write(kind, {**record, "wall_s": wall_s})
 
     def _configured(self, key: str) -> Any:
         section, name = key.split(".")
@@ -270,7 +277,11 @@ class Trainer:
             if cfg.train.progress and sys.stderr.isatty():
                 self.bar = tqdm(total=self.stop_step, initial=self.step, unit="step",
                                 dynamic_ncols=True, desc=self.run_dir.name)
+        self.fit_started = time.perf_counter()
         self._print(self._describe())
+        self._record("start", {"step": self.step, "processes": self.world_size,
+                               "device": str(self.device), "engine": self.engine.description,
+                               "bank_mb": self.method.bank_bytes() / 2 ** 20})
         if self.imported_from is not None:
             self._print(f"{self.imported_from} was imported: it holds weights but no optimizer "
                         f"state or data position, so the schedule starts at step {self.step} "
@@ -350,7 +361,8 @@ class Trainer:
                 f"checkpoint in {self.run_dir} is from before this point (lower optim.lr?)")
         img_per_s = self.window.rate()
         self._record("train", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                               "lr": lr, **means, "img_per_s": img_per_s})
+                               "lr": lr, **means, "img_per_s": img_per_s,
+                               "peak_memory_mb": peak_memory_mb(self.device)})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.3g}",
                                  img_s=f"{img_per_s:.0f}")

@@ -53,6 +53,10 @@ class Method(nn.Module):
     def on_optimizer_step(self) -> None:
         """Runs right after each optimizer step (momentum updates live here)."""
 
+    def bank_bytes(self) -> int:
+        """Memory of the method's banks of past samples (CoCoRD's queue, CRD's memory)."""
+        return 0
+
     def effective_settings(self) -> dict[str, tuple[Any, str]]:
         """Settings this method runs with other values than the config's:
         'section.key' -> (value, why). The loop prints and saves them."""

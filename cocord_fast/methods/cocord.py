@@ -175,6 +175,9 @@ class CoCoRD(Distiller):
             momenta += [self.teacher_head_momentum] * len(head)
         return targets, sources, momenta
 
+    def bank_bytes(self) -> int:
+        return self.queue.numel() * self.queue.element_size()
+
     def effective_settings(self) -> dict[str, tuple[Any, str]]:
         if self.teacher_head_momentum == self.config.teacher_head_momentum:
             return {}

@@ -48,6 +48,10 @@ class CRD(Distiller):
         # handed to the optimizer.
         return nn.ModuleList([self.student_encoder, self.crd.student_embed, self.crd.teacher_embed])
 
+    def bank_bytes(self) -> int:
+        banks = (self.crd.student_memory, self.crd.teacher_memory)
+        return sum(bank.numel() * bank.element_size() for bank in banks)
+
     def forward(self, batch: Batch) -> StepOutput:
         if batch.index is None or batch.contrast_index is None:
             raise ValueError("CRD needs batch.index and batch.contrast_index (the training loop "

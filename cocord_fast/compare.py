@@ -1,0 +1,151 @@
+"""`cocord-fast compare RUN_DIR...`: runs side by side, from their saved config and log.
+
+One table per student and data set (runs of other students or data sets form their own
+table, said so), the first run given of each being the baseline the others are measured
+against; a JSON of every row and, where matplotlib is installed, PNG plots: top-1 against
+epoch and against wall-clock, and each loss term against step.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .config import load_config
+from .engine.metrics import read_log
+from .errors import UserError
+from .methods import METHODS
+
+COLUMNS = [  # (key, header, format)
+    ("run", "run", "{}"), ("method", "method", "{}"), ("teacher", "teacher", "{}"),
+    ("steps", "steps", "{}"), ("state", "state", "{}"), ("top1", "top-1", "{:.2f}"),
+    ("best_top1", "best", "{:.2f}"), ("top5", "top-5", "{:.2f}"),
+    ("delta_top1", "Δ top-1", "{:+.2f}"), ("img_per_s", "img/s", "{:.0f}"),
+    ("wall_s", "wall s", "{:.1f}"), ("peak_memory_mb", "peak MB", "{:.0f}"),
+    ("bank_mb", "bank MB", "{:.3g}"),
+]
+
+
+def method_label(cfg) -> str:
+    name = cfg.method.name
+    with_kd = {"cocord": cfg.cocord.loss_kd, "crd": cfg.crd.loss_kd}.get(name, 0) > 0
+    return {"cocord": "CoCoRD", "crd": "CRD", "kd": "KD", "vanilla": "vanilla"}[name] + (
+        "+KD" * with_kd)
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """One row: the run's settings, progress, accuracy, speed and memory."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    records = read_log(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    starts = [r for r in records if r["kind"] == "start"]
+    step = max((r["step"] for r in records), default=0)
+    per_epoch = next((r["step"] / r["epoch"] for r in train if r["epoch"]), None)
+    total = round(cfg.train.epochs * per_epoch) if per_epoch else None
+    stop = min(total, cfg.train.max_steps or total) if total else None
+    finished = bool(evals) and evals[-1]["step"] == stop
+    last = evals[-1] if evals else {}
+    return {
+        "run": run_dir.name, "path": str(run_dir), "method": method_label(cfg),
+        "student": cfg.model.student,
+        "teacher": cfg.model.teacher if METHODS[cfg.method.name].needs_teacher else "-",
+        "dataset": cfg.data.dataset, "steps": f"{step}/{stop or '?'}",
+        "state": "finished" if finished else "in progress or stopped",
+        "top1": last.get("top1"), "top5": last.get("top5"),
+        "best_top1": max((r["top1"] for r in evals), default=None),
+        "img_per_s": statistics.median(r["img_per_s"] for r in train) if train else None,
+        "wall_s": records[-1].get("wall_s") if records else None,
+        "peak_memory_mb": max((r.get("peak_memory_mb", 0) for r in train), default=None),
+        "bank_mb": starts[-1]["bank_mb"] if starts else None,
+        "curves": {"eval": evals, "train": train},
+    }
+
+
+def group(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows by student and data set, in the order given."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(f"{row['student']} on {row['dataset']}", []).append(row)
+    for members in groups.values():
+        baseline = members[0]["top1"]
+        for row in members:
+            known = row["top1"] is not None and baseline is not None
+            row["delta_top1"] = row["top1"] - baseline if known else None
+    return groups
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[header for _, header, _ in COLUMNS]] + [
+        ["-" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
+        for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in cells)
+
+
+def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
+    """top-1 against epoch and wall-clock, and every loss term against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for color, row in enumerate(rows):  # one colour per run in every panel
+        evals = row["curves"]["eval"]
+        for ax, x in zip(axes, ("epoch", "wall_s")):
+            ax.plot([r.get(x) for r in evals], [r["top1"] for r in evals], marker="o", ms=3,
+                    color=f"C{color}", label=f"{row['run']} ({row['method']})")
+    for ax, label in zip(axes, ("epoch", "wall-clock (s)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    accuracy = stem.with_name(stem.name + "_top1.png")
+    fig.savefig(accuracy, dpi=120)
+    plt.close(fig)
+
+    terms = sorted({k for row in rows for r in row["curves"]["train"] for k in r
+                    if k.startswith("loss")})
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        for color, row in enumerate(rows):
+            points = [(r["step"], r[term]) for r in row["curves"]["train"] if term in r]
+            if points:
+                ax.plot(*zip(*points), color=f"C{color}", label=row["run"])
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    losses = stem.with_name(stem.name + "_losses.png")
+    fig.savefig(losses, dpi=120)
+    plt.close(fig)
+    return [accuracy, losses]
+
+
+def compare(run_dirs: list[Path], out: Path) -> str:
+    """The report for `run_dirs`; writes `out/compare.json` and the plots."""
+    groups = group([summarize(Path(run)) for run in run_dirs])
+    out.mkdir(parents=True, exist_ok=True)
+    lines, written = [], [out / "compare.json"]
+    if len(groups) > 1:
+        lines.append(f"{len(groups)} tables: runs compare within one student and data set")
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        lines.append("(no plots: they need matplotlib, pip install 'cocord_fast[bench]')")
+    for title, rows in groups.items():
+        lines += ["", f"{title} (baseline: {rows[0]['run']})", format_table(rows)]
+        if plots:
+            slug = "".join(c if c.isalnum() else "_" for c in title)
+            written += plot(title, rows, out / slug)
+    table = [{k: v for k, v in row.items() if k != "curves"}
+             for rows in groups.values() for row in rows]
+    (out / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
+    lines += ["", "wrote " + ", ".join(str(path) for path in written)]
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""`cocord-fast compare` on runs the tests make: the table, the baseline difference, the
+grouping of other students, and the JSON and plots it writes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cocord_fast.cli import main
+from cocord_fast.config import load_config
+from cocord_fast.engine.trainer import train
+from cocord_fast.errors import UserError
+
+from launch import write_teacher
+
+
+@pytest.fixture
+def runs(tiny_overrides, tmp_path):
+    teacher = write_teacher(tmp_path)
+    made = {}
+    for name, method, extra in (("alone", "vanilla", []), ("cocord", "cocord", []),
+                                ("crd", "crd", ["train.max_steps=10"])):
+        made[name] = tmp_path / name
+        train(load_config(overrides=tiny_overrides + [
+            f"method.name={method}", "model.teacher=resnet8",
+            f"model.teacher_checkpoint={teacher}",
+            "cocord.queue_size=40", "cocord.embed_dim=16", "cocord.proj_hidden_dim=16",
+            "cocord.pred_hidden_dim=8", "crd.num_negatives=16", "crd.embed_dim=16",
+            f"train.output_dir={made[name]}", *extra]))
+    return made
+
+
+def test_compare_prints_one_table_against_the_first_run_and_writes_json_and_plots(
+        runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["compare", str(runs["alone"]), str(runs["cocord"]), str(runs["crd"]),
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("run "))
+    assert header.split() == ["run", "method", "teacher", "steps", "state", "top-1", "best",
+                              "top-5", "Δ", "top-1", "img/s", "wall", "s", "peak", "MB", "bank",
+                              "MB"]
+    rows = {row["run"]: row for row in json.loads((out / "compare.json").read_text())}
+    assert [rows[r]["method"] for r in ("alone", "cocord", "crd")] == ["vanilla", "CoCoRD", "CRD"]
+    assert rows["alone"]["delta_top1"] == 0
+    assert rows["cocord"]["delta_top1"] == pytest.approx(rows["cocord"]["top1"]
+                                                         - rows["alone"]["top1"])
+    assert rows["cocord"]["steps"] == "14/14" and rows["cocord"]["state"] == "finished"
+    assert rows["crd"]["steps"] == "10/10" and rows["crd"]["state"] == "finished"
+    assert rows["cocord"]["bank_mb"] == pytest.approx(40 * 16 * 4 / 2 ** 20)
+    assert rows["crd"]["bank_mb"] == pytest.approx(2 * 120 * 16 * 4 / 2 ** 20)
+    assert all(rows[r]["wall_s"] > 0 and rows[r]["peak_memory_mb"] > 0
+               and rows[r]["img_per_s"] > 0 for r in rows)
+    assert {p.name for p in out.glob("*.png")} == {"resnet8_on_demo_top1.png",
+                                                   "resnet8_on_demo_losses.png"}
+
+
+def test_runs_of_other_students_form_their_own_table(runs, tiny_overrides, tmp_path, capsys):
+    other = tmp_path / "resnet14"
+    train(load_config(overrides=tiny_overrides + ["model.student=resnet14", "train.max_steps=7",
+                                                  f"train.output_dir={other}"]))
+    assert main(["compare", str(runs["alone"]), str(other), "--out", str(tmp_path / "r")]) == 0
+    text = capsys.readouterr().out
+    assert "2 tables: runs compare within one student and data set" in text
+    assert "resnet8 on demo (baseline: alone)" in text
+    assert "resnet14 on demo (baseline: resnet14)" in text
+
+
+def test_a_run_still_going_is_shown_as_such_and_a_non_run_is_refused(runs, tmp_path, capsys):
+    # As if the 10-step run were a whole schedule of 14 steps that has not ended yet.
+    config = runs["crd"] / "config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 10", "max_steps: 0"))
+    assert main(["compare", str(runs["crd"]), "--out", str(tmp_path / "r")]) == 0
+    assert "10/14  in progress or stopped" in capsys.readouterr().out
+    with pytest.raises(UserError, match="is not a run directory"):
+        from cocord_fast.compare import compare
+        compare([tmp_path], tmp_path / "r")
