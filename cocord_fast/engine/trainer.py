@@ -145,7 +145,7 @@ class Trainer:
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
         self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
-        self.wall_offset, self.fit_started = 0.0, time.perf_counter()  # wall-clock of the run
+        self.wall_offset = 0.0  # wall-clock of this run's earlier processes (resume)
         # A checkpoint imported from another code base holds no optimizer, RNG or data state.
         self.imported_from = (resume_from if checkpoint is not None and checkpoint["ranks"] is None
                               else None)
