@@ -68,8 +68,9 @@ def student_prefix(method: torch.nn.Module) -> str:
 
 def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_classes: int,
                         step: int, steps_per_epoch: int, engine: dict | None,
-                        ranks: list[dict] | None, best_top1: float,
-                        last_top1: float) -> dict[str, Any]:
+                        ranks: list[dict] | None, best_top1: float, last_top1: float,
+                        last_eval: dict | None = None,
+                        effective_settings: dict | None = None) -> dict[str, Any]:
     """The one layout of a cocord_fast checkpoint.
 
     `engine`: what the engine needs to restore the optimizer (`Engine.state_dict`). `ranks`:
@@ -78,14 +79,16 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
     with several processes `batchnorm` (the rank's own BatchNorm running statistics; the
     method state holds their average). Both are None for a run imported from another code
     base (the optimizer, RNG and data position then start fresh on resume). The method state
-    is saved once: it is the same on every rank.
+    is saved once: it is the same on every rank. `last_eval`: the last evaluation's result
+    (with the images it left out); `effective_settings`: `Method.effective_settings` values.
     """
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "step": step,
             "epoch": step / steps_per_epoch,
             "num_classes": num_classes, "method": method.state_dict(),
             "student_prefix": student_prefix(method), "engine": engine,
             "world_size": None if ranks is None else len(ranks), "ranks": ranks,
-            "best_top1": best_top1, "last_top1": last_top1}
+            "best_top1": best_top1, "last_top1": last_top1, "last_eval": last_eval,
+            "effective_settings": effective_settings or {}}
 
 
 def load_file(path: str | os.PathLike, mmap: bool = False, verify: bool = True) -> Any:

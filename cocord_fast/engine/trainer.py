@@ -184,10 +184,9 @@ class Trainer:
             if distributed.is_main():
                 checkpoint = training_checkpoint(
                     self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
-                    self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1)
-                checkpoint["effective_settings"] = {
-                    key: value for key, (value, _) in self.method.effective_settings().items()}
-                checkpoint["last_eval"] = self.last_eval  # with the images it left out
+                    self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1,
+                    self.last_eval, {key: value for key, (value, _)
+                                     in self.method.effective_settings().items()})
                 for name in names:
                     save_atomic(checkpoint, self.run_dir / name)
         if distributed.is_main():
