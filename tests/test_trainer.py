@@ -85,8 +85,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_overrides, tmp_
 def test_resume_drops_log_records_written_after_the_checkpoint(tiny_overrides, tmp_path):
     train(load_config(overrides=tiny_overrides + ["train.max_steps=4"]))
     log = tmp_path / "run" / "metrics.jsonl"
-    with open(log, "a") as f:  # as if the process died after logging step 5
+    with open(log, "a") as f:  # as if the process died after logging step 5, amid step 6
         f.write(json.dumps({"kind": "train", "step": 5, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"kind": "train", "step": 6, "loss": 1.0})[:20])
+    assert [r["step"] for r in read_log(tmp_path / "run") if r["kind"] == "train"][-1] == 5
     train(load_config(overrides=tiny_overrides + ["train.resume=auto", "train.max_steps=6"]))
     steps = [r["step"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -92,8 +92,10 @@ class RunLog:
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
         record = {"kind": kind, **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # One unbuffered append per record: a reader, or a kill, sees whole lines plus at most
+        # one unfinished last line, which `read_log` leaves out.
+        with open(self.path, "ab", buffering=0) as f:
+            f.write((json.dumps(record) + "\n").encode())
         if self.writer is not None:
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name != "step" and math.isfinite(value):
@@ -106,10 +108,13 @@ class RunLog:
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The log's records; a last line without its newline (being written, or cut short by a
+    kill) is not a record yet."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *complete, _unfinished = path.read_text().split("\n")
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def rewrite_log(run_dir: str | Path, keep: Callable[[dict[str, Any]], bool]) -> None:
