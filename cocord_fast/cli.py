@@ -10,13 +10,32 @@ from .errors import UserError
 
 TRAIN_EPILOG = """\
 examples:
-  cocord-fast train                                  # the offline demo: teacher, then students
+  cocord-fast train                                  # the offline demo (cocord-fast demo)
   cocord-fast train configs/demo/teacher.yaml        # one stage of it
   cocord-fast train configs/cifar100/vanilla_resnet56.yaml data.root=~/data optim.lr=0.1
   cocord-fast train --resume runs/demo/cocord               # continue a stopped run
 
 overrides are section.key=value (the value is read as YAML); `cocord-fast config` lists every key.
 """
+
+
+DEMO_EPILOG = """\
+examples:
+  cocord-fast demo                                   # the same as `cocord-fast train`
+  cocord-fast demo --seeds 0,1,2                     # three times over, then mean ± std
+  cocord-fast demo --seeds 0,1,2 data.backend=torch  # the torchvision data path throughout
+"""
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """--seeds 0,1,2: distinct non-negative integers."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
 
 
 def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -52,6 +71,19 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if distributed.is_main():
         print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
               f"(best {result.best_top1:.2f})")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run_default_job
+
+    config_path, overrides = _split_train_args(ns.overrides)
+    if config_path is not None:
+        raise UserError(f"unexpected argument {config_path!r}: the demo takes its recipes from "
+                        f"configs/demo/ and only section.key=value overrides")
+    run_default_job(ns.seeds, Path(ns.out), tuple(overrides))
     return 0
 
 
@@ -179,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the run in RUN_DIR (or from a checkpoint file)")
     train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser(
+        "demo", help="the offline default job: a teacher, then the student alone and with KD, "
+                     "CRD and CoCoRD, compared", epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--seeds", type=seed_list, default=(0,), metavar="S[,S...]",
+                      help="run the whole job once per seed and end with the mean and standard "
+                           "deviation over them (default: 0, which `cocord-fast train` runs)")
+    demo.add_argument("--out", default="runs/demo",
+                      help="where the runs go: seed 0 in OUT/<stage>, seed S in OUT/seedS/<stage>")
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="applied to every stage (e.g. data.backend=torch)")
+    demo.set_defaults(func=cmd_demo)
 
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's student")
     evaluate.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")

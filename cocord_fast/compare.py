@@ -80,10 +80,14 @@ def group(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [[header for _, header, _ in COLUMNS]] + [
+    return aligned([[header for _, header, _ in COLUMNS]] + [
         ["-" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
-        for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        for row in rows])
+
+
+def aligned(cells: list[list[str]]) -> str:
+    """Rows of cells as text columns, each as wide as its widest cell."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
                      for line in cells)
 
@@ -127,6 +131,36 @@ def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
     fig.savefig(losses, dpi=120)
     plt.close(fig)
     return [accuracy, losses]
+
+
+def seed_summary(rows_by_seed: dict[int, list[dict]]) -> list[dict[str, Any]]:
+    """Per run, over the seeds: the mean and sample standard deviation of top-1, of its
+    difference to the baseline and of wall-clock. Runs are matched by position: each seed's
+    rows are the same stages in the same order."""
+    seeds = sorted(rows_by_seed)
+    summary = []
+    for position, row in enumerate(rows_by_seed[seeds[0]]):
+        same = [rows_by_seed[seed][position] for seed in seeds]
+        entry = {"run": row["run"], "method": row["method"], "student": row["student"],
+                 "seeds": seeds}
+        for key in ("top1", "delta_top1", "wall_s"):
+            values = [r.get(key) for r in same]
+            entry[key] = None if None in values else {
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+        summary.append(entry)
+    return summary
+
+
+def format_seed_summary(summary: list[dict[str, Any]]) -> str:
+    def spread(stats: dict | None, digits: int, sign: str = "") -> str:
+        if stats is None:
+            return "-"
+        return f"{stats['mean']:{sign}.{digits}f} ± {stats['std']:.{digits}f}"
+
+    return aligned([["run", "method", "model", "top-1", "Δ top-1", "wall s"]] + [
+        [e["run"], e["method"], e["student"], spread(e["top1"], 2),
+         spread(e["delta_top1"], 2, "+"), spread(e["wall_s"], 0)] for e in summary])
 
 
 def compare(run_dirs: list[Path], out: Path) -> str:

@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,21 +37,46 @@ def test_train_eval_export_end_to_end(tiny_overrides, tmp_path, capsys):
     assert load_checkpoint(checkpoint)["step"] == 14
 
 
-def test_default_job_trains_teacher_and_student_and_reuses_them(tiny_demo_root, tmp_path,
-                                                                  monkeypatch, capsys):
+def test_default_job_trains_teacher_and_students_compares_them_and_reuses_them(
+        tiny_demo_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     overrides = (f"data.root={tiny_demo_root}", "data.batch_size=16", "train.epochs=1",
-                 "crd.num_negatives=16",
-                 "train.progress=false")
-    rows = demo_job.run_default_job(overrides)
-    assert [label for label, *_ in rows] == [label for label, _ in demo_job.STAGES]
-    assert all(0 <= top1 <= 100 for *_, top1, _ in rows)
-    table = capsys.readouterr().out
-    assert all(name in table for name in ("teacher", "vanilla", "KD", "CRD", "CoCoRD", "top-1"))
+                 "crd.num_negatives=16", "train.progress=false")
+    rows = demo_job.run_default_job(overrides=overrides)
+    assert [row["run"] for row in rows[0]] == [stage for stage, _ in demo_job.STAGES]
+    assert [row["method"] for row in rows[0]] == ["vanilla", "vanilla", "KD", "CRD", "CoCoRD"]
+    assert all(row["teacher"] == "resnet20" for row in rows[0][2:])
+    out = capsys.readouterr().out
+    assert "resnet8 on demo (baseline: vanilla)" in out and "Δ top-1" in out  # compare's table
+    assert (tmp_path / "runs" / "demo" / "compare" / "compare.json").is_file()
     teacher = tmp_path / "runs" / "demo" / "teacher" / "last.pt"
     stamp = teacher.stat().st_mtime_ns
-    assert demo_job.run_default_job(overrides) == rows  # finished stages are reused as they are
+
+    # Seed 0 is reused as it is; seed 1 is a whole job of its own, teacher included.
+    again = demo_job.run_default_job(seeds=(0, 1), overrides=overrides)
     assert teacher.stat().st_mtime_ns == stamp
+    assert [r["top1"] for r in again[0]] == [r["top1"] for r in rows[0]]
+    seed1 = Path("runs/demo/seed1")
+    assert [row["path"] for row in again[1]] == [str(seed1 / stage) for stage, _ in demo_job.STAGES]
+    assert load_checkpoint(seed1 / "cocord" / "last.pt")["config"]["model"][
+        "teacher_checkpoint"] == str(seed1 / "teacher" / "last.pt")
+    summary = json.loads((tmp_path / "runs" / "demo" / "seeds.json").read_text())
+    assert [entry["top1"]["values"] for entry in summary] == [
+        [again[0][i]["top1"], again[1][i]["top1"]] for i in range(len(demo_job.STAGES))]
+    assert "2 seeds (0, 1): mean ± standard deviation" in capsys.readouterr().out
+
+
+def test_demo_command_takes_seeds_and_overrides_only(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(demo_job, "run_default_job", lambda *args: calls.append(args))
+    assert main(["demo", "--seeds", "0,2", "--out", str(tmp_path), "data.backend=torch"]) == 0
+    assert calls == [((0, 2), tmp_path, ("data.backend=torch",))]
+    assert main(["demo", "configs/demo/kd.yaml"]) == 2
+    assert "the demo takes its recipes from configs/demo/" in capsys.readouterr().err
+    for bad in ("0,x", "1,1", "-1"):
+        with pytest.raises(SystemExit):
+            main(["demo", "--seeds", bad])
+        assert "--seeds" in capsys.readouterr().err
 
 
 def test_config_and_models_commands(capsys):

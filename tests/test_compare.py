@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cocord_fast.cli import main
+from cocord_fast.compare import format_seed_summary, seed_summary
 from cocord_fast.config import load_config
 from cocord_fast.engine.trainer import train
 from cocord_fast.errors import UserError
@@ -75,3 +76,22 @@ def test_a_run_still_going_is_shown_as_such_and_a_non_run_is_refused(runs, tmp_p
     with pytest.raises(UserError, match="is not a run directory"):
         from cocord_fast.compare import compare
         compare([tmp_path], tmp_path / "r")
+
+
+def test_seed_summary_is_the_mean_and_sample_deviation_of_each_stage_over_seeds():
+    def row(run, top1, delta, wall):
+        return {"run": run, "method": run, "student": "resnet8", "top1": top1,
+                "delta_top1": delta, "wall_s": wall}
+
+    rows = {0: [row("alone", 70.0, 0.0, 10.0), row("kd", 74.0, 4.0, 20.0)],
+            2: [row("alone", 72.0, 0.0, 12.0), row("kd", 73.0, 1.0, None)],
+            1: [row("alone", 68.0, 0.0, 11.0), row("kd", 75.0, 7.0, 22.0)]}
+    alone, kd = seed_summary(rows)
+    assert alone["seeds"] == [0, 1, 2]
+    assert alone["top1"] == {"mean": 70.0, "std": 2.0, "values": [70.0, 68.0, 72.0]}
+    assert kd["top1"]["mean"] == 74.0 and kd["top1"]["std"] == pytest.approx(1.0)
+    assert kd["delta_top1"]["std"] == pytest.approx(3.0)  # deltas 4, 7, 1: sqrt((0 + 9 + 9) / 2)
+    assert kd["wall_s"] is None  # a seed without it makes no mean
+    table = format_seed_summary([alone, kd]).splitlines()
+    assert table[0].split() == ["run", "method", "model", "top-1", "Δ", "top-1", "wall", "s"]
+    assert "70.00 ± 2.00" in table[1] and "+4.00 ± 3.00" in table[2] and table[2].endswith("-")
