@@ -1,8 +1,12 @@
 import os
 
+import torch
+
 # Triton kernels run on CPU only in its interpreter, which must be chosen before any
-# @triton.jit decorator executes.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# @triton.jit decorator executes. Where there is a CUDA device they run compiled on it: the
+# interpreter would be handed CUDA tensors by the GPU tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 

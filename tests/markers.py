@@ -8,7 +8,8 @@ import torch
 def interpreted(test):
     """Triton kernels on CPU tensors, in Triton's interpreter."""
     skip = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                              reason="needs TRITON_INTERPRET=1 (set in tests/conftest.py)")
+                              reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it "
+                                     "where there is no CUDA device)")
     return pytest.mark.interpret(skip(test))
 
 

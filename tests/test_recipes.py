@@ -1,3 +1,6 @@
+from pathlib import Path
+
+from cocord_fast import demo
 from cocord_fast.config import load_config
 from cocord_fast.configs import ROOT, generate
 
@@ -28,3 +31,21 @@ def test_all_published_pairs_have_every_method_with_the_crd_learning_rates():
     assert load_config(ROOT / "cifar100" / "cocord_kd_vgg13_vgg8.yaml").cocord.loss_kd == 1.0
     assert load_config(ROOT / "cifar100" / "cocord_vgg13_vgg8.yaml").cocord.loss_kd == 0.0
     assert load_config(ROOT / "imagenet" / "cocord_resnet101_resnet50.yaml").cocord.queue_size == 16384
+
+
+def test_the_default_job_runs_the_stages_the_readme_lists():
+    """The README's table of the default job: stage, recipe, model and epochs, in order."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")]
+            for line in readme.splitlines()
+            if line.startswith("| `") and "configs/demo/" in line]
+    assert [(stage, recipe) for stage, recipe, *_ in rows] == [
+        (stage, f"configs/demo/{recipe}") for stage, recipe in demo.STAGES]
+    for _, recipe, model, epochs, *_ in rows:
+        cfg = load_config(ROOT.parent / recipe)
+        assert (cfg.model.student, cfg.train.epochs) == (model, int(epochs)), recipe
+    teacher = load_config(ROOT / "demo" / "teacher.yaml")
+    for _, recipe in demo.STAGES[1:]:  # every student distils the teacher the job trains
+        cfg = load_config(ROOT / "demo" / recipe)
+        assert cfg.model.teacher_checkpoint == f"{teacher.train.output_dir}/last.pt"
+        assert cfg.model.teacher == teacher.model.student

@@ -183,9 +183,10 @@ def test_tensorboard_hides_the_steps_a_resumed_run_repeats(tiny_overrides, tmp_p
 
 def test_triton_kernels_on_cpu_without_the_interpreter_are_a_clear_error(tiny_overrides,
                                                                          monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UserError, match="train.kernels=triton on cpu: .*TRITON_INTERPRET=1"):
-        Trainer(load_config(overrides=tiny_overrides + ["train.kernels=triton"]))
+        Trainer(load_config(overrides=tiny_overrides + ["train.kernels=triton",
+                                                        "train.device=cpu"]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
