@@ -134,6 +134,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs forward passes under autocast")
     kernels: Literal["auto", "triton", "torch"] = _field(
         "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch otherwise")
+    compile: Literal[False, True, "default", "reduce-overhead", "max-autotune"] = _field(
+        False, "torch.compile the encoders (student, teacher, slow student) in this mode; true "
+        "is default; reduce-overhead also replays them as CUDA graphs")
     progress: bool = _field(True, "show a progress bar")
     stop_signals: list[str] = _field(
         ["SIGTERM", "SIGUSR1"], "signals that end the run after the current step with last.pt "
@@ -181,7 +184,8 @@ def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[st
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
-            raise UserError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+            names = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+            raise UserError(f"{name}: {value!r} is not one of {names}")
         return value
     if origin is list:
         (item_type,) = typing.get_args(annotation)

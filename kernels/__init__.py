@@ -4,9 +4,9 @@ Each op module holds its pure-torch reference (the semantics), the Triton kernel
 first use, so `import cocord_fast.kernels` needs no triton), and the public function, whose
 `impl="auto"|"triton"|"torch"` picks the implementation (auto: Triton on CUDA tensors).
 """
-from ._dispatch import triton_unavailable
+from ._dispatch import implementations_used, triton_unavailable
 from .momentum_update import momentum_update_, momentum_update_ref
 from .queue_infonce import queue_infonce, queue_infonce_ref
 
-__all__ = ["momentum_update_", "momentum_update_ref", "queue_infonce", "queue_infonce_ref",
-           "triton_unavailable"]
+__all__ = ["implementations_used", "momentum_update_", "momentum_update_ref", "queue_infonce",
+           "queue_infonce_ref", "triton_unavailable"]

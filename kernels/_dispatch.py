@@ -10,6 +10,8 @@ import os
 import torch
 
 IMPLS = ("auto", "triton", "torch")
+# op -> the implementation its latest call ran ("triton" or "torch"), for the run log.
+_latest: dict[str, str] = {}
 
 
 def interpreting() -> bool:
@@ -55,3 +57,16 @@ def use_triton(impl: str, tensors: list[torch.Tensor], op: str) -> bool:
     if reason is not None:
         raise (ImportError if not triton_available() else RuntimeError)(f"{op}: {reason}")
     return True
+
+
+def record(op: str, implementation: str) -> None:
+    _latest[op] = implementation
+
+
+def implementations_used(reset: bool = False) -> dict[str, str]:
+    """op -> "triton" or "torch": what each fused op's latest call in this process ran (since
+    the last reset); `reset` forgets it after reading."""
+    used = dict(_latest)
+    if reset:
+        _latest.clear()
+    return used

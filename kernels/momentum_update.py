@@ -9,8 +9,10 @@ repacked, which matters because the sources are the student's parameters, owned 
 (DeepSpeed's ZeRO 1/2 already points them into its own flat buffers: re-pointing them into ours
 would silently cut the optimizer off from the model). The plan is built on the host once per
 set of (addresses, sizes, dtypes, momenta) and cached, so a training step costs one launch and a
-tuple comparison. Pairs the kernel cannot take (non-contiguous, mixed or unsupported dtypes)
-take the torch path, `torch._foreach_lerp_`, which is also the reference.
+tuple comparison. Pairs the kernel cannot take (gaps in memory, unequal strides, mixed or
+unsupported dtypes) take the torch path, `torch._foreach_lerp_`, which is also the reference.
+Channels-last pairs (CUDA models) have no gaps: with equal strides they are updated as flat
+arrays like contiguous ones.
 
 The arithmetic is torch's lerp with weight w = 1 - m, which is exact at both ends (m = 0 copies,
 m = 1 leaves the target untouched): t + w (s - t) when |w| < 0.5, else s - (s - t)(1 - w); in fp32
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreting, use_triton
+from ._dispatch import interpreting, record, use_triton
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _PLAN_CACHE_SIZE = 8
@@ -50,6 +52,7 @@ def momentum_update_(targets: Sequence[Tensor], sources: Sequence[Tensor],
     if not targets:
         return
     if not use_triton(impl, [*targets, *sources], "momentum_update_"):
+        record("momentum_update", "torch")
         momentum_update_ref(targets, sources, momenta)
         return
     _triton_update_(list(targets), list(sources), [float(m) for m in momenta])
@@ -62,7 +65,7 @@ def _triton_update_(targets: list[Tensor], sources: list[Tensor], momenta: list[
     key = (block, tuple(map(Tensor.data_ptr, targets)), tuple(map(Tensor.data_ptr, sources)),
            tuple(map(Tensor.numel, targets)), tuple(map(Tensor.numel, sources)),
            tuple(t.dtype for t in targets), tuple(s.dtype for s in sources),
-           tuple(map(Tensor.is_contiguous, targets)), tuple(map(Tensor.is_contiguous, sources)),
+           tuple(map(Tensor.stride, targets)), tuple(map(Tensor.stride, sources)),
            tuple(momenta))
     plans, rest = _plan(key, targets, sources, momenta, block)
     for plan in plans:
@@ -71,6 +74,8 @@ def _triton_update_(targets: list[Tensor], sources: list[Tensor], momenta: list[
             ALIGNED=plan.aligned, num_warps=4 if interpreting() else 8)
     if rest:
         momentum_update_ref(*zip(*rest))
+    record("momentum_update", "triton" if not rest else
+           f"triton, and torch for {len(rest)} of {len(targets)} pairs" if plans else "torch")
 
 
 class _Plan:
@@ -89,7 +94,7 @@ def _plan(key, targets, sources, momenta, block):
     rest = []
     for t, s, m in zip(targets, sources, momenta):
         if (t.dtype == s.dtype and t.dtype in _SUPPORTED and t.device == s.device
-                and t.shape == s.shape and t.is_contiguous() and s.is_contiguous()):
+                and t.shape == s.shape and t.stride() == s.stride() and _dense(t)):
             if t.numel():
                 groups.setdefault((t.device, t.dtype), []).append((t, s, m))
         else:
@@ -99,6 +104,13 @@ def _plan(key, targets, sources, momenta, block):
     if len(_plans) > _PLAN_CACHE_SIZE:
         _plans.popitem(last=False)
     return plans, rest
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether `t` fills its memory without gaps, in the default or the channels-last order
+    (CUDA models are channels-last): a pair with equal shapes and strides is then updated
+    element for element as two flat arrays."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _build_plan(pairs: list[tuple[Tensor, Tensor, float]], block: int) -> _Plan:

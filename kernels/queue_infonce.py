@@ -35,7 +35,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreting, use_triton
+from ._dispatch import interpreting, record, use_triton
 
 # "tf32x3": three TF32 tensor-core products, close to fp32 (the dropped lo*lo term is ~2^-22
 # relative, below fp32's accumulation error over E terms). "ieee" is exact fp32 FMA, slower.
@@ -82,6 +82,7 @@ def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
     if temperature <= 0:
         raise ValueError(f"queue_infonce: temperature must be > 0, got {temperature}")
     if not use_triton(impl, [q, k, queue], "queue_infonce"):
+        record("queue_infonce", "torch")
         return queue_infonce_ref(q, k, queue, temperature)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), queue.dtype)
     unsupported = None
@@ -91,6 +92,7 @@ def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
         unsupported = "k or queue requiring grad (the kernel returns dq only)"
     if unsupported:
         if impl == "auto":
+            record("queue_infonce", "torch")
             return queue_infonce_ref(q, k, queue, temperature)
         raise ValueError(f"queue_infonce: impl='triton' does not support {unsupported}")
     if q.dim() != 2 or k.shape != q.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
@@ -99,6 +101,7 @@ def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
     if q.shape[0] == 0 or queue.shape[0] == 0:
         raise ValueError(f"queue_infonce: empty batch or queue ({tuple(q.shape)}, "
                          f"{tuple(queue.shape)})")
+    record("queue_infonce", "triton")
     # Casts outside the Function: autograd casts dq back to q's dtype.
     return _QueueInfoNCE.apply(q.to(dtype).contiguous(), k.detach().to(dtype).contiguous(),
                                queue.detach().to(dtype).contiguous(), float(temperature))

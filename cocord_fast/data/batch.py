@@ -7,6 +7,13 @@ import torch
 from torch import Tensor
 
 
+def image_layout(device: torch.device) -> torch.memory_format:
+    """The memory layout of image batches and conv weights on `device`: channels-last on CUDA,
+    where cuDNN's convolutions run about 2x faster in it (a bf16 ResNet-18/34 step on an H100);
+    the default layout elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 @dataclass
 class Batch:
     """A training or evaluation batch.

@@ -81,7 +81,8 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     """Loaders for `num_views` views per training sample, sharded for `rank` of `world_size`
     (training: `order.epoch_order`; evaluation: `order.eval_shards`).
     On a CUDA `device` the DALI backend decodes and augments on that GPU and yields
-    channels-last batches in `dtype`; elsewhere, float32 (B, C, H, W) batches on the CPU."""
+    channels-last batches in `dtype`, and the torch backend pinned channels-last float32 CPU
+    batches (`image_layout`); elsewhere, float32 (B, C, H, W) batches on the CPU."""
     device = torch.device("cpu") if device is None else device
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)
@@ -103,6 +104,6 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
 
         train, val = build_torch_loaders(cfg, train_source, val_source,
                                          build_recipe(cfg.dataset, cfg.image_size), num_views,
-                                         seed, device.type == "cuda", rank, world_size)
+                                         seed, device, rank, world_size)
     return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,
                    backend)

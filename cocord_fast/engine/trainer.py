@@ -16,10 +16,11 @@ from ..data import Batch, Loaders, build_loaders
 from ..data.build import resolve_root
 from ..data.contrast import NegativeSampler
 from ..errors import UserError
-from ..kernels import triton_unavailable
+from ..kernels import implementations_used, triton_unavailable
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
 from . import distributed
+from .acceleration import compiled_graphs, prepare
 from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
                          remove_partial_saves, rng_state, save_atomic, set_rng_state,
                          training_checkpoint)
@@ -137,7 +138,9 @@ class Trainer:
                                            self.loaders.num_train).to(self.device)
         if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
             self.method.load_state_dict(checkpoint["method"])
+        prepare(self.method, self.device, cfg.train.compile)
         self.engine = build_engine(cfg, self.method, self.device)
+        implementations_used(reset=True)  # what this run's steps use is logged after the first
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
         self.last_eval: dict[str, float] | None = None
         self.skipped_files = 0  # unreadable training images this rank replaced (skip_corrupt)
@@ -145,6 +148,7 @@ class Trainer:
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
         self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
+        self.kernels_reported = False
         self.wall_offset = 0.0  # wall-clock of this run's earlier processes (resume)
         # A checkpoint imported from another code base holds no optimizer, RNG or data state.
         self.imported_from = (resume_from if checkpoint is not None and checkpoint["ranks"] is None
@@ -214,6 +218,15 @@ class Trainer:
             self.metrics.add({"loss": out.loss.detach(), **out.metrics})
         # Momentum (EMA) updates follow the optimizer step they average in.
         self.method.on_optimizer_step()
+        if not self.kernels_reported:
+            self._report_kernels()
+
+    def _report_kernels(self) -> None:
+        """After this process's first step: which implementation each fused op ran."""
+        self.kernels_reported = True
+        if used := implementations_used():
+            self._record("kernels", {"step": self.step + 1, **used})
+            self._print("fused ops: " + ", ".join(f"{op} ran {how}" for op, how in used.items()))
 
     def _report_skipped(self, batch: Batch) -> None:
         for path in batch.skipped:
@@ -359,9 +372,11 @@ class Trainer:
                 f"training diverged: non-finite metrics at step {self.step}: {means}; the last "
                 f"checkpoint in {self.run_dir} is from before this point (lower optim.lr?)")
         img_per_s = self.window.rate()
+        # With train.compile, a count that grows after the first steps means recompilation.
+        graphs = {"compiled_graphs": compiled_graphs()} if self.cfg.train.compile else {}
         self._record("train", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                "lr": lr, **means, "img_per_s": img_per_s,
-                               "peak_memory_mb": peak_memory_mb(self.device)})
+                               "peak_memory_mb": peak_memory_mb(self.device), **graphs})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.3g}",
                                  img_s=f"{img_per_s:.0f}")

@@ -47,6 +47,11 @@ class Method(nn.Module):
         """The online student, for evaluation and export."""
         raise NotImplementedError
 
+    def encoders(self) -> list[nn.Module]:
+        """The networks whose forward passes are nearly all of a step (`train.compile`
+        compiles these)."""
+        return [self.student()]
+
     def forward(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
 

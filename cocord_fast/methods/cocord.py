@@ -101,6 +101,9 @@ class CoCoRD(Distiller):
     def trainable_module(self) -> nn.Module:
         return self._trainable
 
+    def encoders(self) -> list[nn.Module]:
+        return [*super().encoders(), self.slow_encoder]
+
     def train(self, mode: bool = True) -> CoCoRD:
         super().train(mode)
         self._trainable.training = mode  # outside `_modules`, so `train()` does not reach it

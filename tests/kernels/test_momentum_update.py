@@ -6,7 +6,7 @@ import torch
 
 from markers import interpreted, on_gpu
 
-from cocord_fast.kernels import momentum_update_, momentum_update_ref
+from cocord_fast.kernels import implementations_used, momentum_update_, momentum_update_ref
 
 mmod = importlib.import_module("cocord_fast.kernels.momentum_update")
 
@@ -64,6 +64,21 @@ def test_non_contiguous_and_unaligned_pairs_still_update():
 
 
 @interpreted
+def test_channels_last_pairs_stay_in_the_kernel():
+    """Conv weights of a channels-last model (CUDA) are dense; a pair whose layouts differ is
+    not elementwise aligned in memory and goes to the torch path."""
+    targets, sources = make_pairs([(8, 3, 3, 3), (4, 8, 1, 1), (16, 8, 3, 3)], torch.float32,
+                                  seed=4)
+    last = torch.channels_last
+    targets = [t.contiguous(memory_format=last) for t in targets]
+    sources = [s.contiguous(memory_format=last) for s in sources[:2]] + [sources[2]]
+    assert_matches_reference(targets, sources, [0.9, 0.99, 0.5])
+    plans, rest = next(reversed(mmod._plans.values()))
+    assert len(plans) == 1 and plans[0].blocks >= 2 and len(rest) == 1
+    assert implementations_used()["momentum_update"] == "triton, and torch for 1 of 3 pairs"
+
+
+@interpreted
 def test_plan_is_reused_and_rebuilt_when_storage_moves():
     targets, sources = make_pairs([(300,), (7,)], torch.float32, seed=2)
     momenta = [0.9, 0.5]
@@ -111,15 +126,25 @@ def test_gpu_matches_reference(dtype):
     targets, sources = make_pairs(shapes, dtype, device="cuda")
     momenta = (MOMENTA * 2)[:len(shapes)]
     assert_matches_reference(targets, sources, momenta, impl="auto")
+    assert implementations_used()["momentum_update"] == "triton"
 
 
 @on_gpu
 def test_gpu_one_launch_without_host_sync():
+    """Once the plan is cached, an update is one kernel launch: no copy, no host sync."""
     targets, sources = make_pairs([(2048, 2048), (64,), (3, 3)], torch.float32, device="cuda")
     momentum_update_(targets, sources, [0.99] * 3)  # builds the plan (a host-to-device copy)
+    expected = [t.clone() for t in targets]
+    momentum_update_ref(expected, sources, [0.99] * 3)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        momentum_update_(targets, sources, [0.99] * 3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        torch.cuda.set_sync_debug_mode("error")  # a host sync raises
+        try:
+            momentum_update_(targets, sources, [0.99] * 3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    launched = [event.name for event in profile.events()
+                if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(launched) == 1 and "lerp_blocks" in launched[0], launched
+    assert all(torch.allclose(t, e, rtol=1e-6, atol=1e-7) for t, e in zip(targets, expected))

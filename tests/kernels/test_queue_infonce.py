@@ -6,6 +6,7 @@ same dtype + a small atol, both measured against the reference run in float64 on
 costs ~0.7 ms per program instance); GPU tests use the training shape.
 """
 import importlib
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from markers import interpreted, on_gpu
 
-from cocord_fast.kernels import queue_infonce, queue_infonce_ref
+from cocord_fast.kernels import implementations_used, queue_infonce, queue_infonce_ref
 
 qmod = importlib.import_module("cocord_fast.kernels.queue_infonce")
 
@@ -22,10 +23,16 @@ GRAD = 0.37  # upstream gradient != 1
 
 
 def make_inputs(B, E, N, dtype, seed=0, device="cpu"):
-    """Unit q, queue; keys near q with a per-row noise level, so some rows win and some lose."""
+    """Unit q, queue; keys near q with a per-row noise level, so some rows win and some lose.
+
+    Key i is q_i plus noise n_i of norm ~n_i, so q_i.k_i ~ 1 / sqrt(1 + n_i^2); the best of N
+    random unit negatives scores ~ sqrt(2 ln N / E). The noise levels straddle the n at which
+    the two meet, at every shape (at E=2048, N=16384 that n is about 10).
+    """
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, E, generator=g, dtype=torch.float64), dim=1)
-    noise = torch.linspace(0.3, 6.0, B, dtype=torch.float64)[:, None]
+    tie = max(1.0, E / (2 * math.log(N + 1))) ** 0.5
+    noise = torch.linspace(0.15, 2.0, B, dtype=torch.float64)[:, None] * tie
     k = F.normalize(q + noise * torch.randn(B, E, generator=g, dtype=torch.float64) / E ** 0.5,
                     dim=1)
     queue = F.normalize(torch.randn(N, E, generator=g, dtype=torch.float64), dim=1)
@@ -172,6 +179,7 @@ def test_gpu_auto_takes_the_reference_for_what_the_kernel_lacks():
     q, k, queue = make_inputs(4, 8, 9, torch.float32, device="cuda")
     k = k.requires_grad_()
     loss, _ = queue_infonce(q, k, queue, 0.1, impl="auto")
+    assert implementations_used()["queue_infonce"] == "torch"
     loss.backward()
     assert k.grad is not None
 
@@ -194,13 +202,31 @@ def test_gpu_odd_and_chunked_shapes(shape):
 @on_gpu
 def test_gpu_auto_dispatches_to_the_kernel_without_host_sync():
     q, k, queue = make_inputs(64, 128, 4096, torch.float32, device="cuda")
+    expected = run(queue_infonce_ref, q, k, queue, 0.1)
     q.requires_grad_()
     queue_infonce(q, k, queue, 0.1)[0].backward()  # the first call autotunes (and syncs)
     q.grad = None
-    torch.cuda.set_sync_debug_mode("error")  # any host sync in forward/backward raises
-    try:
-        loss, _ = queue_infonce(q, k, queue, 0.1)
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert q.grad is not None
+    implementations_used(reset=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in forward/backward raises
+        try:
+            loss, top1 = queue_infonce(q, k, queue, 0.1)
+            (loss * GRAD).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    assert implementations_used()["queue_infonce"] == "triton"
+    kernels = {event.name for event in profile.events()
+               if event.device_type == torch.autograd.DeviceType.CUDA}
+    for kernel in ("fwd_partial", "fwd_combine", "bwd_probs", "bwd_dq"):
+        assert any(kernel in name for name in kernels), kernels
+    assert torch.allclose(loss, expected[0], rtol=1e-5)
+    assert torch.allclose(q.grad, expected[2], rtol=1e-4, atol=1e-7)
+
+
+def test_the_gpu_tests_data_has_wins_and_losses_at_training_shapes():
+    """The precondition of the training-shape tests, checked here in float64 on the CPU."""
+    for B, E, N, seed in [(256, 2048, 16384, 4), (256, 2048, 65536, 5), (300, 130, 1000, 5)]:
+        q, k, queue = make_inputs(B, E, N, torch.float64, seed=seed)
+        _, top1 = queue_infonce_ref(q, k, queue, 0.07)
+        assert 0.1 < top1.item() < 0.9, (B, E, N, top1.item())

@@ -1,0 +1,41 @@
+"""What makes the method's networks fast on the device they train on: the layout of
+`data.image_layout` (channels-last on CUDA), and `train.compile`.
+
+Only the encoders are compiled (`Method.encoders()`: student, teacher, slow student), and of
+each only `forward_features`, the convolutional trunk that holds nearly all of a step's
+time; the heads, losses, queue and momentum updates stay eager, where the Triton kernels and
+the queue's in-place writes need no graph breaks. `forward` calls `forward_features`, so
+evaluation and KD's logits run compiled too.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data import image_layout
+from ..methods import Method
+
+
+def compile_encoders(method: Method, mode: bool | str) -> None:
+    """`train.compile`: False leaves the encoders eager; True or a mode name compiles each
+    encoder's `forward_features` with `torch.compile(mode=...)`."""
+    if mode is False:
+        return
+    options = {} if mode is True else {"mode": mode}
+    for encoder in method.encoders():
+        # An instance attribute: the module's state dict and class stay as they are.
+        encoder.forward_features = torch.compile(encoder.forward_features, **options)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (a step that recompiles adds some)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def prepare(method: Method, device: torch.device, compile_mode: bool | str) -> None:
+    """Lays out `method` (already on `device`) for it and compiles its encoders; before any
+    engine copies the parameters into buffers of its own."""
+    if image_layout(device) == torch.channels_last:
+        method.to(memory_format=torch.channels_last)
+    compile_encoders(method, compile_mode)

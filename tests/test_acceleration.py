@@ -1,0 +1,132 @@
+"""train.compile, the channels-last layout on CUDA, and the run log's record of which
+implementation each fused op ran."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cocord_fast.config import load_config
+from cocord_fast.data import image_layout
+from cocord_fast.data.build import resolve_root
+from cocord_fast.data.sources import open_source
+from cocord_fast.data.torch_loader import MultiViewDataset, build_torch_loaders
+from cocord_fast.data.transforms import build_recipe
+from cocord_fast.engine.metrics import read_log
+from cocord_fast.engine.trainer import Trainer, train
+
+from launch import write_teacher
+from markers import interpreted, on_gpu
+
+
+def cocord_overrides(tiny_overrides, tmp_path, *extra):
+    teacher = write_teacher(tmp_path)
+    return tiny_overrides + [
+        "method.name=cocord", "data.backend=torch", "model.teacher=resnet8",
+        f"model.teacher_checkpoint={teacher}", "cocord.queue_size=40", "cocord.embed_dim=16",
+        "cocord.proj_hidden_dim=16", "cocord.pred_hidden_dim=8", "train.max_steps=4", *extra]
+
+
+def records(run, kind):
+    return [r for r in read_log(run) if r["kind"] == kind]
+
+
+def test_compiled_encoders_take_the_eager_steps_without_recompiling(tiny_overrides, tmp_path):
+    """Student, teacher and slow student compiled: one graph each, built in the first step;
+    the losses are the eager run's (to float rounding)."""
+    losses = {}
+    for mode in ("false", "true"):
+        run = tmp_path / f"compile_{mode}"
+        train(load_config(overrides=cocord_overrides(
+            tiny_overrides, tmp_path, f"train.compile={mode}", f"train.output_dir={run}")))
+        logged = records(run, "train")
+        losses[mode] = [r["loss"] for r in logged]
+    graphs = [r["compiled_graphs"] for r in logged]
+    assert len(graphs) == 4 and graphs == [graphs[0]] * 4 and graphs[0] >= 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_compile_covers_every_encoder_and_nothing_else(tiny_overrides, tmp_path):
+    trainer = Trainer(load_config(overrides=cocord_overrides(
+        tiny_overrides, tmp_path, "train.compile=max-autotune")))
+    method = trainer.method
+    compiled = [name for name, module in method.named_modules()
+                if "forward_features" in vars(module)]
+    assert compiled == ["student_encoder", "teacher_encoder", "slow_encoder"]
+    assert "forward" not in vars(method.student_projector)
+
+
+def test_compile_mode_is_checked_by_name():
+    with pytest.raises(Exception, match="train.compile: 'fast' is not one of false, true, "
+                                        "default, reduce-overhead, max-autotune"):
+        load_config(overrides=["train.compile=fast"])
+
+
+def test_torch_batches_for_cuda_are_channels_last(tiny_demo_root):
+    """The layout is set in the worker's collate, so pinning and the device copy keep it."""
+    cfg = load_config(overrides=[f"data.root={tiny_demo_root}", "data.batch_size=4",
+                                 "data.num_workers=0"]).data
+    source = open_source("demo", resolve_root(cfg), train=True)
+    recipe = build_recipe("demo", cfg.image_size)
+    samples = [MultiViewDataset(source, recipe.train, 2, seed=0)[(i, 0)] for i in range(4)]
+    layouts = {}
+    for device in ("cpu", "cuda"):
+        train_loader, _ = build_torch_loaders(cfg, source, source, recipe, 2, 0,
+                                              torch.device(device), 0, 1)
+        layouts[device] = train_loader.loader.collate_fn(samples)
+    assert image_layout(torch.device("cuda")) == torch.channels_last
+    for view, default in zip(layouts["cuda"].views, layouts["cpu"].views):
+        assert view.is_contiguous(memory_format=torch.channels_last)
+        assert not view.is_contiguous() and default.is_contiguous()
+        assert torch.equal(view, default)
+
+
+def test_the_run_log_names_the_torch_ops_on_cpu(tiny_overrides, tmp_path):
+    run = tmp_path / "auto"
+    train(load_config(overrides=cocord_overrides(tiny_overrides, tmp_path, "train.max_steps=2",
+                                                 f"train.output_dir={run}")))
+    (kernels,) = records(run, "kernels")
+    assert kernels["queue_infonce"] == kernels["momentum_update"] == "torch"
+    assert kernels["step"] == 1
+
+
+@interpreted
+def test_the_run_log_names_the_triton_kernels(tiny_overrides, tmp_path):
+    run = tmp_path / "triton"
+    train(load_config(overrides=cocord_overrides(
+        tiny_overrides, tmp_path, "train.max_steps=1", "train.kernels=triton",
+        "train.device=cpu", f"train.output_dir={run}")))
+    (kernels,) = records(run, "kernels")
+    assert kernels["queue_infonce"] == kernels["momentum_update"] == "triton"
+
+
+def test_methods_without_fused_ops_log_none(tiny_overrides, tmp_path):
+    run = tmp_path / "vanilla"
+    train(load_config(overrides=tiny_overrides + ["train.max_steps=1",
+                                                  f"train.output_dir={run}"]))
+    assert records(run, "kernels") == [] and records(run, "train")
+
+
+@on_gpu
+@pytest.mark.parametrize("compile_mode", ["false", "default"])
+def test_cuda_run_is_channels_last_runs_the_kernels_and_compiles_once(tiny_overrides, tmp_path,
+                                                                        compile_mode):
+    """On CUDA, train.kernels=auto picks both Triton kernels, conv weights and batches are
+    channels-last, and a compiled run builds its graphs in the first step only."""
+    run = tmp_path / "cuda"
+    cfg = load_config(overrides=cocord_overrides(
+        tiny_overrides, tmp_path, "train.device=cuda", "train.precision=bf16",
+        f"train.compile={compile_mode}", f"train.output_dir={run}"))
+    trainer = Trainer(cfg)
+    seen = []
+    conv = trainer.method.student_encoder.conv1
+    conv.register_forward_pre_hook(lambda module, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.fit()
+    (kernels,) = records(run, "kernels")
+    assert kernels["queue_infonce"] == kernels["momentum_update"] == "triton"
+    if compile_mode == "false":  # hooks do not fire inside a compiled graph
+        assert seen and all(seen)
+    else:
+        graphs = [r["compiled_graphs"] for r in records(run, "train")]
+        assert graphs == [graphs[0]] * len(graphs)
