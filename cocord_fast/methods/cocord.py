@@ -36,6 +36,22 @@ def prediction_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return 2 - 2 * (prediction * target).sum(dim=1)
 
 
+def contrast_inputs(z: Tensor, keys: Tensor, queue: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, queue snapshot) for `queue_infonce`: the unit queries and keys, and a copy of the
+    queue (backward reads it again, after `enqueue_` has written this batch's keys).
+
+    Normalised in at least fp32. Under bf16 autocast (z comes out of a Linear in bf16) the three
+    are then rounded to bf16, which the kernel takes on 16-bit tensor cores with products exact
+    in fp32 and the logits, logsumexp and loss in fp32: at B=256, E=2048, N=16384 the rounding
+    moves the loss by ~2e-5 and dq by ~2e-3 relative (float64 check in tests/test_cocord.py),
+    the size of rounding dq to bf16 itself, and the queue read per step halves.
+    """
+    q = F.normalize(_at_least_fp32(z), dim=1)  # (B, E)
+    k = F.normalize(_at_least_fp32(keys), dim=1)  # (B, E)
+    dtype = z.dtype if z.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    return q.to(dtype), k.to(dtype), queue.to(dtype, copy=True)
+
+
 class CoCoRD(Distiller):
     """CoCoRD: contrastive distillation against a queue of teacher keys, plus a prediction
     ("cognate") loss against a slow-moving copy of the student.
@@ -125,15 +141,14 @@ class CoCoRD(Distiller):
             teacher_in = torch.cat([x_t, x_s]) if use_kd else x_t
             teacher_features = self.teacher_encoder.forward_features(teacher_in)
             keys = self.teacher_projector(teacher_features[:len(x_t)])  # (B, E), x_t only
-            k = F.normalize(_at_least_fp32(keys), dim=1)  # (B, E)
             t = self.slow_projector(self.slow_encoder.forward_features(x_s2))  # (B, E)
             t2 = self.slow_projector(self.slow_encoder.forward_features(x_s))  # (B, E)
-        q = F.normalize(_at_least_fp32(z), dim=1)  # (B, E)
         # The enqueue below writes the queue in place before backward runs, and backward needs
         # the queue the logits saw: the loss gets a snapshot, which also keeps this batch's
         # keys out of its own negatives.
-        loss_ctr, ctr_top1 = queue_infonce(q, k, self.queue.clone(), c.temperature,
-                                           impl=self.kernels)
+        q, k, negatives = contrast_inputs(z, keys, self.queue)
+        loss_ctr, ctr_top1 = queue_infonce(q, k, negatives, c.temperature, impl=self.kernels)
+        # Under bf16 the queue (fp32) then holds bf16 keys: every snapshot rounds to them anyway.
         self.enqueue_(k)
         loss_pred = (prediction_loss(p, t) + prediction_loss(p2, t2)).mean()
         loss_cls = F.cross_entropy(logits, batch.labels)
