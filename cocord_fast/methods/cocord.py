@@ -98,6 +98,7 @@ class CoCoRD(Distiller):
             self.teacher_head_momentum = 1.0
         self.teacher_projector.requires_grad_(False)
         self.student_momentum = c.student_momentum
+        self._momentum_pairs = None  # listed on first use
         queue = F.normalize(torch.randn(c.queue_size, c.embed_dim, dtype=like.dtype,
                                         device=like.device), dim=1)
         self.register_buffer("queue", queue)  # (N, E): random unit rows until keys replace them
@@ -182,7 +183,15 @@ class CoCoRD(Distiller):
         self.queue_ptr.copy_((self.queue_ptr + count) % size)
 
     def momentum_pairs(self) -> tuple[list[Tensor], list[Tensor], list[float]]:
-        """(targets, sources, momenta) of every EMA pair: parameters only, never BN buffers."""
+        """(targets, sources, momenta) of every EMA pair: parameters only, never BN buffers.
+
+        Listed once: walking the modules costs ~0.3 ms a step for ResNet-50. The parameter
+        objects stay; engines and layouts that move their storage move it under them."""
+        if self._momentum_pairs is None:
+            self._momentum_pairs = self._list_momentum_pairs()
+        return self._momentum_pairs
+
+    def _list_momentum_pairs(self) -> tuple[list[Tensor], list[Tensor], list[float]]:
         targets = [*self.slow_encoder.parameters(), *self.slow_projector.parameters()]
         sources = [*self.student_encoder.parameters(), *self.student_projector.parameters()]
         momenta = [self.student_momentum] * len(targets)
