@@ -111,7 +111,8 @@ def _dense(t: Tensor) -> bool:
     """Whether `t` fills its memory without gaps, in the default or the channels-last order
     (CUDA models are channels-last): a pair with equal shapes and strides is then updated
     element for element as two flat arrays."""
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    return t.is_contiguous() or (t.dim() == 4
+                                 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _build_plan(pairs: list[tuple[Tensor, Tensor, float]], block: int) -> _Plan:

@@ -41,13 +41,16 @@ class ShuffleUnit(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # In place on fresh results no backward reads (fewer large allocations).
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = channel_shuffle(out, self.first_groups)
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], dim=1))
-        return F.relu(out + x)
+            out = torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], dim=1)
+        else:
+            out += x
+        return F.relu(out, inplace=True)
 
 
 class ShuffleNetV1(Classifier):
@@ -69,7 +72,7 @@ class ShuffleNetV1(Classifier):
         self.linear = nn.Linear(cin, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = self.layer3(self.layer2(self.layer1(x)))
         return global_pool(x)
 

@@ -42,9 +42,9 @@ class BasicUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[1] // 2
         kept, x2 = x[:, :half], x[:, half:]
-        out = F.relu(self.bn1(self.conv1(x2)))
+        out = F.relu(self.bn1(self.conv1(x2)), inplace=True)
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
+        out = F.relu(self.bn3(self.conv3(out)), inplace=True)
         return channel_shuffle(torch.cat([kept, out], dim=1), 2)
 
 
@@ -59,9 +59,9 @@ class DownUnit(nn.Module):
         self.conv5, self.bn5 = _pw(mid, mid), nn.BatchNorm2d(mid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
-        right = F.relu(self.bn3(self.conv3(x)))
-        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))), inplace=True)
+        right = F.relu(self.bn3(self.conv3(x)), inplace=True)
+        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))), inplace=True)
         return channel_shuffle(torch.cat([left, right], dim=1), 2)
 
 
@@ -83,9 +83,9 @@ class ShuffleNetV2(Classifier):
         self.linear = nn.Linear(last_channels, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = self.layer3(self.layer2(self.layer1(x)))
-        return global_pool(F.relu(self.bn2(self.conv2(x))))
+        return global_pool(F.relu(self.bn2(self.conv2(x)), inplace=True))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)

@@ -26,8 +26,8 @@ class WideBlock(nn.Module):
             self.convShortcut = nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        pre = F.relu(self.bn1(x), inplace=True)
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre)), inplace=True))
         # RepDistiller quirk kept on purpose: when the width changes, the 1x1 shortcut reads
         # the pre-activated input; otherwise the shortcut is the raw input.
         # (Identity shortcuts only occur with stride 1 here, as in RepDistiller.)
@@ -65,7 +65,7 @@ class WideResNet(Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
-        return global_pool(F.relu(self.bn1(x)))
+        return global_pool(F.relu(self.bn1(x), inplace=True))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
