@@ -2,10 +2,18 @@
 
 Both backends run through `build_loaders`, the path training takes, over a generated
 ImageFolder tree of ImageNet-like JPEGs (500x375 by default) cropped to 224, at equal CPU
-parallelism (`--threads`: DALI threads, DataLoader worker processes). Epochs are short, so the
-per-epoch pipeline build of the DALI path is inside the timing. On a CUDA machine a third
+parallelism (`--threads`: DALI threads, DataLoader worker processes). On a CUDA machine a third
 backend, `dali-gpu`, decodes with nvJPEG (`mixed`) and augments on the GPU; the CPU backends'
 batches are then copied to that GPU too, as training would.
+
+Start-up and steady state apart, so that short runs cannot rank the backends by their start-up
+cost (each the median of `--repeats` interleaved runs, the machine's load recorded):
+- `startup_s`: from `build_loaders` to the first batch of epoch 0 (DALI builds its pipeline
+  and fills its prefetch queue there, the DataLoader starts its workers);
+- `img_per_s`: the steady rate over `--epochs` whole epochs after epoch 0, each epoch's start
+  (a reset, or whatever else a backend does at a boundary) inside the timing;
+- and, to see that boundary alone, `epoch_start_s`: the mean wait from `start(epoch)` to the
+  epoch's first batch (a pipeline reset or build, and a batch decoded with nothing to overlap).
 
     python bench/data.py --threads 2
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -55,31 +64,43 @@ def measure(root: Path, backend: str, views: int, args: argparse.Namespace) -> d
     cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=args.image_size,
                      batch_size=args.batch_size, num_workers=args.threads,
                      backend="dali" if backend.startswith("dali") else "torch")
-    loaders = build_loaders(cfg, num_views=views, seed=0, device=device)
 
-    def batches():
-        epoch = 0
-        while True:
-            loaders.train.start(epoch)
-            for batch in loaders.train:
-                yield batch.to(target, non_blocking=True)
-            epoch += 1
+    def arrived(batch) -> None:
+        """On the training device, as training would have it; a GPU's copy waited for."""
+        batch.to(target, non_blocking=True)
+        if target.type == "cuda":
+            torch.cuda.synchronize()
 
-    stream = batches()
-    for _ in range(args.warmup):
-        next(stream)
-    if target.type == "cuda":
-        torch.cuda.synchronize()
     started = time.perf_counter()
-    for _ in range(args.batches):
-        batch = next(stream)
-    if target.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    loaders = build_loaders(cfg, num_views=views, seed=0, device=device)
+    loaders.train.start(0)
+    for number, batch in enumerate(loaders.train):
+        arrived(batch)
+        if number == 0:
+            startup = time.perf_counter() - started
     assert len(batch.views) == views and batch.views[0].shape[-1] == args.image_size
-    stream.close()
-    return {"backend": backend, "views": views, "img_per_s": args.batches * args.batch_size / seconds,
-            "batches": args.batches}
+    epoch_starts = []
+    started = time.perf_counter()
+    for epoch in range(1, 1 + args.epochs):
+        epoch_started = time.perf_counter()
+        loaders.train.start(epoch)
+        for number, batch in enumerate(loaders.train):
+            arrived(batch)
+            if number == 0:
+                epoch_starts.append(time.perf_counter() - epoch_started)
+    seconds = time.perf_counter() - started
+    images = args.epochs * len(loaders.train) * args.batch_size
+    return {"backend": backend, "views": views, "startup_s": startup,
+            "img_per_s": images / max(seconds, 1e-9),
+            "epoch_start_s": float(np.mean(epoch_starts)) if epoch_starts else None,
+            "epochs": args.epochs, "batches_per_epoch": len(loaders.train)}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The median of each timing over repeated runs of one row; every run's rate kept."""
+    timings = ("startup_s", "img_per_s", "epoch_start_s")
+    return {**runs[0], **{key: float(np.median([r[key] for r in runs])) for key in timings},
+            "img_per_s_runs": [r["img_per_s"] for r in runs]}
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -91,17 +112,20 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     views = sorted({r["views"] for r in rows})
     width = 0.8 / len(backends)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for b, backend in enumerate(backends):
-        for v, count in enumerate(views):
-            rate = next(r["img_per_s"] for r in rows if (r["backend"], r["views"]) == (backend, count))
-            x = v + (b - (len(backends) - 1) / 2) * width
-            ax.bar(x, rate, width, color=f"C{b}", label=backend if v == 0 else None)
-            ax.text(x, rate, f"{rate:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(views)), [f"{v} view{'s' * (v > 1)}" for v in views])
-    ax.set_ylabel("images/s (source images)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    panels = ((axes[0], "img_per_s", "steady images/s (source images)", "{:.0f}"),
+              (axes[1], "startup_s", "start-up: loaders to first batch (s)", "{:.2f}"))
+    for ax, key, label, unit in panels:
+        for b, backend in enumerate(backends):
+            for v, count in enumerate(views):
+                value = next(r[key] for r in rows if (r["backend"], r["views"]) == (backend, count))
+                x = v + (b - (len(backends) - 1) / 2) * width
+                ax.bar(x, value, width, color=f"C{b}", label=backend if v == 0 else None)
+                ax.text(x, value, unit.format(value), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(views)), [f"{v} view{'s' * (v > 1)}" for v in views])
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -114,26 +138,42 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    parser.add_argument("--batches", type=int, default=16, help="timed batches")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="timed epochs, after an untimed epoch 0 that holds the start-up")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per row (median)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     backends = ["dali", "torch"] + ["dali-gpu"] * torch.cuda.is_available()
-    rows = []
+    # Other work on the machine slows the backends unevenly: the load says how quiet it was,
+    # and each row is the median of `--repeats` interleaved measurements.
+    load = os.getloadavg()[0]
+    samples: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         kilobytes = write_jpeg_tree(root, args.images, args.classes, tuple(args.source_size))
-        for views in args.views:
-            for backend in backends:
-                rows.append(measure(root, backend, views, args))
-                print(f"{backend:8s} {views} view(s) {rows[-1]['img_per_s']:8.1f} img/s", flush=True)
+        # The process's first DALI pipeline loads DALI's libraries, and the first DataLoader
+        # imports what its workers need: one untimed epoch per backend keeps that out of the
+        # loaders' start-up.
+        for backend in backends:
+            measure(root, backend, 1, argparse.Namespace(**{**vars(args), "epochs": 0}))
+        for _ in range(args.repeats):
+            for views in args.views:
+                for backend in backends:
+                    samples.setdefault((backend, views), []).append(
+                        measure(root, backend, views, args))
+    rows = [median_row(runs) for runs in samples.values()]
+    for row in rows:
+        print(f"{row['backend']:8s} {row['views']} view(s) {row['img_per_s']:8.1f} img/s "
+              f"steady, start-up {row['startup_s']:.2f} s, epoch start "
+              f"{row['epoch_start_s']:.3f} s (medians of {args.repeats})", flush=True)
 
     device = device_name("cuda" if torch.cuda.is_available() else "cpu")
     report = {**provenance(device), "source_size": args.source_size,
               "mean_jpeg_kb": round(kilobytes, 1), "image_size": args.image_size,
-              "batch_size": args.batch_size, "threads": args.threads, "rows": rows}
+              "batch_size": args.batch_size, "threads": args.threads, "images": args.images,
+              "repeats": args.repeats, "load_average_1min": load, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"data_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

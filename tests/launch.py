@@ -154,12 +154,9 @@ class ConcatenatedRanks:
     def __init__(self, loaders):
         self.loaders = loaders
 
-    def start(self, epoch: int, skip: int = 0, state=None) -> None:
+    def start(self, epoch: int, skip: int = 0) -> None:
         for loader in self.loaders:
             loader.start(epoch, skip)
-
-    def state(self) -> None:
-        return None
 
     def __len__(self) -> int:
         return len(self.loaders[0])

@@ -2,6 +2,9 @@
 implementation each fused op ran."""
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,8 +14,10 @@ from cocord_fast.data.build import resolve_root
 from cocord_fast.data.sources import open_source
 from cocord_fast.data.torch_loader import MultiViewDataset, build_torch_loaders
 from cocord_fast.data.transforms import build_recipe
+from cocord_fast.engine.acceleration import compile_encoders
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer, train
+from cocord_fast.models import build_model
 
 from launch import write_teacher
 from markers import interpreted, on_gpu
@@ -30,9 +35,34 @@ def records(run, kind):
     return [r for r in read_log(run) if r["kind"] == kind]
 
 
+def assert_same_curve(compiled: list[float], eager: list[float]) -> None:
+    """The first step's loss to fp32 rounding; later ones within 1%: inductor's fp32 CPU
+    kernels order BatchNorm's backward sums otherwise, which on batches of 8 moves some
+    gradients by ~4e-3 relative (in float64 compiled and eager agree to 1e-14, below)."""
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    assert compiled == pytest.approx(eager, rel=1e-2)
+
+
+def test_a_compiled_trunk_is_the_eager_one_in_float64():
+    """Two invocations (two views) and one backward, as CoCoRD's student runs."""
+    torch.manual_seed(0)
+    eager = build_model("resnet8", 10).double()
+    compiled = copy.deepcopy(eager)
+    compile_encoders(SimpleNamespace(encoders=lambda: [compiled]), True)
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2)]
+    weights = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    for model in (eager, compiled):
+        sum((model.forward_features(v) * weights).sum() for v in views).backward()
+    for (name, mine), theirs in zip(compiled.named_parameters(), eager.parameters()):
+        if theirs.grad is not None:
+            assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12), name
+    assert "forward_features" in vars(compiled) and "forward_features" not in vars(eager)
+
+
 def test_compiled_encoders_take_the_eager_steps_without_recompiling(tiny_overrides, tmp_path):
     """Student, teacher and slow student compiled: one graph each, built in the first step;
-    the losses are the eager run's (to float rounding)."""
+    the losses follow the eager run's."""
     losses = {}
     for mode in ("false", "true"):
         run = tmp_path / f"compile_{mode}"
@@ -42,7 +72,7 @@ def test_compiled_encoders_take_the_eager_steps_without_recompiling(tiny_overrid
         losses[mode] = [r["loss"] for r in logged]
     graphs = [r["compiled_graphs"] for r in logged]
     assert len(graphs) == 4 and graphs == [graphs[0]] * 4 and graphs[0] >= 3
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert_same_curve(losses["true"], losses["false"])
 
 
 def test_compile_covers_every_encoder_and_nothing_else(tiny_overrides, tmp_path):
@@ -107,7 +137,7 @@ def test_methods_without_fused_ops_log_none(tiny_overrides, tmp_path):
 
 
 @on_gpu
-@pytest.mark.parametrize("compile_mode", ["false", "default"])
+@pytest.mark.parametrize("compile_mode", ["false", "default", "reduce-overhead"])
 def test_cuda_run_is_channels_last_runs_the_kernels_and_compiles_once(tiny_overrides, tmp_path,
                                                                         compile_mode):
     """On CUDA, train.kernels=auto picks both Triton kernels, conv weights and batches are

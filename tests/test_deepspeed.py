@@ -23,6 +23,7 @@ from cocord_fast.errors import UserError
 from launch import (BIN, STEPS, assert_disjoint_shards, assert_matches_one_process, launch,
                     launch_and_kill, launch_runs, launch_worker, rank_dumps, recipe, train_losses,
                     write_teacher)
+from test_acceleration import assert_same_curve
 
 SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)
 
@@ -135,6 +136,20 @@ def test_two_ranks_equal_one_process_with_the_global_batch(zero, name, global_ba
     assert_disjoint_shards(dumps, len(dumps[0]["index"]) // 2)  # 2 epochs
     spec = runs(zero["root"], zero["teacher"])[name]
     assert_matches_one_process(zero["work"] / name, spec["overrides"], global_batch, tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_encoders_take_the_eager_steps_under_deepspeed(tiny_demo_root, teacher):
+    """train.compile with the DeepSpeed engine (one process under the launcher): the eager
+    run's losses, step for step."""
+    for mode in ("false", "true"):
+        launch("deepspeed", [BIN / "cocord-fast", "train",
+                             *recipe(tiny_demo_root, teacher, f"zero1_compile_{mode}", "cocord"),
+                             "train.max_steps=3", "engine.name=deepspeed", "engine.zero_stage=1",
+                             f"train.compile={mode}"], teacher.parent, nproc=1)
+    compiled = list(train_losses(teacher.parent / "zero1_compile_true").values())
+    assert len(compiled) == 3
+    assert_same_curve(compiled, list(train_losses(teacher.parent / "zero1_compile_false").values()))
 
 
 @pytest.mark.slow

@@ -22,13 +22,12 @@ from .transforms import build_recipe
 
 
 class TrainLoader(Protocol):
-    def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
-        """Selects the epoch the next iteration yields, minus its first `skip` batches;
-        `state`, from `state()` after those batches, makes the continuation exact."""
+    """Both backends' batches, random views included, are a function of (seed, epoch, rank,
+    position): a resumed run needs nothing but its step to see what an uninterrupted one
+    would have."""
 
-    def state(self) -> bytes | None:
-        """What `start` needs, beyond (epoch, skip), to continue exactly after the last batch
-        yielded; None when (epoch, skip) suffice or nothing more can be had."""
+    def start(self, epoch: int, skip: int = 0) -> None:
+        """Selects the epoch the next iteration yields, minus its first `skip` batches."""
 
     def __len__(self) -> int:
         """Batches (steps) per epoch, equal on every rank."""

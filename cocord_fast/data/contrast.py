@@ -25,7 +25,7 @@ class NegativeSampler:
     itself (the positive), columns 1..K are indices of samples of other classes.
 
     The class of every sample comes from a lookup tensor of the training targets (not from the
-    batch labels), so a loader that yields only indices (DALI's file reader) works too.
+    batch labels), so a loader that yields only indices works too.
 
     Two modes, chosen by the batch's B x n_data against `exact_budget`:
     - exact (CIFAR scale): without replacement, as RepDistiller. Each row draws a float64 key

@@ -1,44 +1,59 @@
 """The DALI data path: the same `Batch`es as the torch path, decoded and augmented by DALI.
 
-An epoch's samples and order are those of `order.epoch_order`, exactly as on the torch path;
-each rank's file reader is given its shard of this epoch's permuted file list, in order (and
-evaluation readers their shard of `order.eval_shards`). DALI's own `random_shuffle` is not
-used: it shuffles through a buffer of `initial_fill` samples, whose order cannot be
-reproduced per epoch nor resumed mid-epoch. A pipeline is built per epoch, its random
-operators seeded from (seed, epoch, rank).
+An epoch's samples and order are those of `order.epoch_order`, exactly as on the torch path
+(and evaluation's those of `order.eval_shards`). DALI's own shuffling is not used: it shuffles
+through a buffer of `initial_fill` samples, whose order cannot be reproduced per epoch nor
+resumed mid-epoch.
 
-Resume is exact through DALI's pipeline checkpoints: `state()` is the checkpoint of the
-training pipeline after the last batch it yielded (its reader position and the state of every
-random operator), and `start(epoch, skip, state)` rebuilds the pipeline from it, so the rest of
-the epoch has the same samples, crops and flips as an uninterrupted run. Without a state (or
-when a corrupt file was repaired in that epoch), `start(epoch, skip)` still gives the same
-samples in the same batches, with other random crops and flips.
+One pipeline per loader serves every epoch. Its only input is an external source (`_Batches`)
+that hands DALI this rank's batches in order: the files' bytes (or CIFAR's arrays), their
+dataset indices, and each training view's crop window and flip, drawn on the host from a
+generator seeded with `derived_seed(seed, epoch, rank, batch)` (`dali_pipeline.draw_views`).
+A new epoch, or a resume at any batch, is a new plan for that source and a reset of the
+pipeline, not a new pipeline; and since the graph holds no random state, `start(epoch, skip)`
+alone continues an epoch exactly, with the same samples, crops and flips as an uninterrupted
+run: there is no loader state to save. What an epoch boundary still costs is one batch decoded with nothing
+to overlap it (DALI stops prefetching at an epoch's end: the next `start` is not known yet).
 
-Unreadable files surface as DALI decoder errors that do not name the file: the files of the
-failing batch are then decoded with PIL to find it. It is named in a UserError, or, with
+Why this design: a file-reader pipeline built per epoch (as before) paid a build and a cold
+queue at every epoch: on an H100 any throughput window holding an epoch boundary fell to ~350
+img/s; on 2 CPU threads (`bench/data.py`) `start(epoch)` to the first batch took 0.105 s (1
+view) and 0.21-0.24 s (3 views) against 0.041 s and 0.07-0.09 s now, and the steady rate over
+8-batch epochs rose from ~780 to ~1,010 img/s (1 view). Keeping DALI's random operators in one
+pipeline would have tied an epoch's crops to every batch drawn before it, so that a resume at
+an epoch boundary would need a DALI checkpoint there too. The host pays for reading the
+files' bytes (in parallel, `DaliFeed.images`), each header once (`DaliFeed.image_sizes`) and
+a few vectorised numpy draws per batch.
+
+A pipeline is rebuilt only when it cannot be reset: after a decode failure (DALI's pipeline is
+then invalid), and when an iteration was left unfinished (its prefetched batches are still
+queued). Unreadable files surface as DALI decoder errors that do not name the file: the files
+of the failing batch are then decoded with PIL to find it. It is named in a UserError, or, with
 `data.skip_corrupt=true`, replaced by the next readable file in dataset order (training: batches
-keep their size) or dropped (evaluation), and the pipeline is rebuilt from that batch on.
+keep their size, and their random views, which depend on the position only) or dropped
+(evaluation), and the pipeline is rebuilt from that batch on.
 """
 from __future__ import annotations
 
-import warnings
+import io
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
 
 from ..errors import UserError
 from .batch import Batch
-from .dali_pipeline import READER, DaliRecipe, eval_pipeline, read_arrays, read_files, training_pipeline
+from .dali_pipeline import DaliRecipe, eval_pipeline, training_pipeline
 from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
-from .sources import CIFAR100, decode_error
+from .sources import CIFAR100, DECODE_ERRORS, decode_error, io_failure
 
 # How many batches past the failing one DALI may have been working on: its prefetch queue
 # (depth 2), and one more for safety.
 PREFETCH_DEPTH = 3
-_DALI_SEED_RANGE = 2 ** 31
 
 
 class DaliFeed:
@@ -52,25 +67,47 @@ class DaliFeed:
         self.recipe = DaliRecipe(dataset, image_size, layout="HWC" if self.gpu else "CHW")
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
+        if self.files is not None:
+            # File reads release the GIL: a batch's files are read in parallel, while the
+            # training thread (which runs DALI's external source) waits.
+            self.reader = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-read")
+            # (height, width) from each file's header, read once (-1: not yet).
+            self.sizes = np.full((len(self.files), 2), -1, np.int64)
 
-    def reader(self, piece: list[int], batch_size: int, pad_last_batch: bool,
-               restored_batches: int = 0):
-        """The read graph over `piece` (this rank's dataset indices, in order).
-        `restored_batches`: how many batches a pipeline restored from a checkpoint has already
-        read; a file reader's checkpoint holds its position, an external source starts there."""
+    def images(self, indices: list[int]) -> np.ndarray | list[np.ndarray]:
+        """(B, H, W, 3) uint8 arrays (CIFAR), or the B files' bytes."""
         if self.files is None:
-            remaining = piece[restored_batches * batch_size:]
-            return read_arrays(_ArrayBatches(self.source.images, remaining, batch_size), self.gpu)
-        return read_files([self.files[i] for i in piece], piece, "mixed" if self.gpu else "cpu",
-                          pad_last_batch)
+            return np.ascontiguousarray(self.source.images[indices])
+        return list(self.reader.map(self._read, indices))
 
-    def iterator(self, pipeline, outputs: list[str], last_batch: LastBatchPolicy):
-        sizing = {"size": -1} if self.files is None else {"reader_name": READER}
-        return DALIGenericIterator(pipeline, outputs, last_batch_policy=last_batch, **sizing)
+    def _read(self, index: int) -> np.ndarray:
+        path = self.files[index]
+        try:
+            return np.fromfile(path, dtype=np.uint8)
+        except OSError as err:
+            raise io_failure(path, err) or UserError(f"cannot read {path}: {err}") from None
 
-    def pipeline_args(self, batch_size: int, seed: int, checkpoint: bytes | None) -> dict:
-        return dict(batch_size=batch_size, num_threads=self.threads, seed=seed % _DALI_SEED_RANGE,
-                    device_id=self.device_id, enable_checkpointing=True, checkpoint=checkpoint)
+    def image_sizes(self, indices: list[int], encoded: list[np.ndarray]) -> np.ndarray:
+        """(B, 2) (height, width) of the decoded images, from the files' headers. A header PIL
+        cannot read counts as 1x1 (a whole-image crop): DALI's decoder then names the file,
+        or decodes a format PIL does not know."""
+        for index, data in zip(indices, encoded):
+            if self.sizes[index, 0] < 0:
+                try:
+                    with Image.open(io.BytesIO(data)) as image:
+                        self.sizes[index] = image.size[1], image.size[0]
+                except (Image.DecompressionBombError, *DECODE_ERRORS):
+                    self.sizes[index] = 1, 1
+        return self.sizes[indices]
+
+    def iterator(self, pipeline, outputs: list[str]) -> DALIGenericIterator:
+        # The external source ends each epoch and sizes each batch (evaluation's last is partial).
+        return DALIGenericIterator(pipeline, outputs, size=-1,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def pipeline_args(self, batch_size: int) -> dict:
+        return dict(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id,
+                    encoded=self.files is not None, gpu=self.gpu)
 
     @property
     def device_id(self) -> int | None:
@@ -82,22 +119,39 @@ class DaliFeed:
     def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str]) -> Batch:
         if self.gpu:  # (B, H, W, C) -> a channels-last (B, C, H, W) view, in the training dtype
             views = [v.permute(0, 3, 1, 2).to(self.dtype) for v in views]
-        # The reader's index output is a host tensor: one small copy, then CRD's negatives and
-        # the labels are drawn and looked up on the device.
+        # The index output is a host tensor: one small copy, then CRD's negatives and the
+        # labels are drawn and looked up on the device.
         index = index.view(-1).to(self.device, torch.long, non_blocking=True)
         return Batch(views=views, labels=self.targets[index], index=index, skipped=tuple(skipped))
 
 
-class _ArrayBatches:
-    """The external source's iterable: this shard's remaining samples, a batch at a time."""
+class _Batches:
+    """The pipeline's external source: DALI calls it for every batch it prefetches. It hands
+    over the planned `piece` (this rank's dataset indices, in order) a batch at a time from
+    batch `position` on, then raises StopIteration (DALI's end of epoch) until the next plan.
+    With a `key` (training), batch b's random views are drawn from `derived_seed(*key, b)`."""
 
-    def __init__(self, images: np.ndarray, indices: list[int], batch_size: int):
-        self.images, self.indices, self.batch_size = images, np.asarray(indices), batch_size
+    def __init__(self, feed: DaliFeed, batch_size: int, num_views: int):
+        self.feed, self.batch_size, self.num_views = feed, batch_size, num_views
+        self.plan([], 0, None)
 
-    def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            chunk = self.indices[start:start + self.batch_size]
-            yield np.ascontiguousarray(self.images[chunk]), chunk.astype(np.int32)
+    def plan(self, piece: list[int], position: int, key: tuple[int, ...] | None) -> None:
+        self.piece, self.position, self.key = piece, position, key
+
+    def __call__(self) -> list:
+        start = self.position * self.batch_size
+        indices = self.piece[start:start + self.batch_size]
+        if not indices:
+            raise StopIteration
+        images = self.feed.images(indices)
+        out = [images, np.asarray(indices, np.int32)]
+        if self.key is not None:
+            recipe = self.feed.recipe
+            sizes = None if recipe.small else self.feed.image_sizes(indices, images)
+            rng = np.random.default_rng(derived_seed(*self.key, self.position))
+            out += recipe.draw_views(rng, self.num_views, len(indices), sizes)
+        self.position += 1
+        return out
 
 
 def _is_decode_failure(err: RuntimeError) -> bool:
@@ -112,71 +166,59 @@ def _decoder_message(err: Exception) -> str:
 
 
 class _Resilient:
-    """Runs pipelines over a `piece` (this rank's dataset indices, in order), rebuilding after
-    a decode failure with the unreadable files repaired. Files found unreadable are
-    remembered, and repaired up front in later epochs."""
+    """Runs one pipeline over the `piece`s it is given (this rank's dataset indices, in order),
+    reset between iterations, rebuilt after a decode failure with the unreadable files
+    repaired. Files found unreadable are remembered, and repaired up front in later epochs."""
 
     def __init__(self, feed: DaliFeed, make_pipeline, outputs: list[str], batch_size: int,
-                 skip_corrupt: bool, training: bool):
+                 skip_corrupt: bool, training: bool, num_views: int = 1):
         self.feed, self.make_pipeline, self.outputs = feed, make_pipeline, outputs
         self.batch_size = batch_size
         self.skip_corrupt, self.training = skip_corrupt, training
         self.unreadable: dict[int, int | None] = {}  # index -> substitute (None: dropped)
+        self.batches = _Batches(feed, batch_size, num_views)
         self.iterator: DALIGenericIterator | None = None
-        self.checkpointable = False  # whether the running pipeline's checkpoints resume exactly
+        self.in_flight = False  # an iteration started and not run to its end
 
-    def run(self, piece: list[int], seed: int, position: int = 0,
-            checkpoint: bytes | None = None) -> Iterator[Batch]:
-        """Batches from batch `position` of `piece` on; with `checkpoint`, the pipeline is
-        restored to the state it had there (built over the same `piece` and `seed`)."""
+    def run(self, piece: list[int], position: int = 0,
+            key: tuple[int, ...] | None = None) -> Iterator[Batch]:
+        """Batches from batch `position` of `piece` on; `key` names the stream of random views
+        (training, see `_Batches`)."""
+        if self.in_flight:  # batches of the unfinished iteration are still in DALI's queue
+            self.iterator = None
+        self.in_flight, rewind = True, self.iterator is not None
         skipped = self._apply_repairs(piece)
-        self.checkpointable = not skipped and (position == 0 or checkpoint is not None)
-        while position * self.batch_size < len(piece):
-            self.iterator, consumed = None, 0
-            while True:
-                try:
-                    if self.iterator is None:  # DALI's iterator decodes its first batch here
-                        self.iterator = self._start(piece, position, seed, checkpoint)
-                    out = next(self.iterator)[0]
-                except StopIteration:
-                    return
-                except RuntimeError as err:
-                    if self.feed.files is None or not _is_decode_failure(err):
-                        raise
-                    piece = piece[(position + consumed) * self.batch_size:]
-                    self._find_unreadable(piece, err)
-                    skipped += self._apply_repairs(piece)
-                    position, checkpoint, seed = 0, None, seed + 1
-                    self.checkpointable = False
-                    break
-                consumed += 1
-                yield self.feed.batch([out[name] for name in self.outputs[:-1]], out["index"],
-                                      skipped)
-                skipped = []
+        self.batches.plan(piece, position, key)
+        while True:
+            try:
+                if self.iterator is None:  # DALI's iterator decodes its first batch here
+                    self.iterator = self._build()
+                elif rewind:  # the end of the last epoch: DALI asks `_Batches` anew
+                    self.iterator.reset()
+                rewind = False
+                out = next(self.iterator)[0]
+            except StopIteration:
+                self.in_flight = False
+                return
+            except RuntimeError as err:
+                if self.feed.files is None or not _is_decode_failure(err):
+                    raise
+                self.iterator = None  # DALI's pipeline is no longer valid after an error
+                rest = piece[position * self.batch_size:]
+                self._find_unreadable(rest, err)
+                skipped += self._apply_repairs(rest)
+                piece[position * self.batch_size:] = rest
+                self.batches.plan(piece, position, key)
+                continue
+            position += 1
+            yield self.feed.batch([out[name] for name in self.outputs[:-1]], out["index"],
+                                  skipped)
+            skipped = []
 
-    def _start(self, piece: list[int], position: int, seed: int,
-               checkpoint: bytes | None) -> DALIGenericIterator:
-        if checkpoint is None:  # a fresh pipeline over what is left
-            piece = piece[position * self.batch_size:]
-        read = self.feed.reader(piece, self.batch_size,
-                                pad_last_batch=not self.training,
-                                restored_batches=position if checkpoint is not None else 0)
-        with warnings.catch_warnings():
-            # An external source's position is not in DALI's checkpoints: `reader` starts it
-            # at the restored position itself.
-            warnings.filterwarnings("ignore", "Checkpointing enabled in a pipeline with external")
-            pipeline = self.make_pipeline(
-                read, **self.feed.pipeline_args(self.batch_size, seed, checkpoint))
-            return self.feed.iterator(
-                pipeline, self.outputs,
-                LastBatchPolicy.DROP if self.training else LastBatchPolicy.PARTIAL)
-
-    def state(self) -> bytes | None:
-        """The running pipeline's checkpoint after the last batch it yielded, if it resumes
-        exactly."""
-        if not self.checkpointable or self.iterator is None:
-            return None
-        return self.iterator.checkpoints()[0]
+    def _build(self) -> DALIGenericIterator:
+        self.iterator = None  # the old pipeline goes before the new one is built
+        pipeline = self.make_pipeline(self.batches, **self.feed.pipeline_args(self.batch_size))
+        return self.feed.iterator(pipeline, self.outputs)
 
     def _find_unreadable(self, piece: list[int], err: RuntimeError) -> None:
         """Decodes, with PIL, the files of the batches DALI may have been working on."""
@@ -216,7 +258,7 @@ class _Resilient:
 
 
 class DaliTrainLoader:
-    """The `TrainLoader` contract (see `build.py`) over per-epoch DALI pipelines."""
+    """The `TrainLoader` contract (see `build.py`) over one DALI pipeline for every epoch."""
 
     def __init__(self, feed: DaliFeed, num_views: int, batch_size: int, seed: int, rank: int,
                  world_size: int, skip_corrupt: bool):
@@ -225,14 +267,13 @@ class DaliTrainLoader:
         self.steps = steps_per_epoch(len(feed.source), batch_size, world_size)
         outputs = [f"view{v}" for v in range(num_views)] + ["index"]
         make = partial(training_pipeline, recipe=feed.recipe, num_views=num_views)
-        self.runner = _Resilient(feed, make, outputs, batch_size, skip_corrupt, training=True)
-        self.epoch, self.skip, self.resume_state = 0, 0, None
+        self.runner = _Resilient(feed, make, outputs, batch_size, skip_corrupt, training=True,
+                                 num_views=num_views)
+        self.epoch, self.skip = 0, 0
 
-    def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
-        self.epoch, self.skip, self.resume_state = epoch, skip, state
-
-    def state(self) -> bytes | None:
-        return self.runner.state()
+    def start(self, epoch: int, skip: int = 0) -> None:
+        """(epoch, skip) name the rest of the epoch, random views included."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return self.steps
@@ -240,11 +281,8 @@ class DaliTrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         order = epoch_order(len(self.feed.source), self.batch_size, self.seed, self.epoch,
                             self.world_size)  # (world_size, steps x batch_size)
-        seed = derived_seed(self.seed, self.epoch, self.rank)
-        if self.skip and self.resume_state is None:
-            # Same samples, but no way to put the random operators where they were.
-            seed = derived_seed(self.seed, self.epoch, self.rank, self.skip)
-        return self.runner.run(order[self.rank].tolist(), seed, self.skip, self.resume_state)
+        return self.runner.run(order[self.rank].tolist(), self.skip,
+                               key=(self.seed, self.epoch, self.rank))
 
 
 class DaliEvalLoader:
@@ -258,4 +296,4 @@ class DaliEvalLoader:
                                  ["view0", "index"], batch_size, skip_corrupt, training=False)
 
     def __iter__(self) -> Iterator[Batch]:
-        return self.runner.run(list(self.shard), seed=0)
+        return self.runner.run(list(self.shard))

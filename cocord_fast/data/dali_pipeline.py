@@ -5,20 +5,36 @@ The recipes are those of `transforms.py` (METHOD.md, "Views") expressed as DALI 
   offset in [0, 8], a random horizontal flip, normalise;
 - ImageFolder/ImageNet: random-resized crop (area 0.08-1, aspect 3/4-4/3) to `image_size`,
   flip, normalise; evaluation resizes the shorter side to image_size/0.875 and centre-crops.
+
+Everything enters through one external source, fed batch by batch by the loader: the images
+(encoded files, or CIFAR's decoded arrays), their dataset indices and, for training, every
+view's random parameters (crop window, flip). Those are drawn on the host by `draw_views`, from a
+numpy generator the loader seeds per batch, and reach the operators as argument inputs: the
+graph holds no random state, so one pipeline serves every epoch and any batch can be
+reproduced without it. `draw_views` consumes a fixed amount of randomness per batch, whatever
+the images.
+
 Every operator after the decoder runs where the decoder's output lives: on the GPU after a
-`mixed` decode, on the CPU in a CPU-only pipeline (`device_id=None`).
+`mixed` decode, on the CPU in a CPU-only pipeline (`device_id=None`); the parameters are
+host tensors, as argument inputs must be.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from .transforms import eval_resize, is_small_image, normalization
 
-READER = "Reader"  # the file reader's name: DALI's iterators size an epoch from it
-SMALL_PAD = 4
+SMALL_SIZE, SMALL_PAD = 32, 4
+# torchvision's RandomResizedCrop: area fraction, log aspect ratio, and 10 tries for a window
+# that fits before it falls back to a centre crop.
+CROP_AREA = (0.08, 1.0)
+CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+CROP_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -28,71 +44,126 @@ class DaliRecipe:
     layout: str  # "CHW" (CPU) or "HWC" (GPU: a permuted view of it is channels-last)
 
     @property
+    def small(self) -> bool:
+        return is_small_image(self.dataset)
+
+    @property
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean, std = normalization(self.dataset)
         return [255 * m for m in mean], [255 * s for s in std]  # DALI normalises raw uint8
+
+    @property
+    def view_params(self) -> list[tuple[types.DALIDataType, int]]:
+        """(type, ndim) of each random parameter of one training view, as `draw_views` gives
+        them: small images (crop_pos_x, crop_pos_y, mirror), others (roi_start, roi_end,
+        mirror) with the window's corners as (y, x) fractions of the image."""
+        if self.small:
+            return [(types.FLOAT, 0), (types.FLOAT, 0), (types.INT32, 0)]
+        return [(types.FLOAT, 1), (types.FLOAT, 1), (types.INT32, 0)]
+
+    def draw_views(self, rng: np.random.Generator, num_views: int, batch: int,
+                   sizes: np.ndarray | None) -> list[np.ndarray]:
+        """Every view's parameters for a batch of `batch` images, view after view
+        (`view_params`). `sizes`: (B, 2) decoded (height, width) of each image; None for the
+        small recipe, whose crops do not depend on them."""
+        params = []
+        for _ in range(num_views):
+            if self.small:
+                # crop_pos is relative to the 8 px of slack: k/8 is the integer offset k in
+                # 0..8, each with probability 1/9, as torchvision's RandomCrop(32, padding=4).
+                offsets = rng.integers(0, 2 * SMALL_PAD + 1, (2, batch)) / (2 * SMALL_PAD)
+                params += [offsets[0].astype(np.float32), offsets[1].astype(np.float32)]
+            else:
+                params += resized_crop_windows(rng, sizes)
+            params.append(rng.integers(0, 2, batch, dtype=np.int32))  # flip
+        return params
 
     def normalize(self, images, **crop):
         mean, std = self.mean_std
         return fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT,
                                         output_layout=self.layout, **crop)
 
-    def train_view(self, images):
-        flip = fn.random.coin_flip()
-        if is_small_image(self.dataset):
-            size, padded = 32, 32 + 2 * SMALL_PAD
+    def train_view(self, images, params: list):
+        if self.small:
+            crop_x, crop_y, flip = params
+            padded = SMALL_SIZE + 2 * SMALL_PAD
             # A centred 40x40 window over a 32x32 image: 4 px of zeros on every side.
             images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad",
                              fill_values=0)
-            # crop_pos is relative to the 8 px of slack: these values are the integer offsets
-            # 0..8, each with probability 1/9, as torchvision's RandomCrop(32, padding=4).
-            offsets = [k / (padded - size) for k in range(padded - size + 1)]
-            return self.normalize(images, crop=(size, size), mirror=flip,
-                                  crop_pos_x=fn.random.uniform(values=offsets),
-                                  crop_pos_y=fn.random.uniform(values=offsets))
+            return self.normalize(images, crop=(SMALL_SIZE, SMALL_SIZE), mirror=flip,
+                                  crop_pos_x=crop_x, crop_pos_y=crop_y)
+        start, end, flip = params
         size = self.image_size
-        images = fn.random_resized_crop(images, size=(size, size), random_area=[0.08, 1.0],
-                                        random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, size=(size, size), roi_start=start, roi_end=end,
+                           roi_relative=True)
         return self.normalize(images, mirror=flip)
 
     def eval_view(self, images):
-        if is_small_image(self.dataset):
+        if self.small:
             return self.normalize(images)
         images = fn.resize(images, resize_shorter=eval_resize(self.image_size))
         return self.normalize(images, crop=(self.image_size, self.image_size))
 
 
-def read_files(files: Sequence[str], indices: Sequence[int], decoder: str,
-               pad_last_batch: bool) -> Callable:
-    """Reader + decoder over an explicit file list (this rank's shard, in order) whose "label"
-    is the dataset index (the file reader yields only labels; the class comes from the index
-    through a lookup table)."""
-    def read():
-        encoded, index = fn.readers.file(
-            files=list(files), labels=list(indices), random_shuffle=False,
-            pad_last_batch=pad_last_batch, name=READER)
-        return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), index
-    return read
+def resized_crop_windows(rng: np.random.Generator, sizes: np.ndarray) -> list[np.ndarray]:
+    """torchvision's `RandomResizedCrop.get_params` for (B, 2) (height, width) sizes, as
+    [roi_start, roi_end]: (B, 2) (y, x) corners in fractions of each image."""
+    batch = len(sizes)
+    height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)  # (B,)
+    area = (height * width)[:, None] * rng.uniform(*CROP_AREA, (batch, CROP_ATTEMPTS))
+    ratio = np.exp(rng.uniform(*CROP_LOG_RATIO, (batch, CROP_ATTEMPTS)))
+    tries_w, tries_h = np.rint(np.sqrt(area * ratio)), np.rint(np.sqrt(area / ratio))
+    fits = ((tries_w > 0) & (tries_w <= width[:, None])
+            & (tries_h > 0) & (tries_h <= height[:, None]))  # (B, attempts)
+    first = fits.argmax(axis=1)  # the first window that fits: (B,)
+    w, h = tries_w[np.arange(batch), first], tries_h[np.arange(batch), first]
+    place = rng.uniform(size=(2, batch))
+    top, left = np.floor(place[0] * (height - h + 1)), np.floor(place[1] * (width - w + 1))
+    # No window fits: the centre crop of the largest window whose aspect is within bounds.
+    aspect = width / height
+    low, high = math.exp(CROP_LOG_RATIO[0]), math.exp(CROP_LOG_RATIO[1])
+    centre_w = np.where(aspect > high, np.rint(height * high), width)
+    centre_h = np.where(aspect < low, np.rint(width / low), height)
+    fallback = ~fits.any(axis=1)
+    w, h = np.where(fallback, centre_w, w), np.where(fallback, centre_h, h)
+    top = np.where(fallback, (height - h) // 2, top)
+    left = np.where(fallback, (width - w) // 2, left)
+    start = np.stack([top / height, left / width], axis=1)
+    end = np.stack([(top + h) / height, (left + w) / width], axis=1)
+    return [start.astype(np.float32), end.astype(np.float32)]
 
 
-def read_arrays(batches, gpu: bool) -> Callable:
-    """An external source of `(images (B, H, W, 3) uint8, index (B,) int32)` batches; the
-    iterable's end is the epoch's end."""
-    def read():
-        images, index = fn.external_source(source=batches, num_outputs=2, batch=True,
-                                           layout=["HWC", ""])
-        return (images.gpu() if gpu else images), index
-    return read
+def read(source: Callable, encoded: bool, gpu: bool, params: list[tuple] = ()):
+    """The external source `source` (a batch per call: images, int32 dataset indices, then
+    `params` as (type, ndim)), decoded where `gpu` says. `encoded`: files' bytes, decoded
+    here; otherwise (H, W, 3) uint8 arrays."""
+    images, index, *values = fn.external_source(
+        source=source, num_outputs=2 + len(params), batch=True,
+        dtype=[types.UINT8, types.INT32] + [t for t, _ in params],
+        ndim=[1 if encoded else 3, 0] + [n for _, n in params],
+        layout=["" if encoded else "HWC"])
+    if encoded:
+        # EXIF orientation is left alone, as PIL (the torch path) does: the size the loader
+        # reads from a file's header is then the decoded image's size.
+        images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
+                                   output_type=types.RGB, adjust_orientation=False)
+    elif gpu:
+        images = images.gpu()
+    return images, index, values
 
 
 @pipeline_def
-def training_pipeline(read: Callable, recipe: DaliRecipe, num_views: int):
-    images, index = read()  # decoded once ...
-    views = [recipe.train_view(images) for _ in range(num_views)]  # ... augmented per view
+def training_pipeline(source: Callable, recipe: DaliRecipe, num_views: int, encoded: bool,
+                      gpu: bool):
+    per_view = len(recipe.view_params)
+    images, index, params = read(source, encoded, gpu, recipe.view_params * num_views)
+    # Decoded once, augmented per view.
+    views = [recipe.train_view(images, params[v * per_view:(v + 1) * per_view])
+             for v in range(num_views)]
     return (*views, index)
 
 
 @pipeline_def
-def eval_pipeline(read: Callable, recipe: DaliRecipe):
-    images, index = read()
+def eval_pipeline(source: Callable, recipe: DaliRecipe, encoded: bool, gpu: bool):
+    images, index, _ = read(source, encoded, gpu)
     return recipe.eval_view(images), index

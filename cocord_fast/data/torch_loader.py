@@ -127,11 +127,8 @@ class TorchTrainLoader:
     def __init__(self, loader: DataLoader):
         self.loader = loader
 
-    def start(self, epoch: int, skip: int = 0, state: bytes | None = None) -> None:
+    def start(self, epoch: int, skip: int = 0) -> None:
         self.loader.batch_sampler.start(epoch, skip)
-
-    def state(self) -> None:
-        return None
 
     def __len__(self) -> int:
         return len(self.loader.batch_sampler)

@@ -30,6 +30,14 @@ def compile_encoders(method: Method, mode: bool | str) -> None:
         encoder.forward_features = torch.compile(encoder.forward_features, **options)
 
 
+def mark_step_begin(mode: bool | str) -> None:
+    """Before each micro-batch's forward: under `reduce-overhead` the CUDA graphs of the last
+    step may then be replayed over (the trunks run several times a step, the slow student
+    and the teacher without backward, so CUDA graph trees cannot tell on their own)."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process (a step that recompiles adds some)."""
     from torch._dynamo.utils import counters

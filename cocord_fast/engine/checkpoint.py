@@ -75,8 +75,7 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
 
     `engine`: what the engine needs to restore the optimizer (`Engine.state_dict`). `ranks`:
     one entry per process, in rank order, with what differs between them: `rng` (RNG
-    states), `data_state` (the data loader's position state, mid-epoch), `skipped_files`, and
-    with several processes `batchnorm` (the rank's own BatchNorm running statistics; the
+    states), `skipped_files`, and with several processes `batchnorm` (the rank's own BatchNorm running statistics; the
     method state holds their average). Both are None for a run imported from another code
     base (the optimizer, RNG and data position then start fresh on resume). The method state
     is saved once: it is the same on every rank. `last_eval`: the last evaluation's result
@@ -137,8 +136,8 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
                         f"{state['format_version']}; this one reads up to {FORMAT_VERSION})")
     if "ranks" not in state:  # written before multi-process runs: one process, torch engine
         optimizer, rng = state.pop("optimizer", None), state.pop("rng", None)
-        rank0 = {"rng": rng, "data_state": state.pop("data_state", None),
-                 "skipped_files": state.pop("skipped_files", 0)}
+        state.pop("data_state", None)  # no longer needed: see Trainer._restore
+        rank0 = {"rng": rng, "skipped_files": state.pop("skipped_files", 0)}
         torch_engine = {"name": "torch", "optimizer": optimizer}
         state.update(engine=None if optimizer is None else torch_engine,
                      ranks=None if rng is None else [rank0],

@@ -20,7 +20,7 @@ from ..kernels import implementations_used, triton_unavailable
 from ..methods import METHODS, Method, build_method
 from ..models import MODELS, build_model
 from . import distributed
-from .acceleration import compiled_graphs, prepare
+from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
                          remove_partial_saves, rng_state, save_atomic, set_rng_state,
                          training_checkpoint)
@@ -144,7 +144,6 @@ class Trainer:
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
         self.last_eval: dict[str, float] | None = None
         self.skipped_files = 0  # unreadable training images this rank replaced (skip_corrupt)
-        self.data_state: bytes | None = None  # the loader's state at the resumed step
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
         self.metrics, self.window = MetricAccumulator(), ThroughputWindow()
@@ -165,7 +164,9 @@ class Trainer:
             # (after the engine is built: DDP broadcasts rank 0's buffers when it starts).
             distributed.restore_batchnorm_statistics_(self.method, mine.get("batchnorm"))
             set_rng_state(mine["rng"])
-            self.skipped_files, self.data_state = mine["skipped_files"], mine["data_state"]
+            # (A `data_state` of older checkpoints, DALI's per-epoch pipeline state, is not
+            # needed: the data of every step follows from the step.)
+            self.skipped_files = mine["skipped_files"]
         self.step = checkpoint["step"]
         self.best_top1, self.last_top1 = checkpoint["best_top1"], checkpoint["last_top1"]
         if distributed.is_main():
@@ -178,11 +179,9 @@ class Trainer:
         """Writes the checkpoint of this step to each of `names` in the run directory.
         Every rank calls it; rank 0 writes the files."""
         engine_state = self.engine.state_dict(self.run_dir, self.step)
-        mid_epoch = self.step % self.steps_per_epoch != 0
         ranks = distributed.all_gather_objects({
             "rng": rng_state(), "skipped_files": self.skipped_files,
-            "batchnorm": distributed.own_batchnorm_statistics(self.method),
-            "data_state": self.loaders.train.state() if mid_epoch else None})
+            "batchnorm": distributed.own_batchnorm_statistics(self.method)})
         # With BatchNorm averaged every rank holds the same method state: it is saved once.
         with distributed.averaged_batchnorm_statistics(self.method):
             if distributed.is_main():
@@ -214,6 +213,7 @@ class Trainer:
                 # draws the same negatives.
                 batch.contrast_index = self.negative_sampler.sample(
                     batch.index, self.step * self.accumulation + i)
+            mark_step_begin(self.cfg.train.compile)
             out = self.engine.micro_step(batch, boundary=i == len(micro_batches) - 1)
             self.metrics.add({"loss": out.loss.detach(), **out.metrics})
         # Momentum (EMA) updates follow the optimizer step they average in.
@@ -322,10 +322,7 @@ class Trainer:
         cfg = self.cfg
         while self.step < self.stop_step:
             epoch, consumed = divmod(self.step, self.steps_per_epoch)
-            # The data state only ever describes the position the run resumed from.
-            self.loaders.train.start(epoch, consumed * self.accumulation,
-                                     self.data_state if consumed else None)
-            self.data_state = None
+            self.loaders.train.start(epoch, consumed * self.accumulation)
             self.method.train()
             # Optimizer steps of `accumulation` micro-batches; a shorter tail is dropped.
             for micro_batches in zip(*[iter(self.loaders.train)] * self.accumulation):
