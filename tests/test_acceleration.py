@@ -1,4 +1,4 @@
-"""train.compile, the channels-last layout on CUDA, and the run log's record of which
+"""train.compile, the channels-last layout, and the run log's record of which
 implementation each fused op ran."""
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ import pytest
 import torch
 
 from cocord_fast.config import load_config
-from cocord_fast.data import image_layout
-from cocord_fast.data.build import resolve_root
-from cocord_fast.data.sources import open_source
-from cocord_fast.data.torch_loader import MultiViewDataset, build_torch_loaders
-from cocord_fast.data.transforms import build_recipe
 from cocord_fast.engine.acceleration import compile_encoders
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.trainer import Trainer, train
@@ -91,23 +86,21 @@ def test_compile_mode_is_checked_by_name():
         load_config(overrides=["train.compile=fast"])
 
 
-def test_torch_batches_for_cuda_are_channels_last(tiny_demo_root):
-    """The layout is set in the worker's collate, so pinning and the device copy keep it."""
-    cfg = load_config(overrides=[f"data.root={tiny_demo_root}", "data.batch_size=4",
-                                 "data.num_workers=0"]).data
-    source = open_source("demo", resolve_root(cfg), train=True)
-    recipe = build_recipe("demo", cfg.image_size)
-    samples = [MultiViewDataset(source, recipe.train, 2, seed=0)[(i, 0)] for i in range(4)]
-    layouts = {}
-    for device in ("cpu", "cuda"):
-        train_loader, _ = build_torch_loaders(cfg, source, source, recipe, 2, 0,
-                                              torch.device(device), 0, 1)
-        layouts[device] = train_loader.loader.collate_fn(samples)
-    assert image_layout(torch.device("cuda")) == torch.channels_last
-    for view, default in zip(layouts["cuda"].views, layouts["cpu"].views):
-        assert view.is_contiguous(memory_format=torch.channels_last)
-        assert not view.is_contiguous() and default.is_contiguous()
-        assert torch.equal(view, default)
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_batches_and_conv_weights_are_channels_last(tiny_overrides, tmp_path, backend):
+    """Batches leave both backends channels-last (the torch path lays them out in the worker,
+    so pinning and the device copy keep it), and the networks' conv weights match."""
+    trainer = Trainer(load_config(overrides=cocord_overrides(
+        tiny_overrides, tmp_path, f"data.backend={backend}")))
+    trainer.loaders.train.start(0)
+    batch = next(iter(trainer.loaders.train))
+    assert len(batch.views) == 3
+    for view in batch.views:
+        assert view.dim() == 4 and view.is_contiguous(memory_format=torch.channels_last)
+        assert not view.is_contiguous()  # (a 3-channel image has both layouts only if 1x1)
+    for encoder in trainer.method.encoders():
+        assert encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    trainer.train_step((batch,))  # and a step runs on them
 
 
 def test_the_run_log_names_the_torch_ops_on_cpu(tiny_overrides, tmp_path):

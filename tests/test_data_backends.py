@@ -51,7 +51,7 @@ def test_views_labels_and_indices_agree_with_the_files(tree, backend):
         assert torch.equal(batch.labels, torch.as_tensor(loaders.train_targets)[batch.index])
         for view in batch.views:
             assert view.shape == (4, 3, 16, 16) and view.dtype == torch.float32
-            assert view.is_contiguous()  # CHW on the CPU
+            assert view.is_contiguous(memory_format=torch.channels_last)  # IMAGE_LAYOUT
             ids, labels = decode_identity(view, MEAN, STD)
             assert ids.tolist() == expected_ids and labels.tolist() == batch.labels.tolist()
         # Independent crops and flips of the same image: the green ramp differs between views.

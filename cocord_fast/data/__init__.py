@@ -1,5 +1,5 @@
 """Data: sources, augmentation recipes and loaders, all yielding `Batch`."""
-from .batch import Batch, image_layout
+from .batch import IMAGE_LAYOUT, Batch
 from .build import Loaders, build_loaders
 
-__all__ = ["Batch", "Loaders", "build_loaders", "image_layout"]
+__all__ = ["IMAGE_LAYOUT", "Batch", "Loaders", "build_loaders"]

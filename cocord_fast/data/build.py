@@ -79,9 +79,9 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
                   world_size: int = 1) -> Loaders:
     """Loaders for `num_views` views per training sample, sharded for `rank` of `world_size`
     (training: `order.epoch_order`; evaluation: `order.eval_shards`).
-    On a CUDA `device` the DALI backend decodes and augments on that GPU and yields
-    channels-last batches in `dtype`, and the torch backend pinned channels-last float32 CPU
-    batches (`image_layout`); elsewhere, float32 (B, C, H, W) batches on the CPU."""
+    Batches are (B, C, H, W) in the channels-last layout (`IMAGE_LAYOUT`). On a CUDA
+    `device` the DALI backend decodes and augments on that GPU and yields them in `dtype`,
+    the torch backend pinned float32 CPU batches; elsewhere, float32 batches on the CPU."""
     device = torch.device("cpu") if device is None else device
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)

@@ -64,7 +64,7 @@ class DaliFeed:
         self.source, self.device, self.threads = source, device, max(1, threads)
         self.gpu = device.type == "cuda"
         self.dtype = dtype if self.gpu else torch.float32
-        self.recipe = DaliRecipe(dataset, image_size, layout="HWC" if self.gpu else "CHW")
+        self.recipe = DaliRecipe(dataset, image_size)
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
         if self.files is not None:
@@ -117,8 +117,8 @@ class DaliFeed:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str]) -> Batch:
-        if self.gpu:  # (B, H, W, C) -> a channels-last (B, C, H, W) view, in the training dtype
-            views = [v.permute(0, 3, 1, 2).to(self.dtype) for v in views]
+        # (B, H, W, C) -> a channels-last (B, C, H, W) view (`IMAGE_LAYOUT`), in the dtype
+        views = [v.permute(0, 3, 1, 2).to(self.dtype) for v in views]
         # The index output is a host tensor: one small copy, then CRD's negatives and the
         # labels are drawn and looked up on the device.
         index = index.view(-1).to(self.device, torch.long, non_blocking=True)

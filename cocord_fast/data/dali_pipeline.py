@@ -41,7 +41,6 @@ CROP_ATTEMPTS = 10
 class DaliRecipe:
     dataset: str
     image_size: int
-    layout: str  # "CHW" (CPU) or "HWC" (GPU: a permuted view of it is channels-last)
 
     @property
     def small(self) -> bool:
@@ -81,7 +80,7 @@ class DaliRecipe:
     def normalize(self, images, **crop):
         mean, std = self.mean_std
         return fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT,
-                                        output_layout=self.layout, **crop)
+                                        output_layout="HWC", **crop)  # channels-last
 
     def train_view(self, images, params: list):
         if self.small:

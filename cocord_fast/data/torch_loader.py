@@ -8,14 +8,13 @@ mid-epoch sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import signal
-from functools import partial
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
-from .batch import Batch, image_layout
+from .batch import IMAGE_LAYOUT, Batch
 from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
 from .sources import CorruptImage
 from .transforms import Recipe
@@ -111,12 +110,13 @@ class EvalDataset(Dataset):
         return (self.transform(image),), label, index, []
 
 
-def collate(samples: list, layout: torch.memory_format = torch.contiguous_format) -> Batch:
-    """Samples -> a Batch whose views have `layout`, set here in the worker so that pinning
-    and the copy to the device keep it."""
+def collate(samples: list) -> Batch:
+    """Samples -> a Batch whose views are laid out as `IMAGE_LAYOUT`, here in the worker so
+    that pinning and the copy to the device keep it."""
     skipped = tuple(path for *_, paths in samples for path in paths)
     views, labels, index, _ = zip(*[s for s in samples if s[0] is not None])
-    return Batch(views=[torch.stack(v).contiguous(memory_format=layout) for v in zip(*views)],
+    return Batch(views=[torch.stack(v).contiguous(memory_format=IMAGE_LAYOUT)
+                        for v in zip(*views)],
                  labels=torch.tensor(labels), index=torch.tensor(index), skipped=skipped)
 
 
@@ -147,10 +147,9 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 def build_torch_loaders(cfg: DataConfig, train_source, val_source, recipe: Recipe,
                         num_views: int, seed: int, device: torch.device, rank: int,
                         world_size: int) -> tuple[TorchTrainLoader, DataLoader]:
-    """DataLoaders whose batches are pinned and laid out (`image_layout`) for `device`."""
+    """DataLoaders whose batches are pinned for a CUDA `device`."""
     workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=device.type == "cuda",
-                   collate_fn=partial(collate, layout=image_layout(device)),
+                   pin_memory=device.type == "cuda", collate_fn=collate,
                    worker_init_fn=leave_stop_signals_to_the_trainer)
     sampler = EpochBatchSampler(len(train_source), cfg.batch_size, seed, rank, world_size)
     train = DataLoader(MultiViewDataset(train_source, recipe.train, num_views, seed,

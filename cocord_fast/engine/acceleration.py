@@ -1,6 +1,6 @@
 """What makes the method's networks fast on the device they train on: the layout of
-`data.image_layout` (channels-last on CUDA), `train.compile`, and on CPU an allocator that
-keeps what it frees.
+`data.IMAGE_LAYOUT` (channels-last), `train.compile`, and on CPU an allocator that keeps what
+it frees.
 
 Only the encoders are compiled (`Method.encoders()`: student, teacher, slow student), and of
 each only `forward_features`, the convolutional trunk that holds nearly all of a step's
@@ -15,7 +15,7 @@ import ctypes.util
 
 import torch
 
-from ..data import image_layout
+from ..data import IMAGE_LAYOUT
 from ..methods import Method
 
 
@@ -64,6 +64,5 @@ def prepare(method: Method, device: torch.device, compile_mode: bool | str) -> N
     engine copies the parameters into buffers of its own."""
     if device.type == "cpu":
         keep_freed_host_memory()
-    if image_layout(device) == torch.channels_last:
-        method.to(memory_format=torch.channels_last)
+    method.to(memory_format=IMAGE_LAYOUT)
     compile_encoders(method, compile_mode)
