@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from cocord_fast.benchmark.synthetic import resident_batch, write_synthetic_cifar
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.models import build_model
 from provenance import RESULTS, device_name, provenance, slug
-from throughput import plot, write_synthetic_cifar
 
 CUDA = torch.cuda.is_available()
 
@@ -48,15 +48,24 @@ def build(engine: str, args: argparse.Namespace, data: Path, teacher: Path, work
 
 
 def synthetic_batch(trainer: Trainer, args: argparse.Namespace) -> Batch:
-    generator = torch.Generator().manual_seed(0)
-    size, count = args.image_size, args.batch_size
-    layout = torch.channels_last if CUDA else torch.contiguous_format
-    views = [torch.randn(count, 3, size, size, generator=generator).to(
-        trainer.device, memory_format=layout) for _ in range(trainer.method.num_views)]
-    labels = torch.randint(0, trainer.loaders.num_classes, (count,), generator=generator)
-    return Batch(views=views, labels=labels.to(trainer.device),
-                 index=torch.randperm(trainer.loaders.num_train, generator=generator)[:count]
-                 .to(trainer.device))
+    return resident_batch(trainer.method.num_views, args.batch_size, args.image_size,
+                          trainer.loaders.num_classes, trainer.loaders.num_train, trainer.device)
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["engine"] for r in rows], [r["img_per_s"] for r in rows], color="#4477aa")
+    for i, r in enumerate(rows):
+        ax.text(i, r["img_per_s"], f"{r['img_per_s']:.0f}", ha="center", va="bottom")
+    ax.set_ylabel("training images/s")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def run_steps(trainer: Trainer, batch: Batch, steps: int) -> float:
@@ -127,7 +136,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"engines_{args.method}_{args.teacher}_{args.student}_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot([{"method": r["engine"], "img_per_s": r["img_per_s"]} for r in rows.values()],
+    plot(list(rows.values()),
          f"{args.method} {args.teacher} -> {args.student}, {args.image_size}px, batch "
          f"{args.batch_size}, {args.precision}, {device}", stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.json')} and .png")

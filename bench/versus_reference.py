@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from provenance import RESULTS, device_name, provenance, slug
@@ -80,28 +78,15 @@ def reference_step(args: argparse.Namespace):
     return step
 
 
-def write_cifar_folder(root: Path, num_images: int) -> None:
-    """Random images in the cifar-100-python format: the Trainer needs a data set to build."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in ("train", "test"):
-        entry = {"data": rng.integers(0, 256, (num_images, 3072), dtype=np.uint8),
-                 "fine_labels": rng.integers(0, 100, num_images).tolist()}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    names = [str(i) for i in range(100)]
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": names}))
-
-
 def our_step(args: argparse.Namespace, work: Path):
     from cocord_fast.config import load_config
+    from cocord_fast.benchmark.synthetic import write_random_teacher, write_synthetic_cifar
     from cocord_fast.data import IMAGE_LAYOUT, Batch
     from cocord_fast.engine.trainer import Trainer
-    from cocord_fast.models import build_model
 
-    write_cifar_folder(work / "data", num_images=4 * args.batch_size)
+    write_synthetic_cifar(work / "data", num_train=4 * args.batch_size)
     teacher = work / "teacher.pth"
-    torch.save(build_model(args.teacher, 100).state_dict(), teacher)
+    write_random_teacher(args.teacher, 100, teacher)
     trainer = Trainer(load_config(overrides=[
         "method.name=cocord", f"model.student={args.student}", f"model.teacher={args.teacher}",
         f"model.teacher_checkpoint={teacher}", "data.dataset=cifar100", f"data.root={work / 'data'}",

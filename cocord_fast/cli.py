@@ -141,6 +141,36 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_EPILOG = """\
+examples:
+  cocord-fast bench --cpu-quick        # resnet32x4 -> resnet8x4, 32 px: minutes on 2 cores
+  cocord-fast bench                    # GPU: resnet34 -> resnet18, 224 px, batch 256, bf16
+  cocord-fast bench --compile default --methods cocord --steps 50
+  cocord-fast bench --cpu-quick --data pipeline --override data.num_workers=2
+
+per method: images/s, median and p90 step time, peak memory, bank memory, warm-up, and the share
+of its model-only floor (its networks' forward/backward alone); JSON and PNG go to --out.
+"""
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .benchmark import bench
+    from .benchmark.settings import CPU_QUICK, BenchSettings
+
+    given = {key: getattr(ns, key) for key in (
+        "teacher", "student", "image_size", "batch_size", "steps", "warmup", "rounds",
+        "precision", "compile", "device", "data", "num_train") if getattr(ns, key) is not None}
+    if ns.methods is not None:
+        given["methods"] = tuple(ns.methods)
+    if ns.out is not None:
+        given["out"] = Path(ns.out)
+    bench(BenchSettings(**{**(CPU_QUICK if ns.cpu_quick else {}), **given},
+                        overrides=tuple(ns.override or ())))
+    return 0
+
+
 IMPORT_EPILOG = """\
 example:
   cocord-fast import-reference checkpoint.pth runs/cocord_r56_r20 --student resnet20 \\
@@ -265,10 +295,58 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("overrides", nargs="*", metavar="section.key=value")
     imp.set_defaults(func=cmd_import_reference)
 
+    add_bench_parser(sub)
+
     models = sub.add_parser("models", help="list the model zoo")
     models.add_argument("--num-classes", type=int, default=100)
     models.set_defaults(func=cmd_models)
     return parser
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from .benchmark.settings import COMPILE_MODES, CPU_QUICK, DATA_MODES, BenchSettings
+
+    default = BenchSettings()
+    bench = sub.add_parser(
+        "bench", help="training-step speed of each method against its networks alone",
+        description="Times Trainer.train_step (autocast, forward, backward, optimizer step, "
+                    "momentum updates) of each method, interleaved with its model-only floor.",
+        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Unset options take --cpu-quick's values with it, and the GPU defaults without.
+    bench.add_argument("--teacher", help=f"teacher architecture (default {default.teacher})")
+    bench.add_argument("--student", help=f"student architecture (default {default.student})")
+    bench.add_argument("--image-size", type=int,
+                       help=f"image side in pixels (default {default.image_size})")
+    bench.add_argument("--batch-size", type=int,
+                       help=f"images per step (default {default.batch_size})")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD",
+                       help=f"methods to time (default: {' '.join(default.methods)})")
+    bench.add_argument("--steps", type=int,
+                       help=f"timed steps per method and round (default {default.steps})")
+    bench.add_argument("--warmup", type=int, help=f"steps per method before timing, reported "
+                                                  f"apart (default {default.warmup})")
+    bench.add_argument("--rounds", type=int,
+                       help=f"interleaved rounds (default {default.rounds})")
+    bench.add_argument("--precision", choices=["fp32", "bf16"],
+                       help=f"default {default.precision}")
+    bench.add_argument("--compile", choices=COMPILE_MODES,
+                       help=f"train.compile of the trainers, whose networks the floors share "
+                            f"(default {default.compile})")
+    bench.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    bench.add_argument("--data", choices=DATA_MODES,
+                       help="resident: one synthetic batch kept on the device (default); "
+                            "pipeline: batches from the trainer's loader")
+    bench.add_argument("--num-train", type=int,
+                       help=f"images in the synthetic training set; CRD's banks hold one row "
+                            f"per image (default {default.num_train}, CIFAR-100's size)")
+    bench.add_argument("--out", help=f"folder for the JSON and PNG (default {default.out})")
+    bench.add_argument("--override", action="append", metavar="section.key=value",
+                       help="a config override for every trainer (repeatable); "
+                            "data.root=DIR trains on that data set instead of a synthetic one")
+    bench.add_argument("--cpu-quick", action="store_true",
+                       help="unset options from: " + ", ".join(
+                           f"{key.replace('_', '-')} {value}" for key, value in CPU_QUICK.items()))
+    bench.set_defaults(func=cmd_bench)
 
 
 def _user_message(err: UserError) -> str:

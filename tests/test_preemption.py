@@ -14,7 +14,7 @@ import pytest
 from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.preemption import EXIT_PREEMPTED, Preempted
+from cocord_fast.engine.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
@@ -46,7 +46,8 @@ def test_a_stop_signal_saves_the_step_and_the_resumed_run_is_exact(cocord, tmp_p
     (stop,) = [r for r in read_log(tmp_path / "stopped") if r["kind"] == "stop"]
     assert {k: stop[k] for k in ("step", "epoch", "signal")} == {
         "step": 4, "epoch": 4 / 7, "signal": "SIGUSR1"}
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone again
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN  # until the process exits
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     train(config_for_resume(tmp_path / "stopped", []))
     assert train_losses(tmp_path / "stopped") == train_losses(tmp_path / "full")
 
@@ -58,6 +59,22 @@ def test_signals_that_cannot_be_caught_are_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_stop_signals_stay_absorbed_after_a_stop_and_are_restored_otherwise():
+    """After a stop the process exits with 75: a late repeat of the signal must not kill it
+    first. A run that ends otherwise gives the handlers back."""
+    default = signal.getsignal(signal.SIGUSR1)
+    try:
+        with StopSignals([signal.SIGUSR1]):
+            pass
+        assert signal.getsignal(signal.SIGUSR1) == default
+        with pytest.raises(Preempted), StopSignals([signal.SIGUSR1]):
+            raise Preempted("SIGUSR1", 3, "run")
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)  # the default action would end this process
+    finally:
+        signal.signal(signal.SIGUSR1, default)
+
+
 def test_sigterm_twice_stops_the_cli_with_exit_75_and_it_resumes_exactly(cocord, tmp_path):
     """`cocord-fast train` gets SIGTERM, then SIGTERM again while it finishes its step and
     saves; it exits 75, and `--resume` logs the losses of a run that never stopped."""

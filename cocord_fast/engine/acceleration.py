@@ -59,10 +59,17 @@ def keep_freed_host_memory() -> None:
         mallopt(trim_threshold, 1 << 30)
 
 
-def prepare(method: Method, device: torch.device, compile_mode: bool | str) -> None:
-    """Lays out `method` (already on `device`) for it and compiles its encoders; before any
-    engine copies the parameters into buffers of its own."""
+def prepare(method: Method, device: torch.device, compile_mode: bool | str,
+            engine: str) -> None:
+    """Lays out `method` (already on `device`) and compiles its encoders, before `engine`
+    copies the parameters into buffers of its own.
+
+    Under DeepSpeed the weights keep the default layout: it views every parameter it wraps as
+    bytes (`_broadcast_model`), which a channels-last weight cannot be, and the momentum
+    copies must share their sources' layout. The convolutions still run channels-last, as
+    their inputs are (`IMAGE_LAYOUT`)."""
     if device.type == "cpu":
         keep_freed_host_memory()
-    method.to(memory_format=IMAGE_LAYOUT)
+    if engine != "deepspeed":
+        method.to(memory_format=IMAGE_LAYOUT)
     compile_encoders(method, compile_mode)

@@ -22,7 +22,8 @@ EXIT_PREEMPTED = 75
 
 
 class Preempted(Exception):
-    """The run stopped at a signal after saving `last.pt`; `train.resume=auto` continues it."""
+    """The run stopped at a signal after saving `last.pt`; `train.resume=auto` continues it.
+    The process should exit (with EXIT_PREEMPTED): the stop signals are ignored from here on."""
 
     def __init__(self, signal_name: str, step: int, run_dir: str):
         super().__init__(f"stopped by {signal_name} after step {step}; {run_dir}/last.pt holds "
@@ -44,7 +45,7 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
 
 class StopSignals:
     """While entered, records the first of `signals` this process receives (later ones, e.g.
-    a second SIGTERM during the final save, are absorbed). `should_stop()`, called once per
+    a second SIGTERM during the final save or the exit after it, are absorbed). `should_stop()`, called once per
     step by every rank, says the same thing on every rank."""
 
     def __init__(self, signals: list[signal.Signals]):
@@ -62,8 +63,10 @@ class StopSignals:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        # After a stop the process is on its way out with EXIT_PREEMPTED: the signals are
+        # then ignored, so that a late repeat (a scheduler insisting) cannot kill it first.
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if exc_type is Preempted else handler)
         self.previous.clear()
         if exc_type is None or exc_type is Preempted:  # every rank cast the same votes
             self.vote.close()

@@ -138,7 +138,7 @@ class Trainer:
                                            self.loaders.num_train).to(self.device)
         if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
             self.method.load_state_dict(checkpoint["method"])
-        prepare(self.method, self.device, cfg.train.compile)
+        prepare(self.method, self.device, cfg.train.compile, cfg.engine.name)
         self.engine = build_engine(cfg, self.method, self.device)
         implementations_used(reset=True)  # what this run's steps use is logged after the first
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0

@@ -1,0 +1,114 @@
+"""NVML telemetry while steps are timed: GPU utilisation, memory used, power and SM clock.
+
+A thread samples every `interval_s` and files each sample under the label the bench sets for
+the entry it is running (None between entries). Without a CUDA device, or without pynvml
+(package nvidia-ml-py) or a working NVML, there is no telemetry and `reason` says why.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+FIELDS = ("gpu_util_percent", "memory_used_mb", "power_w", "sm_clock_mhz")
+
+
+def open_nvml(device: torch.device) -> tuple[Any, Any, str | None]:
+    """(pynvml, handle of `device`, None), or (None, None, why there is no telemetry)."""
+    if device.type != "cuda":
+        return None, None, f"no telemetry on {device.type}: NVML reports on NVIDIA GPUs only"
+    try:
+        import pynvml
+    except ImportError:
+        return None, None, "pynvml is not installed (pip install nvidia-ml-py)"
+    try:
+        pynvml.nvmlInit()
+    except Exception as err:  # NVMLError subclasses, or a missing libnvidia-ml
+        return None, None, f"NVML did not start: {err}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        # By UUID, because CUDA_VISIBLE_DEVICES renumbers CUDA's devices but not NVML's.
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-"))
+                                                  else f"GPU-{uuid}")
+    except Exception:
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as err:
+            return None, None, f"NVML has no handle for cuda:{index}: {err}"
+    return pynvml, handle, None
+
+
+def read_sample(pynvml: Any, handle: Any) -> dict[str, float | None]:
+    """One reading of every field; a field the GPU does not report is None."""
+    readers = {
+        "gpu_util_percent": lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+        "memory_used_mb": lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2 ** 20,
+        "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+        "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+    }
+    sample: dict[str, float | None] = {}
+    for name, read in readers.items():
+        try:
+            sample[name] = float(read())
+        except Exception:  # NVMLError_NotSupported and kin
+            sample[name] = None
+    return sample
+
+
+class Telemetry:
+    """`with Telemetry(device) as telemetry:` samples in the background; set `label` to file
+    the samples under an entry; `summary(label)` afterwards."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05):
+        self.pynvml, self.handle, self.reason = open_nvml(device)
+        self.interval_s = interval_s
+        self.label: str | None = None
+        self.samples: dict[str, list[dict]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.handle is not None
+
+    def __enter__(self) -> Telemetry:
+        if self.available:
+            self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.pynvml.nvmlShutdown()
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            label = self.label  # read once: the main thread may change it meanwhile
+            if label is not None:
+                self.samples[label].append(read_sample(self.pynvml, self.handle))
+
+    def summary(self, label: str) -> dict[str, Any] | None:
+        """Mean of each field over `label`'s samples, and the most memory used; None without
+        telemetry."""
+        if not self.available:
+            return None
+        samples = self.samples.get(label, [])
+        result: dict[str, Any] = {"samples": len(samples)}
+        for name in FIELDS:
+            values = [s[name] for s in samples if s[name] is not None]
+            result[name] = ((max(values) if name == "memory_used_mb" else statistics.fmean(values))
+                            if values else None)
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {"available": self.available, "reason": self.reason,
+                "interval_s": self.interval_s if self.available else None,
+                "fields": list(FIELDS) if self.available else [],
+                "aggregate": "the mean of each field over an entry's samples; memory_used_mb "
+                             "the most" if self.available else None}

@@ -1,0 +1,382 @@
+"""`cocord-fast bench`: the report's schema, the floor's networks, the timing loop, NVML's
+absence, the CLI's checks, and bench/gpu_check.sh's control flow."""
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from cocord_fast.benchmark import bench
+from cocord_fast.benchmark.clock import StepClock
+from cocord_fast.benchmark.floor import FLOORS, floor_networks, floor_step
+from cocord_fast.benchmark.report import report_stem
+from cocord_fast.benchmark.runner import Entry, build_entries, run_rounds, warm_up
+from cocord_fast.benchmark.settings import BenchSettings
+from cocord_fast.benchmark.telemetry import Telemetry, open_nvml
+from cocord_fast.cli import main
+from cocord_fast.config import Config, merge
+from cocord_fast.methods import build_method
+from cocord_fast.models import build_model
+from markers import on_gpu
+
+REPO = Path(__file__).resolve().parents[1]
+# resnet8 at 32 px, batch 8, tiny banks: seconds on 2 cores.
+TINY = dict(teacher="resnet8", student="resnet8", image_size=32, batch_size=8, steps=2,
+            warmup=1, rounds=2, precision="fp32", device="cpu", num_train=64,
+            overrides=("crd.num_negatives=8", "cocord.queue_size=32", "cocord.embed_dim=16",
+                       "cocord.proj_hidden_dim=16", "cocord.pred_hidden_dim=8"))
+METHOD_KEYS = {"method", "floor", "img_per_s", "step_ms_median", "step_ms_p90",
+               "round_img_per_s", "timed_steps", "warmup_steps", "warmup_s", "held_mb",
+               "peak_memory_mb", "bank_bytes", "build_s", "mean_loss", "fraction_of_floor",
+               "gpu"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: with two threads, OpenMP waits on a core another process holds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = bench(BenchSettings(**TINY, out=out))
+    return json.loads(path.read_text()), path
+
+
+def test_report_has_every_field_with_positive_numbers_and_each_method_its_floor(tiny_report):
+    report, path = tiny_report
+    assert path.name == "bench_resnet8_resnet8_32px_b8_fp32_" + path.name.split("fp32_")[1]
+    for key in ("device", "torch", "commit", "date", "settings", "timing", "telemetry",
+                "methods", "floors"):
+        assert key in report, key
+    assert report["settings"]["num_train"] == 64 and report["settings"]["num_classes"] == 100
+    methods = {row["method"]: row for row in report["methods"]}
+    assert list(methods) == ["vanilla", "kd", "crd", "cocord"]
+    floors = {row["floor"]: row for row in report["floors"]}
+    # KD and CRD run the same networks on the same views: one floor serves both.
+    assert sorted(map(tuple, (row["floor_of"] for row in floors.values()))) == [
+        ("cocord",), ("kd", "crd"), ("vanilla",)]
+    for name, row in methods.items():
+        assert METHOD_KEYS <= set(row), METHOD_KEYS - set(row)
+        assert row["floor"] in floors and name in floors[row["floor"]]["floor_of"]
+        floor = floors[row["floor"]]
+        assert row["fraction_of_floor"] == pytest.approx(row["img_per_s"] / floor["img_per_s"])
+        for entry in (row, floor):
+            assert entry["img_per_s"] > 0 and entry["warmup_s"] > 0 and entry["held_mb"] > 0
+            assert 0 < entry["step_ms_median"] <= entry["step_ms_p90"]
+            assert entry["timed_steps"] == TINY["steps"] * TINY["rounds"]
+            assert len(entry["round_img_per_s"]) == TINY["rounds"]
+            assert entry["peak_memory_mb"] is None and entry["gpu"] is None  # CPU
+        assert row["mean_loss"] > 0 and row["build_s"] > 0
+    assert methods["vanilla"]["bank_bytes"] == methods["kd"]["bank_bytes"] == 0
+    assert methods["crd"]["bank_bytes"] == 2 * 64 * 128 * 4  # two banks, one row per image
+    assert methods["cocord"]["bank_bytes"] == 32 * 16 * 4  # queue_size x embed_dim, fp32
+
+
+def test_without_nvml_the_report_says_why_and_writes_the_plot_when_matplotlib_is_there(
+        tiny_report):
+    report, path = tiny_report
+    assert report["telemetry"]["available"] is False
+    assert "cpu" in report["telemetry"]["reason"]
+    pytest.importorskip("matplotlib")
+    assert path.with_suffix(".png").stat().st_size > 0
+
+
+def tiny_method(name: str):
+    cfg = Config()
+    merge(cfg, {"cocord": {"queue_size": 16, "embed_dim": 8, "proj_hidden_dim": 8,
+                           "pred_hidden_dim": 8}})
+    torch.manual_seed(0)
+    teacher = build_model("resnet14", 10) if name != "vanilla" else None
+    return build_method(name, cfg, build_model("resnet8", 10), teacher, 32).train()
+
+
+@pytest.mark.parametrize("name, calls", [
+    ("vanilla", {"student": 1}),
+    ("kd", {"student": 1, "teacher": 1}),
+    ("crd", {"student": 1, "teacher": 1}),
+    ("cocord", {"student": 2, "slow student": 2, "teacher": 1}),
+])
+def test_the_floor_runs_the_networks_it_claims_on_the_views_the_method_gives_them(name, calls):
+    method = tiny_method(name)
+    recipe = FLOORS[name]
+    networks = floor_networks(method, recipe)
+    assert set(networks) == set(calls)
+    views = [torch.randn(4, 3, 32, 32) for _ in range(method.num_views)]
+    seen: dict[str, list] = {role: [] for role in networks}
+    for role, network in networks.items():
+        network.register_forward_hook(
+            lambda module, args, out, role=role:
+                seen[role].append((args[0], torch.is_grad_enabled())))
+    student_grads = []
+    first = next(networks["student"].parameters())
+    first.register_post_accumulate_grad_hook(lambda p: student_grads.append(p.grad.abs().sum()))
+
+    floor_step(recipe, networks, views, nullcontext)
+
+    assert {role: len(inputs) for role, inputs in seen.items()} == calls
+    assert all(grad for _, grad in seen["student"])  # forward with gradient, then backward
+    assert all(not grad for role in ("slow student", "teacher") for _, grad in seen.get(role, []))
+    assert len(student_grads) == 1 and student_grads[0] > 0
+    assert all(p.grad is None for p in networks["student"].parameters())  # dropped after
+    if name == "cocord":  # as CoCoRD: student x_s, x'_s; slow student x'_s, x_s; teacher x_t
+        assert [x is v for (x, _), v in zip(seen["student"], views)] == [True, True]
+        assert seen["slow student"][0][0] is views[1] and seen["slow student"][1][0] is views[0]
+        assert seen["teacher"][0][0] is views[2]
+
+
+def test_the_timed_loop_times_exactly_the_steps_it_reports():
+    calls = []
+    entry = Entry("sleeper", lambda: (calls.append(1), time.sleep(0.01)), images_per_step=10)
+    settings = BenchSettings(steps=3, rounds=2, warmup=2)
+    telemetry = Telemetry(torch.device("cpu"))
+    warm_up([entry], settings.warmup, torch.device("cpu"))
+    assert len(calls) == 2 and entry.warmup_s >= 0.02
+    run_rounds([entry], settings, torch.device("cpu"), telemetry)
+    assert len(calls) == 2 + 3 * 2
+    assert len(entry.step_s) == 6 and all(0.009 < s < 0.5 for s in entry.step_s)
+    assert len(entry.round_img_per_s) == 2 and all(r < 1000 for r in entry.round_img_per_s)
+
+
+def test_step_clock_gives_one_time_per_step():
+    clock = StepClock(torch.device("cpu"))
+    clock.mark()
+    for pause in (0.01, 0.03):
+        time.sleep(pause)
+        clock.mark()
+    first, second = clock.seconds()
+    assert 0.01 <= first < second
+
+
+def fake_pynvml(init_error: Exception | None = None) -> types.ModuleType:
+    module = types.ModuleType("pynvml")
+    module.shutdowns = 0
+
+    def init():
+        if init_error is not None:
+            raise init_error
+
+    def shutdown():
+        module.shutdowns += 1
+
+    def not_supported(handle):
+        raise RuntimeError("Not Supported")
+
+    module.nvmlInit, module.nvmlShutdown = init, shutdown
+    module.NVML_CLOCK_SM = 1
+    module.nvmlDeviceGetHandleByUUID = lambda uuid: "by-uuid"
+    module.nvmlDeviceGetHandleByIndex = lambda index: f"gpu{index}"
+    module.nvmlDeviceGetUtilizationRates = lambda handle: types.SimpleNamespace(gpu=87)
+    module.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=3 * 2 ** 30)
+    module.nvmlDeviceGetPowerUsage = not_supported
+    module.nvmlDeviceGetClockInfo = lambda handle, clock: 1980
+    return module
+
+
+def test_nvml_absence_is_a_reason_not_an_error(monkeypatch):
+    assert "cpu" in open_nvml(torch.device("cpu"))[2]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    assert open_nvml(torch.device("cuda", 0)) == (
+        None, None, "pynvml is not installed (pip install nvidia-ml-py)")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(RuntimeError("Driver Not Loaded")))
+    _, handle, reason = open_nvml(torch.device("cuda", 0))
+    assert handle is None and reason == "NVML did not start: Driver Not Loaded"
+    telemetry = Telemetry(torch.device("cuda", 0))
+    with telemetry:
+        telemetry.label = "kd"
+    assert telemetry.summary("kd") is None
+    assert telemetry.describe()["available"] is False
+
+
+def test_telemetry_files_samples_under_the_running_entry(monkeypatch):
+    nvml = fake_pynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+    def no_properties(index):
+        raise RuntimeError("no CUDA here")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_properties)  # -> by index
+    telemetry = Telemetry(torch.device("cuda", 0), interval_s=0.005)
+    assert telemetry.handle == "gpu0"
+    with telemetry:
+        telemetry.label = "cocord"
+        time.sleep(0.1)
+        telemetry.label = None
+    summary = telemetry.summary("cocord")
+    assert summary["samples"] > 0 and nvml.shutdowns == 1
+    assert summary["gpu_util_percent"] == 87 and summary["memory_used_mb"] == 3 * 1024
+    assert summary["sm_clock_mhz"] == 1980 and summary["power_w"] is None  # not supported
+    assert telemetry.summary("kd")["samples"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "vanilla", "moco"], "--methods: unknown method 'moco'"),
+    (["--methods", "kd", "kd"], "--methods: kd kd names a method twice"),
+    (["--steps", "0"], "--steps: 0 is below the minimum 1"),
+    (["--warmup", "-1"], "--warmup: -1 is below the minimum 0"),
+    (["--teacher", "resnet9000"], "--teacher: unknown model 'resnet9000'"),
+    (["--override", "method.name=kd"], "the bench sets method.name itself; use --methods"),
+    (["--override", "train.compile=default"], "use --compile"),
+    (["--override", "train.nonsense=1"], "unknown key 'train.nonsense'"),
+    (["--override", "optim.lr"], "expected section.key=value"),
+    (["--data", "pipeline", "--image-size", "64"], "--data pipeline --image-size 64"),
+    (["--num-train", "4"], "--num-train 4 is less than one batch"),
+])
+def test_bench_refuses_bad_input_naming_the_option_before_any_work(args, message, tmp_path,
+                                                                    capsys):
+    assert main(["bench", "--cpu-quick", "--out", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_refuses_cuda_where_there_is_none(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--cpu-quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_choices_through_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--precision", "fp16"])
+    assert exit_info.value.code == 2
+    assert "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_cpu_quick_fills_what_was_not_given(monkeypatch):
+    import cocord_fast.benchmark
+
+    taken = []
+    monkeypatch.setattr(cocord_fast.benchmark, "bench", taken.append)
+    assert main(["bench", "--cpu-quick", "--steps", "7", "--methods", "kd", "cocord",
+                 "--compile", "default", "--override", "data.num_workers=1"]) == 0
+    (settings,) = taken
+    assert (settings.teacher, settings.student, settings.image_size, settings.batch_size,
+            settings.device, settings.steps) == ("resnet32x4", "resnet8x4", 32, 64, "cpu", 7)
+    assert settings.methods == ("kd", "cocord") and settings.compile == "default"
+    assert settings.overrides == ("data.num_workers=1",)
+    # The trainer gets the compile mode as train.compile, and the user's overrides last.
+    overrides = settings.trainer_overrides("kd", None, Path("t.pth"), Path("out"))
+    assert "train.compile=default" in overrides and overrides[-1] == "data.num_workers=1"
+
+    assert main(["bench"]) == 0
+    assert (taken[1].teacher, taken[1].image_size, taken[1].precision) == ("resnet34", 224, "bf16")
+
+
+def test_report_names_differ_by_compile_mode_and_data_mode():
+    names = {report_stem(BenchSettings(compile=mode, data=data), "NVIDIA H100 80GB HBM3")
+             for mode in ("off", "default") for data in ("resident", "pipeline")}
+    assert len(names) == 4
+    assert report_stem(BenchSettings(), "NVIDIA H100 80GB HBM3") == \
+        "bench_resnet34_resnet18_224px_b256_bf16_nvidia-h100-80gb-hbm3"
+
+
+def test_pipeline_mode_iterates_the_trainers_loader(tmp_path, monkeypatch):
+    from cocord_fast.benchmark import runner
+
+    served, original = [], runner.loader_batches
+
+    def counted(trainer):
+        for batch in original(trainer):
+            served.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(runner, "loader_batches", counted)
+    settings = BenchSettings(**{**TINY, "methods": ("vanilla", "crd"), "rounds": 1,
+                                "data": "pipeline"}, out=tmp_path)
+    report = json.loads(bench(settings).read_text())
+    assert report["settings"]["data"] == "pipeline"
+    assert [row["method"] for row in report["methods"]] == ["vanilla", "crd"]
+    assert all(row["img_per_s"] > 0 for row in report["methods"])
+    # Each method's warm-up and timed steps, one loader batch each (CRD's carry its indices).
+    assert served == [8] * 2 * (TINY["warmup"] + TINY["steps"])
+
+
+@on_gpu
+def test_on_cuda_the_timed_steps_never_wait_for_the_gpu_and_memory_is_measured(tmp_path):
+    settings = BenchSettings(**{**TINY, "device": "cuda", "precision": "bf16"}, out=tmp_path)
+    device = settings.resolved_device()
+    entries = build_entries(settings, device, tmp_path)
+    warm_up(entries, 1, device)
+    torch.cuda.set_sync_debug_mode("error")  # a host sync inside a step raises
+    try:
+        for entry in entries:
+            entry.run_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    report = json.loads(bench(settings).read_text())
+    assert report["timing"].startswith("CUDA events")
+    for row in [*report["methods"], *report["floors"]]:
+        assert row["peak_memory_mb"] > row["held_mb"] > 0
+    telemetry = report["telemetry"]
+    if telemetry["available"]:
+        assert all({"samples", "gpu_util_percent", "memory_used_mb", "power_w",
+                    "sm_clock_mhz"} <= set(row["gpu"]) for row in report["methods"])
+    else:
+        assert telemetry["reason"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+    *kernels.py*) exit 3 ;;
+    *"pip install -q --no-deps"*) exec sleep "${INSTALL_SLEEP:-0}" ;;
+esac
+"""
+
+
+def run_gpu_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    result = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+        env={**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "TRITON_INTERPRET": "1",
+             **env}, capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_gpu_check_runs_every_part_past_a_failure_and_names_it(tmp_path):
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")]).returncode == 0
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "nvidia_dali.whl").touch()
+    result, calls = run_gpu_check(tmp_path, GPU_CHECK_WHEELS=str(wheels),
+                                  COCORD_REFERENCE=str(tmp_path / "CoCoRD"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert [call.split()[:3] for call in calls] == [
+        ["-m", "pip", "install"], ["-m", "pip", "install"], ["-m", "pytest", "-q"],
+        ["bench/kernels.py", "--quick", "--out"], ["-m", "cocord_fast", "bench"],
+        ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"],
+        ["bench/versus_reference.py", "--reference", str(tmp_path / "CoCoRD")],
+        ["bench/data.py", "--threads", "8"], ["-m", "cocord_fast", "bench"]]
+    assert str(wheels / "nvidia_dali.whl") in calls[1] and "-m gpu" in calls[2]
+    benches = [call for call in calls if "cocord_fast bench" in call]
+    assert [("--image-size 32" in c, c.split("--compile ")[1].split()[0]) for c in benches] == [
+        (True, "off"), (True, "reduce-overhead"), (False, "off"), (False, "default")]
+    assert "--device cuda" in calls[7]
+    assert all(f"--out {tmp_path / 'out'}" in call for call in calls[3:])
+    summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
+    assert "FAILED:\n  kernels (exit 3)\n" in summary and "bench_224_compile" in summary
+    assert (tmp_path / "out" / "kernels.log").is_file()
+
+
+def test_gpu_check_ends_within_its_budget_when_a_part_hangs(tmp_path):
+    started = time.perf_counter()
+    result, calls = run_gpu_check(tmp_path, GPU_CHECK_BUDGET_S="2", INSTALL_SLEEP="30")
+    assert time.perf_counter() - started < 20
+    assert result.returncode == 1 and len(calls) == 1
+    summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
+    assert "install (timed out after 2s)" in summary
+    assert "pytest_gpu (skipped: the 2s budget is spent)" in summary
