@@ -21,6 +21,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("COCORD_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: with two threads, OpenMP waits on a core another process holds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_root(tmp_path_factory) -> Path:
     """A small demo data set (10 classes, 12 train and 4 val images each) made once per session."""

@@ -37,13 +37,7 @@ METHOD_KEYS = {"method", "floor", "img_per_s", "step_ms_median", "step_ms_p90",
                "gpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: with two threads, OpenMP waits on a core another process holds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

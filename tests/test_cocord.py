@@ -17,13 +17,7 @@ from cocord_fast.methods.cocord import CoCoRD, from_reference
 from cocord_fast.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: with two threads, OpenMP waits on a core another process holds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(queue_size=10, embed_dim=8, proj_hidden_dim=16, pred_hidden_dim=8)
