@@ -9,6 +9,7 @@ losses, bit for bit, as one that never stopped.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,11 +120,16 @@ def runs(root, teacher) -> dict[str, dict]:
     return specs
 
 
+def shared_memory_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 @pytest.fixture(scope="module")
 def zero(tiny_demo_root, teacher):
+    before = shared_memory_buffers()
     output = launch_runs("deepspeed", runs(tiny_demo_root, teacher), teacher.parent)
     return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
-            "teacher": teacher}
+            "teacher": teacher, "left_in_shm": shared_memory_buffers() - before}
 
 
 @pytest.mark.slow
@@ -169,6 +175,11 @@ def test_each_run_names_its_engine_once(zero):
     for stage in (0, 1, 2):
         count = sum(f"engine.zero_stage={stage}" in spec["overrides"] for spec in names.values())
         assert zero["output"].count(f"x 2 processes (DeepSpeed ZeRO-{stage})") == count
+
+
+@pytest.mark.slow
+def test_finished_ranks_leave_nothing_in_dev_shm(zero):
+    assert zero["left_in_shm"] == set()
 
 
 @pytest.mark.slow
