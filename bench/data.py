@@ -16,6 +16,9 @@ cost (each the median of `--repeats` interleaved runs, the machine's load record
   epoch's first batch (a pipeline reset or build, and a batch decoded with nothing to overlap).
 
     python bench/data.py --threads 2
+    python bench/data.py --write-tree DIR --images 2048   # only write the JPEG tree, to DIR
+
+Without DALI installed only the torchvision backend runs, and the report says why.
 
 Writes `bench/results/data_<device>.json` and a PNG chart beside it; rows from one invocation
 share a machine and are comparable as ratios.
@@ -35,6 +38,7 @@ from PIL import Image, ImageFilter
 
 from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
+from cocord_fast.data.build import dali_installed
 from provenance import RESULTS, device_name, provenance, slug
 
 
@@ -143,9 +147,23 @@ def main() -> None:
     parser.add_argument("--views", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row (median)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--write-tree", type=Path, metavar="DIR",
+                        help="write the generated ImageFolder tree to DIR and stop (a data set "
+                             "for `cocord-fast bench --data pipeline`)")
     args = parser.parse_args()
+    if args.write_tree:
+        kilobytes = write_jpeg_tree(args.write_tree, args.images, args.classes,
+                                    tuple(args.source_size))
+        print(f"wrote {args.images} training JPEGs ({kilobytes:.0f} kB each) under "
+              f"{args.write_tree}")
+        return
 
-    backends = ["dali", "torch"] + ["dali-gpu"] * torch.cuda.is_available()
+    skipped = {}
+    if not dali_installed():
+        skipped = {"dali": "DALI is not installed", "dali-gpu": "DALI is not installed"}
+        print("DALI is not installed: timing torchvision only", flush=True)
+    backends = [name for name in ["dali", "torch"] + ["dali-gpu"] * torch.cuda.is_available()
+                if name not in skipped]
     # Other work on the machine slows the backends unevenly: the load says how quiet it was,
     # and each row is the median of `--repeats` interleaved measurements.
     load = os.getloadavg()[0]
@@ -173,7 +191,8 @@ def main() -> None:
     report = {**provenance(device), "source_size": args.source_size,
               "mean_jpeg_kb": round(kilobytes, 1), "image_size": args.image_size,
               "batch_size": args.batch_size, "threads": args.threads, "images": args.images,
-              "repeats": args.repeats, "load_average_1min": load, "rows": rows}
+              "repeats": args.repeats, "load_average_1min": load, "skipped": skipped,
+              "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"data_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything worth checking on a lent GPU machine (docs: ENV.md, "The lent GPU machine"), in
 # under 8 minutes: install, the GPU tests, the kernel and data benches, and `cocord-fast bench`
-# at 32 px (eager, and CoCoRD with CUDA graphs) and at 224 px (eager, and compiled). Logs, JSON
-# and PNG go into OUT.
+# at 32 px (eager, and CoCoRD with CUDA graphs) and at 224 px (eager, through the trainer's
+# loader, and compiled). Logs, JSON and PNG go into OUT.
 #
 #   bash bench/gpu_check.sh [OUT]                   # OUT defaults to bench/results
 #   GPU_CHECK_WHEELS=/tmp/w bash bench/gpu_check.sh # first install the DALI / DeepSpeed wheels
@@ -82,6 +82,16 @@ if [[ -n ${COCORD_REFERENCE:-} ]]; then  # a checkout of github.com/ShipengFu/Co
         "$COCORD_REFERENCE" --device cuda --rounds 2 --warmup 5 --steps 20 --out "$OUT"
 fi
 part data 40 "$PYTHON" bench/data.py --threads 8 --epochs 2 --out "$OUT"
+# The trainer's loader end to end (DALI GPU where installed) against bench_224's resident
+# batches: 2,048 JPEGs are 8 steps an epoch, so the timed steps cross epoch boundaries.
+JPEGS=${TMPDIR:-/tmp}/cocord_fast_jpegs
+rm -rf "$JPEGS"
+part jpeg_tree 40 "$PYTHON" bench/data.py --write-tree "$JPEGS" --images 2048 --classes 16
+part bench_224_pipeline 70 "$PYTHON" -m cocord_fast bench --teacher resnet34 \
+    --student resnet18 --image-size 224 --batch-size 256 --precision bf16 --compile off \
+    --methods cocord --data pipeline --override data.dataset=imagefolder \
+    --override "data.root=$JPEGS" --override data.num_workers=8 --warmup 3 --steps 10 \
+    --rounds 2 --out "$OUT"
 # Last: compiling each method's encoders takes the longest, and gets what time is left.
 part bench_224_compile 150 "$PYTHON" -m cocord_fast bench --teacher resnet34 \
     --student resnet18 --image-size 224 --batch-size 256 --precision bf16 --compile default \

@@ -54,6 +54,7 @@ def test_report_has_every_field_with_positive_numbers_and_each_method_its_floor(
                 "methods", "floors"):
         assert key in report, key
     assert report["settings"]["num_train"] == 64 and report["settings"]["num_classes"] == 100
+    assert report["settings"]["loader"] is None  # resident batches
     methods = {row["method"]: row for row in report["methods"]}
     assert list(methods) == ["vanilla", "kd", "crd", "cocord"]
     floors = {row["floor"]: row for row in report["floors"]}
@@ -290,6 +291,7 @@ def test_pipeline_mode_iterates_the_trainers_loader(tmp_path, monkeypatch):
                                 "data": "pipeline"}, out=tmp_path)
     report = json.loads(bench(settings).read_text())
     assert report["settings"]["data"] == "pipeline"
+    assert report["settings"]["loader"] in ("dali", "torch")  # data.backend=auto on CPU
     assert [row["method"] for row in report["methods"]] == ["vanilla", "crd"]
     assert all(row["img_per_s"] > 0 for row in report["methods"])
     # Each method's warm-up and timed steps, one loader batch each (CRD's carry its indices).
@@ -347,20 +349,26 @@ def test_gpu_check_runs_every_part_past_a_failure_and_names_it(tmp_path):
     wheels.mkdir()
     (wheels / "nvidia_dali.whl").touch()
     result, calls = run_gpu_check(tmp_path, GPU_CHECK_WHEELS=str(wheels),
-                                  COCORD_REFERENCE=str(tmp_path / "CoCoRD"))
+                                  COCORD_REFERENCE=str(tmp_path / "CoCoRD"),
+                                  TMPDIR=str(tmp_path))
+    jpegs = str(tmp_path / "cocord_fast_jpegs")
     assert result.returncode == 1, result.stdout + result.stderr
     assert [call.split()[:3] for call in calls] == [
         ["-m", "pip", "install"], ["-m", "pip", "install"], ["-m", "pytest", "-q"],
         ["bench/kernels.py", "--quick", "--out"], ["-m", "cocord_fast", "bench"],
         ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"],
         ["bench/versus_reference.py", "--reference", str(tmp_path / "CoCoRD")],
-        ["bench/data.py", "--threads", "8"], ["-m", "cocord_fast", "bench"]]
+        ["bench/data.py", "--threads", "8"], ["bench/data.py", "--write-tree", jpegs],
+        ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"]]
     assert str(wheels / "nvidia_dali.whl") in calls[1] and "-m gpu" in calls[2]
     benches = [call for call in calls if "cocord_fast bench" in call]
     assert [("--image-size 32" in c, c.split("--compile ")[1].split()[0]) for c in benches] == [
-        (True, "off"), (True, "reduce-overhead"), (False, "off"), (False, "default")]
+        (True, "off"), (True, "reduce-overhead"), (False, "off"), (False, "off"),
+        (False, "default")]
+    assert "--data pipeline" in benches[3] and f"data.root={jpegs}" in benches[3]
     assert "--device cuda" in calls[7]
-    assert all(f"--out {tmp_path / 'out'}" in call for call in calls[3:])
+    assert all(f"--out {tmp_path / 'out'}" in call
+               for call in calls[3:] if "--write-tree" not in call)
     summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
     assert "FAILED:\n  kernels (exit 3)\n" in summary and "bench_224_compile" in summary
     assert (tmp_path / "out" / "kernels.log").is_file()
@@ -374,3 +382,35 @@ def test_gpu_check_ends_within_its_budget_when_a_part_hangs(tmp_path):
     summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
     assert "install (timed out after 2s)" in summary
     assert "pytest_gpu (skipped: the 2s budget is spent)" in summary
+
+
+def run_data_bench(*args: str, hide_dali: bool = False) -> subprocess.CompletedProcess:
+    hide = "sys.modules['nvidia'] = None; " if hide_dali else ""  # as if DALI were absent
+    code = f"import runpy, sys; {hide}runpy.run_path('bench/data.py', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_data_bench_writes_a_tree_the_trainer_reads(tmp_path):
+    from cocord_fast.data.sources import open_source
+
+    run_data_bench("--write-tree", str(tmp_path / "jpegs"), "--images", "6", "--classes", "3",
+                   "--source-size", "64", "48")
+    train = open_source("imagefolder", tmp_path / "jpegs", train=True)
+    assert len(train) == 6 and train.num_classes == 3
+    assert len(open_source("imagefolder", tmp_path / "jpegs", train=False)) == 3
+
+
+def test_data_bench_without_dali_times_torchvision_and_says_why(tmp_path):
+    result = run_data_bench("--images", "8", "--classes", "2", "--source-size", "64", "48",
+                            "--image-size", "32", "--batch-size", "4", "--threads", "0",
+                            "--epochs", "1", "--repeats", "1", "--views", "1",
+                            "--out", str(tmp_path), hide_dali=True)
+    assert "DALI is not installed" in result.stdout
+    (path,) = tmp_path.glob("data_*.json")
+    report = json.loads(path.read_text())
+    assert [row["backend"] for row in report["rows"]] == ["torch"]
+    assert report["skipped"]["dali"] == "DALI is not installed"

@@ -25,7 +25,7 @@ def build_report(settings: BenchSettings, measured: dict) -> dict:
     return {
         **provenance(device_name(str(device))),
         "settings": {**settings.describe(), "num_train": measured["num_train"],
-                     "num_classes": measured["num_classes"]},
+                     "num_classes": measured["num_classes"], "loader": measured["loader"]},
         "timing": ("CUDA events around each step, one sync per entry and round" if cuda
                    else "host clock around each step (CPU ops run synchronously)"),
         "memory": ("CUDA allocator: held_mb (between steps) + the most a step allocated "
@@ -49,6 +49,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:20s} {row['img_per_s']:9.1f} {row['step_ms_median']:10.1f} "
                      f"{row['step_ms_p90']:9.1f} {row['warmup_s']:10.1f} {peak:>9s} "
                      f"{bank:>8s} {share:>9s}")
+    if loader := report["settings"]["loader"]:
+        lines.append(f"methods read the trainer's loader ({loader}); floors use resident batches")
     if (graphs := report["compiled_graphs"]) and graphs["after_rounds"] > graphs["after_warmup"]:
         lines.append(f"warning: torch.compile built graphs during the timed rounds "
                      f"({graphs['after_warmup']} -> {graphs['after_rounds']}): raise --warmup")

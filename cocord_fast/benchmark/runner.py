@@ -68,6 +68,11 @@ def loader_batches(trainer: Trainer) -> Iterator[Batch]:
         yield from trainer.loaders.train
 
 
+def loader_name(backend: str, device: torch.device) -> str:
+    """What fed the steps of `--data pipeline`: DALI decodes on the GPU of a CUDA run."""
+    return "dali-gpu" if backend == "dali" and device.type == "cuda" else backend
+
+
 def method_step(trainer: Trainer, batches: Iterator[Batch]) -> None:
     """One optimizer step as `Trainer.fit` takes it."""
     trainer.set_lr()
@@ -197,9 +202,11 @@ def run_benchmark(settings: BenchSettings) -> dict:
     for row in rows:
         if "method" in row:
             row["fraction_of_floor"] = row["img_per_s"] / floors[row["floor"]]["img_per_s"]
-    num_train = entries[0].trainer.loaders.num_train
+    loaders = entries[0].trainer.loaders
     return {"device": device, "methods": [row for row in rows if "method" in row],
             "floors": list(floors.values()), "telemetry": telemetry.describe(),
-            "num_train": num_train, "num_classes": entries[0].trainer.loaders.num_classes,
+            "num_train": loaders.num_train, "num_classes": loaders.num_classes,
+            "loader": loader_name(loaders.backend, device) if settings.data == "pipeline"
+            else None,
             "compiled_graphs": None if graphs_after_warmup is None else {
                 "after_warmup": graphs_after_warmup, "after_rounds": compiled_graphs()}}
