@@ -17,6 +17,7 @@ Writes `bench/results/engines_<method>_<teacher>_<student>_<device>.json` and a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from cocord_fast.benchmark.clock import synchronize
+from cocord_fast.benchmark.runner import method_step
 from cocord_fast.benchmark.synthetic import resident_batch, write_synthetic_cifar
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
@@ -70,15 +73,12 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 def run_steps(trainer: Trainer, batch: Batch, steps: int) -> float:
     """Seconds for `steps` optimizer steps, from a synchronised start to a synchronised end."""
-    if CUDA:
-        torch.cuda.synchronize()
+    batches = itertools.repeat(batch)
+    synchronize(trainer.device)
     started = time.perf_counter()
     for _ in range(steps):
-        trainer.set_lr()
-        trainer.train_step((batch,))
-        trainer.step += 1
-    if CUDA:
-        torch.cuda.synchronize()
+        method_step(trainer, batches)
+    synchronize(trainer.device)
     return time.perf_counter() - started
 
 

@@ -17,6 +17,8 @@ Writes `bench/results/versus_reference_<teacher>_<student>_<device>.json` and a 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import subprocess
@@ -82,6 +84,7 @@ def our_step(args: argparse.Namespace, work: Path):
     from cocord_fast.config import load_config
     from cocord_fast.benchmark.synthetic import write_random_teacher, write_synthetic_cifar
     from cocord_fast.data import IMAGE_LAYOUT, Batch
+    from cocord_fast.benchmark.runner import method_step
     from cocord_fast.engine.trainer import Trainer
 
     write_synthetic_cifar(work / "data", num_train=4 * args.batch_size)
@@ -89,7 +92,8 @@ def our_step(args: argparse.Namespace, work: Path):
     write_random_teacher(args.teacher, 100, teacher)
     trainer = Trainer(load_config(overrides=[
         "method.name=cocord", f"model.student={args.student}", f"model.teacher={args.teacher}",
-        f"model.teacher_checkpoint={teacher}", "data.dataset=cifar100", f"data.root={work / 'data'}",
+        f"model.teacher_checkpoint={teacher}", "data.dataset=cifar100",
+        f"data.root={work / 'data'}",
         f"data.batch_size={args.batch_size}", "data.num_workers=0", "data.backend=torch",
         f"train.device={args.device}", f"train.output_dir={work / 'run'}", *args.override]))
     views, labels = batch_tensors(args)
@@ -97,11 +101,7 @@ def our_step(args: argparse.Namespace, work: Path):
     batch = Batch([v.to(trainer.device, memory_format=IMAGE_LAYOUT) for v in views],
                   labels.to(trainer.device))
 
-    def step() -> None:
-        trainer.set_lr()
-        trainer.train_step((batch,))
-        trainer.step += 1
-    return step
+    return functools.partial(method_step, trainer, itertools.repeat(batch))
 
 
 def time_side(args: argparse.Namespace) -> dict:

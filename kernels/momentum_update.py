@@ -75,8 +75,12 @@ def _triton_update_(targets: list[Tensor], sources: list[Tensor], momenta: list[
             ALIGNED=plan.aligned, num_warps=4 if interpreting() else 8)
     if rest:
         momentum_update_ref(*zip(*rest))
-    record("momentum_update", "triton" if not rest else
-           f"triton, and torch for {len(rest)} of {len(targets)} pairs" if plans else "torch")
+    if not rest:
+        record("momentum_update", "triton")
+    elif plans:
+        record("momentum_update", f"triton, and torch for {len(rest)} of {len(targets)} pairs")
+    else:
+        record("momentum_update", "torch")
 
 
 class _Plan:

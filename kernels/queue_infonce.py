@@ -66,6 +66,13 @@ def queue_infonce_ref(q: Tensor, k: Tensor, queue: Tensor,
     return loss, top1
 
 
+def _reference(q: Tensor, k: Tensor, queue: Tensor,
+               temperature: float) -> tuple[Tensor, Tensor]:
+    """`queue_infonce_ref`, noted in the run log's record of what ran."""
+    record("queue_infonce", "torch")
+    return queue_infonce_ref(q, k, queue, temperature)
+
+
 def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
                   impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Mean InfoNCE loss of each query against its own key and every queue row, and top1.
@@ -83,8 +90,7 @@ def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
     if temperature <= 0:
         raise ValueError(f"queue_infonce: temperature must be > 0, got {temperature}")
     if not use_triton(impl, [q, k, queue], "queue_infonce"):
-        record("queue_infonce", "torch")
-        return queue_infonce_ref(q, k, queue, temperature)
+        return _reference(q, k, queue, temperature)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), queue.dtype)
     unsupported = None
     if dtype not in _SUPPORTED:
@@ -93,14 +99,12 @@ def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
         unsupported = "k or queue requiring grad (the kernel returns dq only)"
     if unsupported:
         if impl == "auto":
-            record("queue_infonce", "torch")
-            return queue_infonce_ref(q, k, queue, temperature)
+            return _reference(q, k, queue, temperature)
         raise ValueError(f"queue_infonce: impl='triton' does not support {unsupported}")
     if impl == "auto" and dtype == torch.float32 and _fp32_precision() != "tf32":
         # fp32 at fp32 accuracy: the reference's cuBLAS GEMMs were faster on an H100 (fwd+bwd
         # at B=256 E=2048 N=16384: 0.912 ms against the kernel's 1.107 ms with tf32x3 dots).
-        record("queue_infonce", "torch")
-        return queue_infonce_ref(q, k, queue, temperature)
+        return _reference(q, k, queue, temperature)
     if q.dim() != 2 or k.shape != q.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue_infonce: expected q, k (B, E) and queue (N, E), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(queue.shape)}")

@@ -12,8 +12,9 @@ generator seeded with `derived_seed(seed, epoch, rank, batch)` (`dali_pipeline.d
 A new epoch, or a resume at any batch, is a new plan for that source and a reset of the
 pipeline, not a new pipeline; and since the graph holds no random state, `start(epoch, skip)`
 alone continues an epoch exactly, with the same samples, crops and flips as an uninterrupted
-run: there is no loader state to save. What an epoch boundary still costs is one batch decoded with nothing
-to overlap it (DALI stops prefetching at an epoch's end: the next `start` is not known yet).
+run: there is no loader state to save. What an epoch boundary still costs is one batch
+decoded with nothing to overlap it (DALI stops prefetching at an epoch's end: the next
+`start` is not known yet).
 
 Why this design: a file-reader pipeline built per epoch (as before) paid a build and a cold
 queue at every epoch: on an H100 any throughput window holding an epoch boundary fell to ~350

@@ -75,11 +75,12 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
 
     `engine`: what the engine needs to restore the optimizer (`Engine.state_dict`). `ranks`:
     one entry per process, in rank order, with what differs between them: `rng` (RNG
-    states), `skipped_files`, and with several processes `batchnorm` (the rank's own BatchNorm running statistics; the
-    method state holds their average). Both are None for a run imported from another code
-    base (the optimizer, RNG and data position then start fresh on resume). The method state
-    is saved once: it is the same on every rank. `last_eval`: the last evaluation's result
-    (with the images it left out); `effective_settings`: `Method.effective_settings` values.
+    states), `skipped_files`, and with several processes `batchnorm` (the rank's own
+    BatchNorm running statistics; the method state holds their average). Both are None for a
+    run imported from another code base (the optimizer, RNG and data position then start
+    fresh on resume). The method state is saved once: it is the same on every rank.
+    `last_eval`: the last evaluation's result (with the images it left out);
+    `effective_settings`: `Method.effective_settings` values.
     """
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "step": step,
             "epoch": step / steps_per_epoch,

@@ -45,8 +45,8 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
 
 class StopSignals:
     """While entered, records the first of `signals` this process receives (later ones, e.g.
-    a second SIGTERM during the final save or the exit after it, are absorbed). `should_stop()`, called once per
-    step by every rank, says the same thing on every rank."""
+    a second SIGTERM during the final save or the exit after it, are absorbed).
+    `should_stop()`, called once per step by every rank, says the same thing on every rank."""
 
     def __init__(self, signals: list[signal.Signals]):
         self.signals = signals
