@@ -376,9 +376,10 @@ def run_command(command: Callable[[], int]) -> int:
     """`command()`'s exit code, or the one of what went wrong, said in one line.
 
     Under several processes, a process that fails leaves its reason in the group's store
-    first; the others, whose next collective then fails, stop naming that process and reason
-    instead of a connection error. A collective that times out (`engine.timeout_s`) is named
-    as such.
+    first; the others stop naming that process and reason instead of a connection error, from
+    here when their next collective fails (gloo) or from the watchdog (engine/watchdog.py)
+    when it never returns (NCCL). The watchdog also names a wait longer than
+    `engine.timeout_s`.
     """
     from .engine import distributed
     from .engine.preemption import EXIT_PREEMPTED, Preempted
@@ -386,6 +387,7 @@ def run_command(command: Callable[[], int]) -> int:
     try:
         return command()
     except UserError as err:
+        distributed.stop_watchdog()  # this process says why it stops, once
         distributed.report_failure(_user_message(err))
         print(f"cocord-fast: error: {_user_message(err)}", file=sys.stderr)
         return 2
@@ -398,19 +400,13 @@ def run_command(command: Callable[[], int]) -> int:
               file=sys.stderr)
         return 130
     except Exception as err:
+        distributed.stop_watchdog()
         peer = distributed.peer_failure()
         if peer is not None:
             print(f"cocord-fast: error: stopped because {peer}", file=sys.stderr)
             return 1
-        if distributed.world_size() > 1 and "Timed out" in str(err):
-            message = ("no answer from the other processes within engine.timeout_s (one is "
-                       "stuck or gone)")
-            distributed.report_failure(message)
-            print(f"cocord-fast: error: {message}", file=sys.stderr)
-            return 1
         distributed.report_failure(f"{type(err).__name__}: {err}")
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

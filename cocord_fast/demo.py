@@ -15,6 +15,7 @@ from .compare import compare, format_seed_summary, group, seed_summary, summariz
 from .config import Config, load_config
 from .configs import ROOT as CONFIGS
 from .engine import distributed
+from .engine.resume import is_finished, latest_intact
 from .engine.trainer import train
 
 DEFAULT_OUT = Path("runs/demo")
@@ -30,10 +31,17 @@ STAGES = [
 
 
 def ensure_demo_teacher(cfg: Config) -> None:
-    """Makes sure the demo teacher a demo recipe distils from is trained (and finished)."""
+    """Makes sure the demo teacher a demo recipe distils from is trained (and finished).
+
+    A finished teacher is only read, by any number of processes; only an unfinished one is
+    resumed, which ties it to the number of processes that started it."""
     teacher = load_config(CONFIGS / "demo" / "teacher.yaml", ["train.resume=auto"])
-    if Path(cfg.model.teacher_checkpoint) == Path(teacher.train.output_dir) / "last.pt":
-        train(teacher)  # resumes an unfinished teacher; returns at once for a finished one
+    run_dir = Path(teacher.train.output_dir)
+    if Path(cfg.model.teacher_checkpoint) != run_dir / "last.pt":
+        return
+    found = latest_intact(run_dir) if run_dir.is_dir() else None
+    if found is None or not is_finished(found[1], teacher):
+        train(teacher)
 
 
 def seed_dir(out: Path, seed: int) -> Path:

@@ -45,8 +45,10 @@ def tiny_demo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_overrides(tiny_demo_root, tmp_path) -> list[str]:
-    """Overrides that make any recipe a seconds-long run on the tiny demo data."""
+    """Overrides that make any recipe a seconds-long run on the tiny demo data, on the CPU
+    (also where there is a GPU: the tests compare against CPU references)."""
     return [f"data.root={tiny_demo_root}", "data.dataset=demo", "data.batch_size=16",
+            "train.device=cpu",
             "data.eval_batch_size=64", "data.num_workers=0", "model.student=resnet8",
             "train.epochs=2", "train.log_every=1", "train.progress=false",
             f"train.output_dir={tmp_path / 'run'}"]

@@ -3,12 +3,19 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py SPEC.json
 
 SPEC.json: {"runs": [{"overrides": [...], "resume": RUN_DIR or null, "bn_eval": bool,
-"dump": PATH, "hang": [RANK, STEP]}, ...]}. Each run is a `Trainer` built as `cocord-fast
-train` builds it; with `bn_eval` every BatchNorm stays in eval mode (a model without
-batch-dependent layers); with `hang`, rank RANK stops answering in step STEP. After
-`fit()`, each rank writes `PATH.rank<R>.pt`: its method state, the dataset indices and CRD
-contrast indices of every micro-batch it trained on, the keys CoCoRD computed before
-gathering them, and its losses as the engine returned them.
+"dump": PATH, ...}, ...]}. Each run is a `Trainer` built as `cocord-fast train` builds it;
+with `bn_eval` every BatchNorm stays in eval mode (a model without batch-dependent layers).
+After `fit()`, each rank writes `PATH.rank<R>.pt`: its method state, the dataset indices and
+CRD contrast indices of every micro-batch it trained on, the keys CoCoRD computed before
+gathering them, its losses as the engine returned them, and what the options below saw.
+
+Faults and probes: "hang": [RANK, STEP] (that rank stops answering in that step, as a process
+blocked for good in a GPU synchronisation would), "fail": [RANK, STEP] (that rank raises a
+UserError there), "skew_rng": RANK (that rank draws extra random numbers before the models
+are built), "setup_only" (dump right after the Trainer is built, no training),
+"inspect_gathers" (record the device of every tensor handed to `all_gather_object`),
+"trace_convolutions" (record the layouts of every convolution of the first step), "hide":
+[RANK, PATH] (on that rank, files under PATH do not exist, as on another node's disk).
 """
 from __future__ import annotations
 
@@ -16,15 +23,20 @@ import json
 import sys
 import time
 import types
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cocord_fast.cli import run_command
 from cocord_fast.config import load_config
 from cocord_fast.engine import distributed
 from cocord_fast.engine.resume import config_for_resume
+from cocord_fast.engine import trainer as trainer_module
 from cocord_fast.engine.trainer import Trainer
+from cocord_fast.errors import UserError
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -48,9 +60,110 @@ def hang(trainer: Trainer, rank: int, step: int) -> None:
     trainer.engine.micro_step = stuck_micro_step
 
 
+def fail(trainer: Trainer, rank: int, step: int) -> None:
+    """Rank `rank` stops with a UserError in step `step`."""
+    micro_step = trainer.engine.micro_step
+
+    def failing_micro_step(batch, boundary):
+        if distributed.rank() == rank and trainer.step + 1 == step:
+            raise UserError(f"injected failure in step {step}")
+        return micro_step(batch, boundary)
+
+    trainer.engine.micro_step = failing_micro_step
+
+
+def skew_rng(rank: int) -> None:
+    """Rank `rank` draws extra random numbers before the first model is built."""
+    build_model = trainer_module.build_model
+
+    def skewed_build_model(*args, **kwargs):
+        if distributed.rank() == rank:
+            torch.rand(1000)
+        trainer_module.build_model = build_model
+        return build_model(*args, **kwargs)
+
+    trainer_module.build_model = skewed_build_model
+
+
+def inspect_gathers(seen: dict[str, list]) -> None:
+    """Records the device of every tensor in every object this rank hands to a gather."""
+    gather = dist.all_gather_object
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            seen["gathered_devices"].append(str(obj.device))
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    def inspected_gather(output, obj, *args, **kwargs):
+        walk(obj)
+        return gather(output, obj, *args, **kwargs)
+
+    dist.all_gather_object = inspected_gather
+
+
+class ConvolutionLayouts(TorchDispatchMode):
+    """Every convolution and convolution backward, with whether each activation tensor is
+    channels-last, the weight's layout (a 1x1 kernel's weight is both), and whether the weight
+    is one of `teacher`'s."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+        self.calls: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.convolution.default,
+                    torch.ops.aten.convolution_backward.default):
+            backward = func is torch.ops.aten.convolution_backward.default
+            activations = ([args[0], args[1], out[0]] if backward else [args[0], out])
+            weight = args[2] if backward else args[1]
+            self.calls.append({
+                "backward": backward,
+                "activations_channels_last": all(
+                    t.is_contiguous(memory_format=torch.channels_last)
+                    for t in activations if t is not None),
+                "weight_channels_last": weight.is_contiguous(memory_format=torch.channels_last),
+                "weight_contiguous": weight.is_contiguous(),
+                "teacher": weight.untyped_storage().data_ptr() in self.teacher})
+        return out
+
+
+def trace_convolutions(trainer: Trainer, seen: dict[str, list]) -> None:
+    """Runs the first optimizer step under `ConvolutionLayouts`."""
+    train_step = trainer.train_step
+
+    def traced_train_step(micro_batches):
+        if trainer.step > 0:
+            return train_step(micro_batches)
+        with ConvolutionLayouts(trainer.method.teacher_encoder) as trace:
+            train_step(micro_batches)
+        seen["convolutions"] = trace.calls
+
+    trainer.train_step = traced_train_step
+
+
+def hide(rank: int, path: str) -> None:
+    """On rank `rank`, files under `path` are missing."""
+    is_file = Path.is_file
+
+    def hidden_is_file(self):
+        if distributed.rank() == rank and str(self).startswith(path):
+            return False
+        return is_file(self)
+
+    Path.is_file = hidden_is_file
+
+
 def record(trainer: Trainer) -> dict[str, list]:
     """Wraps the engine's micro-step (and CoCoRD's enqueue) to keep what this rank saw."""
-    seen: dict[str, list] = {"index": [], "contrast_index": [], "keys": [], "loss": []}
+    seen: dict[str, list] = {"index": [], "contrast_index": [], "keys": [], "loss": [],
+                             "gathered_devices": []}
     micro_step = trainer.engine.micro_step
 
     def recorded_micro_step(batch, boundary):
@@ -78,14 +191,26 @@ def run(spec: dict) -> None:
         cfg = config_for_resume(spec["resume"], spec.get("overrides", []))
     else:
         cfg = load_config(overrides=spec["overrides"])
+    if spec.get("skew_rng") is not None:
+        skew_rng(spec["skew_rng"])
+    if spec.get("hide"):
+        hide(*spec["hide"])
     trainer = Trainer(cfg)
     if spec.get("bn_eval"):
         freeze_batchnorm(trainer.method)
     if spec.get("hang"):
         hang(trainer, *spec["hang"])
+    if spec.get("fail"):
+        fail(trainer, *spec["fail"])
     seen = record(trainer)
-    trainer.fit()
+    if spec.get("inspect_gathers"):
+        inspect_gathers(seen)
+    if spec.get("trace_convolutions"):
+        trace_convolutions(trainer, seen)
+    if not spec.get("setup_only"):
+        trainer.fit()
     if spec.get("dump"):
+        Path(spec["dump"]).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"method": trainer.method.state_dict(), **seen,
                     "world_size": distributed.world_size()},
                    f"{spec['dump']}.rank{distributed.rank()}.pt")

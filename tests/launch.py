@@ -27,13 +27,16 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT = 900  # seconds: a hung collective fails the test instead of CI
 PER_RANK_BATCH = 8
 STEPS = 14  # 2 epochs of the tiny demo set's 120 images / (2 ranks x 8)
+# The data pipeline of the runs that use the trainer's own: DALI's where it is installed (its
+# sharding under the launchers), torchvision's otherwise.
+PIPELINE = "data.backend=auto"
 
 
-def write_teacher(folder: Path) -> Path:
-    """A resnet8 for the 10 demo classes, as a plain state dict (the runs' frozen teacher)."""
+def write_teacher(folder: Path, model: str = "resnet8") -> Path:
+    """A `model` for the 10 demo classes, as a plain state dict (the runs' frozen teacher)."""
     torch.manual_seed(1)
-    path = folder / "teacher.pt"
-    torch.save(build_model("resnet8", 10).state_dict(), path)
+    path = folder / ("teacher.pt" if model == "resnet8" else f"teacher_{model}.pt")
+    torch.save(build_model(model, 10).state_dict(), path)
     return path
 
 
@@ -41,7 +44,7 @@ def recipe(root: Path, teacher: Path, name: str, method: str,
            batch: int = PER_RANK_BATCH) -> list[str]:
     """Overrides for a seconds-long run of `method` on the tiny demo set, into
     `teacher.parent / name`."""
-    return [f"data.root={root}", "data.dataset=demo", f"data.batch_size={batch}",
+    return [f"data.root={root}", "data.dataset=demo", f"data.batch_size={batch}", "train.device=cpu",
             "data.eval_batch_size=16", "data.num_workers=0", "data.backend=torch",
             "model.student=resnet8", "model.teacher=resnet8", f"model.teacher_checkpoint={teacher}",
             f"method.name={method}", "train.epochs=2", "train.log_every=1",
@@ -61,8 +64,10 @@ def free_port() -> int:
 
 
 def _environment() -> dict[str, str]:
-    # One thread per process on the 2-core machine; the launchers find python and each other.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # One thread per process on the 2-core machine; the launchers find python and each other;
+    # the runs are on the CPU, also where there is a GPU (DeepSpeed's launcher would count it).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}",
+            "DS_ACCELERATOR": "cpu"}
 
 
 def _check(name: str, done: subprocess.CompletedProcess) -> str:
@@ -225,4 +230,10 @@ def assert_matches_one_process(run_dir: Path, overrides: list[str], global_batch
         assert two_ranks[step] == pytest.approx(one[step], rel=1e-5), step
     state = torch.load(f"{run_dir}/dump.rank0.pt", weights_only=True)["method"]
     for key, value in reference.method.state_dict().items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        # Within 5e-4 of each tensor's largest entry: the float32 drift of 14 steps whose
+        # gradients were summed in another order (two batches of 8 against one of 16; oneDNN's
+        # order also depends on the CPU) reached 9e-5 of it for a conv weight on one CPU, and
+        # is the same for an entry near zero as for its neighbours. A step that missed a rank
+        # (its gradient, its keys) is off by orders of magnitude more.
+        scale = value.abs().max().item() if value.is_floating_point() else 0
+        torch.testing.assert_close(state[key], value, rtol=0, atol=5e-4 * scale, msg=key)

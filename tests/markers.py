@@ -1,8 +1,15 @@
-"""Markers for where a test can run: Triton's interpreter, or a CUDA device."""
+"""Markers for where a test can run: Triton's interpreter, a CUDA device, NVIDIA DALI."""
 import os
 
 import pytest
 import torch
+
+from cocord_fast.data.build import dali_installed
+
+needs_dali = pytest.mark.skipif(not dali_installed(),
+                                reason="needs NVIDIA DALI (pip install 'cocord_fast[dali]')")
+# `data.backend` values to parametrize over: DALI's only where it is installed.
+BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]
 
 
 def interpreted(test):

@@ -16,7 +16,7 @@ from cocord_fast.methods import cocord
 from cocord_fast.models import build_model
 
 from launch import write_teacher
-from markers import interpreted, on_gpu
+from markers import BACKENDS, interpreted, on_gpu
 
 
 def cocord_overrides(tiny_overrides, tmp_path, *extra):
@@ -118,7 +118,7 @@ def test_bf16_contrast_inputs_follow_the_fp32_contrast_curve(tiny_overrides, tmp
     assert 0 < gap(rounded) < min(0.01, gap(fp32))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batches_and_conv_weights_are_channels_last(tiny_overrides, tmp_path, backend):
     """Batches leave both backends channels-last (the torch path lays them out in the worker,
     so pinning and the device copy keep it), and the networks' conv weights match."""

@@ -76,10 +76,11 @@ def test_rng_state_round_trips(tmp_path):
 
     import numpy as np
 
-    state = ckpt.rng_state()
+    cpu = torch.device("cpu")
+    state = ckpt.rng_state(cpu)
     ckpt.save_atomic(state, tmp_path / "rng.pt")
     expected = (torch.rand(3), random.random(), np.random.rand())
-    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), cpu)
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
 

@@ -14,7 +14,6 @@ from PIL import Image
 
 from cocord_fast.config import DataConfig, load_config
 from cocord_fast.data import build_loaders
-from cocord_fast.data.build import dali_installed
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
 from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -24,14 +23,12 @@ from cocord_fast.engine.trainer import train
 from cocord_fast.models import build_model
 
 from data_trees import decode_identity, file_id, write_identity_tree
-from markers import on_gpu
+from markers import needs_dali, on_gpu
 
 N_TRAIN, N_TEST = 48, 10
 MEAN, STD = torch.tensor(CIFAR_MEAN), torch.tensor(CIFAR_STD)
 IMAGENET = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
-needs_dali = pytest.mark.skipif(not dali_installed(),
-                                reason="needs NVIDIA DALI (pip install 'cocord_fast[dali]')")
 
 
 def cifar_arrays(n: int, first_value: int) -> dict:

@@ -9,6 +9,7 @@ losses, bit for bit, as one that never stopped.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,16 @@ from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.deepspeed_engine import deepspeed_config
 from cocord_fast.engine.engines import check_engine_config
+from cocord_fast.engine.sealed import file_digest
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
+from cocord_fast.models import build_model
 
-from launch import (BIN, STEPS, assert_disjoint_shards, assert_matches_one_process, launch,
-                    launch_and_kill, launch_runs, launch_worker, rank_dumps, recipe, train_losses,
-                    write_teacher)
+from launch import (BIN, PIPELINE, STEPS, WORKER, assert_disjoint_shards,
+                    assert_matches_one_process, launch, launch_and_kill, launch_runs, launch_worker,
+                    rank_dumps, recipe, start, train_losses, write_teacher)
 from test_acceleration import assert_same_curve
+from test_checkpoint import flip_a_byte
 
 SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)
 
@@ -106,14 +110,15 @@ def runs(root, teacher) -> dict[str, dict]:
             "engine.name=deepspeed", f"engine.zero_stage={stage}", *extra]
 
     specs = {
-        "cocord_zero1": {"overrides": deepspeed("cocord_zero1", "cocord", 1), "bn_eval": True},
+        "cocord_zero1": {"overrides": deepspeed("cocord_zero1", "cocord", 1), "bn_eval": True,
+                         "trace_convolutions": True},
         "crd_zero2": {"overrides": deepspeed("crd_zero2", "crd", 2), "bn_eval": True},
         "kd_accum_zero0": {"overrides": deepspeed("kd_accum_zero0", "kd", 0,
                                                   "optim.grad_accum_steps=2", batch=5),
                            "bn_eval": True},
     }
     for name, method, stage in (("cocord_bf16_zero1", "cocord", 1), ("crd_bf16_zero2", "crd", 2)):
-        overrides = deepspeed(name, method, stage, "train.precision=bf16", "data.backend=dali")
+        overrides = deepspeed(name, method, stage, "train.precision=bf16", PIPELINE)
         specs[name] = {"overrides": overrides}
         specs[f"{name}_split"] = {"overrides": overrides + [
             f"train.output_dir={teacher.parent / (name + '_split')}", f"train.max_steps={SPLIT}"]}
@@ -190,6 +195,72 @@ def test_only_the_checkpoints_deepspeed_files_are_kept(zero):
     assert kept == tags
     assert (run / "deepspeed" / f"step_{STEPS:08d}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
             ).exists()  # ZeRO-1: each rank's optimizer partition
+
+
+@pytest.mark.slow
+def test_a_checkpoint_records_the_digest_of_every_deepspeed_file_it_needs(zero):
+    run = zero["work"] / "crd_zero2"
+    engine = load_checkpoint(run / "last.pt")["engine"]
+    written = sorted((run / engine["tag"]).iterdir())
+    assert sorted(engine["files"]) == [str(path.relative_to(run)) for path in written]
+    assert any("zero_pp_rank_1_" in name for name in engine["files"])  # rank 1's, by rank 1
+    assert all(file_digest(run / name) == digest for name, digest in engine["files"].items())
+
+
+@pytest.mark.slow
+def test_a_damaged_partition_falls_back_to_the_newest_intact_checkpoint(zero):
+    """A run saving every 3 steps stops at step 9; then rank 1's optimizer partition of step 9
+    is damaged. The resume names that file, continues from step_6 and logs the losses of the
+    run that was never interrupted."""
+    work, name = zero["work"], "cocord_bf16_zero1"
+    run = work / "damaged_partition"
+    overrides = runs(zero["root"], zero["teacher"])[name]["overrides"] + [
+        f"train.output_dir={run}", "train.ckpt_every=3", "train.max_steps=9"]
+    launch("deepspeed", [BIN / "cocord-fast", "train", *overrides], work)
+    partition = run / "deepspeed" / "step_00000009" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    flip_a_byte(partition)
+    output = launch("deepspeed", [BIN / "cocord-fast", "train", "--resume", run,
+                                  f"train.max_steps={STEPS}"], work)
+    assert (f"warning: {partition}, which {run / 'last.pt'} needs, is damaged (expected digest "
+            f"sha256:") in output
+    assert f"resuming from {run / 'step_00000006.pt'} (step 6)" in output
+    assert train_losses(run) == train_losses(work / name)
+
+
+@pytest.mark.slow
+def test_deepspeed_files_missing_on_one_rank_stop_every_rank_with_one_message(zero):
+    """As on a node whose disk lacks the run's DeepSpeed directory: rank 1 cannot resume from
+    last.pt, rank 0 could. Both stop at once with the same message, none waits for the other."""
+    work, run = zero["work"], zero["work"] / "cocord_zero1"
+    (work / "hidden.json").write_text(json.dumps({"runs": [{
+        "resume": str(run), "overrides": ["train.max_steps=0"],
+        "hide": [1, str(run / "deepspeed")]}]}))
+    started = time.monotonic()
+    job = start("deepspeed", [WORKER, work / "hidden.json"], work, work / "hidden.log")
+    assert job.wait(timeout=300) != 0
+    output = (work / "hidden.log").read_text()
+    message = (f"cocord-fast: error: rank 1: {run / 'last.pt'} needs "
+               f"{run / 'deepspeed' / f'step_{STEPS:08d}' / 'mp_rank_00_model_states.pt'}, "
+               f"which is missing")
+    assert output.count(message) == 2, output[-3000:]
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_every_convolution_of_a_deepspeed_step_runs_channels_last(zero):
+    """The student's weights keep DeepSpeed's default layout, the teacher's are channels-last,
+    and the activations of every convolution, forward and backward, are channels-last (the
+    kernels take that layout from the input or the weight)."""
+    for dump in rank_dumps(zero["work"] / "cocord_zero1" / "dump"):
+        calls = dump["convolutions"]
+        assert all(call["activations_channels_last"] for call in calls)
+        teacher = [call for call in calls if call["teacher"]]
+        student = [call for call in calls if not call["teacher"]]
+        convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in build_model("resnet8", 10).modules())
+        assert len(teacher) == convolutions  # one teacher forward a step
+        assert all(call["weight_channels_last"] for call in teacher)
+        assert any(call["backward"] for call in student)
+        assert all(call["weight_contiguous"] for call in student)
 
 
 @pytest.mark.slow

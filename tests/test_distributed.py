@@ -20,33 +20,44 @@ import torch
 
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
+from cocord_fast.engine import distributed
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
 
-from launch import (PER_RANK_BATCH, STEPS, WORKER, assert_disjoint_shards,
+from launch import (PER_RANK_BATCH, PIPELINE, STEPS, WORKER, assert_disjoint_shards,
                     assert_matches_one_process, launch, launch_nodes, launch_runs, rank_dumps,
                     recipe, start, train_losses, wait_for, write_teacher)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return write_teacher(tmp_path_factory.mktemp("ddp"))
+    folder = tmp_path_factory.mktemp("ddp")
+    write_teacher(folder, "resnet8x4")
+    return write_teacher(folder)
 
 
 def runs(root, teacher) -> dict[str, dict]:
     """The runs of the torchrun launch, by name."""
+    # A teacher 4x as wide as the student: CoCoRD's teacher head is then random and frozen.
+    wide = [f"model.teacher_checkpoint={teacher.with_name('teacher_resnet8x4.pt')}",
+            "model.teacher=resnet8x4"]
     return {
+        # Rank 1's RNG runs ahead before the models are built; the state after setup.
+        **{f"skewed_{method}": {"overrides": recipe(root, teacher, f"skewed_{method}", method)
+                                + wide, "skew_rng": 1, "setup_only": True}
+           for method in ("cocord", "crd")},
         "cocord": {"overrides": recipe(root, teacher, "cocord", "cocord"), "bn_eval": True},
         "crd": {"overrides": recipe(root, teacher, "crd", "crd"), "bn_eval": True},
         # 5 per rank, 2 micro-batches per step: the global batch of 20 of the reference.
         "kd_accum": {"overrides": recipe(root, teacher, "kd_accum", "kd", batch=5)
                      + ["optim.grad_accum_steps=2"], "bn_eval": True},
-        # Real BatchNorm and the DALI pipeline: the uninterrupted run the resume test matches.
+        # Real BatchNorm and the DALI pipeline (where installed): the uninterrupted run the
+        # resume test matches.
         "cocord_dali": {"overrides": recipe(root, teacher, "cocord_dali", "cocord")
-                        + ["data.backend=dali"]},
+                        + [PIPELINE], "inspect_gathers": True},
     }
 
 
@@ -77,6 +88,26 @@ def test_cocord_queue_and_copies_stay_identical_and_hold_both_ranks_keys(ddp):
         for rank, dump in enumerate(dumps):
             rows = queue[slot + rank * PER_RANK_BATCH: slot + (rank + 1) * PER_RANK_BATCH]
             assert torch.equal(rows, dump["keys"][step])
+
+
+@pytest.mark.parametrize("method", ["cocord", "crd"])
+def test_every_rank_starts_from_rank_zeros_method_state_whatever_its_rng_drew(ddp, method):
+    """Rank 1 drew other random numbers before the models were built: its student, heads,
+    slow copies, random teacher head, queue and memory banks still equal rank 0's."""
+    dumps = rank_dumps(ddp["work"] / f"skewed_{method}" / "dump")
+    assert_same_on_every_rank(dumps)
+    state = dumps[0]["method"]
+    drawn = ["queue", "teacher_projector.0.weight", "slow_encoder.conv1.weight"] if (
+        method == "cocord") else ["crd.student_memory", "crd.teacher_embed.linear.weight"]
+    assert all(key in state for key in drawn)
+
+
+def test_saves_gather_host_tensors_only(ddp):
+    """What the ranks gather into a checkpoint (RNG states, BatchNorm statistics) is on the
+    CPU: a CUDA tensor would unpickle onto its sender's GPU in every receiving process."""
+    for dump in rank_dumps(ddp["work"] / "cocord_dali" / "dump"):
+        devices = dump["gathered_devices"]
+        assert len(devices) > 20 and set(devices) == {"cpu"}  # BatchNorm statistics included
 
 
 def test_each_rank_trains_on_its_own_shard(ddp):
@@ -120,7 +151,8 @@ def test_batchnorm_statistics_are_averaged_for_evaluation_and_checkpoints(ddp):
 
 
 def test_only_rank_zero_reports(ddp):
-    launched = len(runs(ddp["root"], ddp["teacher"]))
+    specs = runs(ddp["root"], ddp["teacher"]).values()
+    launched = sum(not spec.get("setup_only") for spec in specs)
     assert ddp["output"].count("x 2 processes (torch DDP)") == launched
     assert ddp["output"].count(f"step {STEPS} epoch 2.00: top1") == 3  # cocord, crd, dali runs
 
@@ -130,7 +162,7 @@ def test_torchrun_cli_resumes_mid_epoch_exactly(ddp):
     """`torchrun -m cocord_fast train` stopped at step 5 (mid-epoch, DALI), then resumed:
     every loss and the final state equal the uninterrupted run's."""
     work, full = ddp["work"], ddp["work"] / "cocord_dali"
-    overrides = recipe(ddp["root"], ddp["teacher"], "split", "cocord") + ["data.backend=dali"]
+    overrides = recipe(ddp["root"], ddp["teacher"], "split", "cocord") + [PIPELINE]
     launch("torchrun", ["-m", "cocord_fast", "train", *overrides, "train.max_steps=5"], work)
     checkpoint = load_checkpoint(work / "split" / "last.pt")
     assert checkpoint["world_size"] == 2
@@ -148,7 +180,7 @@ def test_torchrun_cli_resumes_mid_epoch_exactly(ddp):
 def test_two_nodes_train_like_two_processes_on_one_node(ddp):
     """Two torchrun agents, one process each (RANK 0 and 1, both LOCAL_RANK 0), train exactly
     as the single-node launch did."""
-    overrides = recipe(ddp["root"], ddp["teacher"], "nodes", "cocord") + ["data.backend=dali"]
+    overrides = recipe(ddp["root"], ddp["teacher"], "nodes", "cocord") + [PIPELINE]
     outputs = launch_nodes(["-m", "cocord_fast", "train", *overrides], ddp["work"])
     assert "x 2 processes (torch DDP)" in outputs[0]
     assert "processes" not in outputs[1]  # the second node's rank prints nothing
@@ -161,7 +193,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(ddp):
     step and exit 75; the resumed run logs the uninterrupted run's losses."""
     work, run = ddp["work"], ddp["work"] / "signalled"
     overrides = recipe(ddp["root"], ddp["teacher"], "signalled", "cocord") + [
-        "data.backend=dali", "train.epochs=200"]  # the first 14 steps are those of 2 epochs
+        PIPELINE, "train.epochs=200"]  # the first 14 steps are those of 2 epochs
     job = start("torchrun", ["-m", "cocord_fast", "train", *overrides], work, work / "term.log")
     wait_for(job, lambda: any(r["kind"] == "train" for r in read_log(run)), "logged step")
     workers = psutil.Process(job.pid).children(recursive=True)
@@ -197,19 +229,37 @@ def test_a_rank_that_fails_is_named_by_the_others(ddp):
     assert time.monotonic() - started < 120
 
 
+def launch_faulty(ddp, name: str, spec: dict) -> tuple[str, float]:
+    """Launches the worker on one faulty run; its output and how long it took to end."""
+    work = ddp["work"]
+    (work / f"{name}.json").write_text(json.dumps({"runs": [spec]}))
+    started = time.monotonic()
+    job = start("torchrun", [WORKER, work / f"{name}.json"], work, work / f"{name}.log")
+    assert job.wait(timeout=300) != 0
+    return (work / f"{name}.log").read_text(), time.monotonic() - started
+
+
 @pytest.mark.slow
 def test_a_stuck_rank_times_out_the_others(ddp):
     """Rank 1 goes silent in step 3: rank 0 gives up after engine.timeout_s and says why."""
-    work = ddp["work"]
-    spec = {"overrides": recipe(ddp["root"], ddp["teacher"], "stuck", "cocord")
-            + ["engine.timeout_s=5"], "hang": [1, 3]}
-    (work / "stuck.json").write_text(json.dumps({"runs": [spec]}))
-    started = time.monotonic()
-    job = start("torchrun", [WORKER, work / "stuck.json"], work, work / "stuck.log")
-    assert job.wait(timeout=300) != 0
-    output = (work / "stuck.log").read_text()
-    assert "no answer from the other processes within engine.timeout_s" in output, output[-3000:]
-    assert time.monotonic() - started < 120
+    output, seconds = launch_faulty(ddp, "stuck", {
+        "overrides": recipe(ddp["root"], ddp["teacher"], "stuck", "cocord")
+        + ["engine.timeout_s=5"], "hang": [1, 3]})
+    assert "no answer from the other processes within engine.timeout_s=5s" in output, output[-3000:]
+    assert seconds < 120
+
+
+@pytest.mark.slow
+def test_a_failure_is_named_to_ranks_that_no_collective_will_wake(ddp):
+    """As under NCCL, where a collective waits on the GPU and raises nothing when a peer is
+    gone: rank 0 is blocked for good in step 3 when rank 1 fails there. Rank 0's watchdog
+    still names rank 1 and its reason, in seconds, not at engine.timeout_s (600 s)."""
+    output, seconds = launch_faulty(ddp, "blocked", {
+        "overrides": recipe(ddp["root"], ddp["teacher"], "blocked", "cocord"),
+        "hang": [0, 3], "fail": [1, 3]})
+    assert "cocord-fast: error: injected failure in step 3" in output, output[-3000:]
+    assert "stopped because rank 1: injected failure in step 3" in output, output[-3000:]
+    assert seconds < 120
 
 
 def test_resuming_on_another_number_of_processes_is_refused(ddp):
@@ -217,8 +267,9 @@ def test_resuming_on_another_number_of_processes_is_refused(ddp):
         Trainer(config_for_resume(ddp["work"] / "cocord", []))
 
 
-def test_resuming_with_another_engine_is_refused(ddp, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before the process group is joined
-    with pytest.raises(UserError,
-                       match="engine.name: 'torch' -> 'deepspeed'"):
-        Trainer(config_for_resume(ddp["work"] / "cocord", ["engine.name=deepspeed"]))
+def test_resuming_with_another_engine_is_refused(ddp):
+    try:
+        with pytest.raises(UserError, match="engine.name: 'torch' -> 'deepspeed'"):
+            Trainer(config_for_resume(ddp["work"] / "cocord", ["engine.name=deepspeed"]))
+    finally:
+        distributed.finish(2)  # DeepSpeed's group of one, joined before the checkpoint is read

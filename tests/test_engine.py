@@ -14,6 +14,7 @@ from cocord_fast.engine.trainer import Trainer
 
 from distributed_worker import freeze_batchnorm
 from launch import train_losses, write_teacher
+from markers import BACKENDS
 
 
 def kd_run(tiny_overrides, tmp_path, name, *extra):
@@ -55,7 +56,7 @@ def test_gradient_clipping_bounds_the_step(tiny_overrides, tmp_path):
     assert step_norm.item() == pytest.approx(lr * clip, rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_evaluation_sample_is_in_exactly_one_ranks_shard(tiny_overrides, backend):
     cfg = load_config(overrides=tiny_overrides + [f"data.backend={backend}"])
     shards = [torch.cat([batch.index for batch in build_loaders(

@@ -18,6 +18,7 @@ from cocord_fast.engine.preemption import EXIT_PREEMPTED
 from cocord_fast.engine.trainer import train
 
 from launch import LAUNCH_TIMEOUT, train_losses, write_teacher
+from markers import BACKENDS
 
 STEPS = 28  # 4 epochs of 7
 FAULTS = ["kill", "kill during a save", "term", "kill", "kill during a save"]
@@ -49,7 +50,7 @@ def inject(fault: str, job: subprocess.Popen, run, rng: random.Random) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["cocord", "crd"])
 def test_a_run_killed_again_and_again_logs_the_uninterrupted_losses(tiny_overrides, tmp_path,
                                                                      method, backend):

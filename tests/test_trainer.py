@@ -11,6 +11,8 @@ from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 
+from markers import BACKENDS
+
 
 def mean_train_loss(trainer, batches=3):
     """Cross-entropy of the student in eval mode over the first training batches of epoch 0."""
@@ -60,7 +62,7 @@ def test_max_steps_stops_early_and_evaluates(tiny_overrides, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3]
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_overrides, tmp_path, backend):
     """Stop mid-epoch at step 5, resume to step 14: every later loss and the final weights equal
     those of one uninterrupted run."""
@@ -189,7 +191,7 @@ def test_triton_kernels_on_cpu_without_the_interpreter_are_a_clear_error(tiny_ov
                                                         "train.device=cpu"]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["kd", "crd", "cocord"])
 def test_every_method_resumes_exactly_mid_epoch_and_at_an_epoch_boundary(tiny_overrides,
                                                                           tmp_path, method,

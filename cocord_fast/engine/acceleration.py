@@ -64,12 +64,15 @@ def prepare(method: Method, device: torch.device, compile_mode: bool | str,
     """Lays out `method` (already on `device`) and compiles its encoders, before `engine`
     copies the parameters into buffers of its own.
 
-    Under DeepSpeed the weights keep the default layout: it views every parameter it wraps as
-    bytes (`_broadcast_model`), which a channels-last weight cannot be, and the momentum
-    copies must share their sources' layout. The convolutions still run channels-last, as
-    their inputs are (`IMAGE_LAYOUT`)."""
+    Under DeepSpeed the trainable part keeps the default layout: DeepSpeed views every
+    parameter it wraps as bytes (`_broadcast_model`), which a channels-last weight cannot be,
+    and ZeRO 1-2 re-point them into flat buffers anyway; the momentum copies share their
+    sources' layout. Only what nothing writes (the teacher: `Method.frozen_modules`) is laid
+    out channels-last. Every convolution still runs channels-last, as its input is
+    (`IMAGE_LAYOUT`): oneDNN and cuDNN take that layout when the input or the weight has it
+    (ATen's `_conv_use_channels_last_impl`), converting a default-layout weight per call."""
     if device.type == "cpu":
         keep_freed_host_memory()
-    if engine != "deepspeed":
-        method.to(memory_format=IMAGE_LAYOUT)
+    for module in method.frozen_modules() if engine == "deepspeed" else [method]:
+        module.to(memory_format=IMAGE_LAYOUT)
     compile_encoders(method, compile_mode)

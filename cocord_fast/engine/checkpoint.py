@@ -183,25 +183,26 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=True)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG a step draws from: torch's, Python's, NumPy's, and on a CUDA `device` that
+    GPU's (only this process's: reading every visible GPU's would open a CUDA context on each
+    of them from every process of a node)."""
     _, keys, position, has_gauss, cached_gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss)}
-    if torch.cuda.is_available():
-        # This process's GPU only: reading every visible GPU's state would open a CUDA
-        # context on each of them from every process of a node.
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and device.type == "cuda":
         cuda = state["cuda"]
         if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
-            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
-        torch.cuda.set_rng_state(cuda)
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)

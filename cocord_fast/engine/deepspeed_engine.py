@@ -18,9 +18,11 @@ update reads all of them after every step (it would need a gather of the whole s
 step, which is what ZeRO-3 exists to avoid).
 
 Checkpoints: every rank writes DeepSpeed's own files (each rank its optimizer partition under
-ZeRO 1/2) under `RUN_DIR/deepspeed/step_<N>/`; our checkpoint file, written after them, names
-that directory. A directory is written once and deleted when no checkpoint file names it any
-more, so a crash mid-save leaves the previous checkpoint whole.
+ZeRO 1/2) under `RUN_DIR/deepspeed/step_<N>/`, then fsyncs and hashes the ones it wrote; our
+sealed checkpoint file, written after every rank has, names that directory and records each
+file's digest, so a damaged or missing partition makes the checkpoint corrupt (resume falls
+back to an older one, `resume.latest_intact`). A directory is written once and deleted when no
+checkpoint file names it any more, so a crash mid-save leaves the previous checkpoint whole.
 """
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, ContextManager
+
+import torch
 
 from ..config import Config
 from ..data import Batch
@@ -40,6 +45,7 @@ from ..errors import UserError
 from ..methods import Method, StepOutput
 from . import distributed
 from .checkpoint import load_file, periodic_checkpoints
+from .sealed import file_digest
 from .engines import StepModule, build_optimizer
 
 CHECKPOINT_DIR = "deepspeed"
@@ -137,25 +143,71 @@ def _unlink_shared_memory_buffer() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def _use_accelerator_of(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator (and so the device it moves the model to) by itself,
+    CUDA wherever CUDA exists: make it the one of the run's device."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() == device.type:
+        return
+    if device.type == "cuda":
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+    else:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+    set_accelerator(Accelerator())
+
+
+def _owner(file_name: str) -> int:
+    """The rank that wrote a file of DeepSpeed's checkpoint: rank r its optimizer partition
+    (`zero_pp_rank_<r>_...`), rank 0 everything else."""
+    found = re.search(r"zero_pp_rank_(\d+)_", file_name)
+    return int(found.group(1)) if found else 0
+
+
+def _seal_own_files(directory: Path, run_dir: Path) -> dict[str, str]:
+    """Fsyncs the files of `directory` this rank wrote and returns their digests, by path
+    relative to `run_dir`, for every rank's files (a collective)."""
+    mine = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and _owner(path.name) == distributed.rank():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            mine[str(path.relative_to(run_dir))] = file_digest(path)
+    if distributed.is_main():  # the directory entries too
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    return {name: digest for files in distributed.all_gather_objects(mine)
+            for name, digest in files.items()}
+
+
 class DeepSpeedEngine:
     """The `Engine` contract (engines.py) over `deepspeed.initialize` with our torch SGD."""
 
-    def __init__(self, cfg: Config, method: Method, forward_context: Callable[[], ContextManager]):
+    def __init__(self, cfg: Config, method: Method, device: torch.device,
+                 forward_context: Callable[[], ContextManager]):
         import deepspeed
 
         # DeepSpeed's info logs (its whole config, per-step timers) drown the run's own lines.
         deepspeed.utils.logger.setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
                                 category=FutureWarning)  # DeepSpeed's own call, every step
+        _use_accelerator_of(device)
         self.optimizer = build_optimizer(cfg.optim, method.trainable_module().parameters())
         self.config = deepspeed_config(cfg, distributed.world_size())
         self.engine, *_ = deepspeed.initialize(model=StepModule(method), optimizer=self.optimizer,
                                                config=self.config)
+        if self.engine.device != device:  # it takes the GPU from LOCAL_RANK
+            raise RuntimeError(f"DeepSpeed put the student on {self.engine.device}, the run "
+                               f"is on {device}")
         _unlink_shared_memory_buffer()
         self.forward_context = forward_context
         self.zero_stage = cfg.engine.zero_stage
         self.description = f"DeepSpeed ZeRO-{self.zero_stage}"
         self.saved_tag: str | None = None
+        self.saved_files: dict[str, str] = {}  # of saved_tag: relative path -> digest
 
     def micro_step(self, batch: Batch, boundary: bool) -> StepOutput:
         if boundary != self.engine.is_gradient_accumulation_boundary():
@@ -172,15 +224,14 @@ class DeepSpeedEngine:
         if tag != self.saved_tag:  # several checkpoint files of one step share the files
             self.engine.save_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag, client_state={},
                                         save_latest=False)
+            self.saved_files = _seal_own_files(run_dir / CHECKPOINT_DIR / tag, run_dir)
             self.saved_tag = tag
         return {"name": "deepspeed", "zero_stage": self.zero_stage,
-                "tag": f"{CHECKPOINT_DIR}/{tag}"}
+                "tag": f"{CHECKPOINT_DIR}/{tag}", "files": self.saved_files}
 
     def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
+        # Every rank has verified these files (`resume.load_intact`) and agreed on them.
         directory = checkpoint_dir / state["tag"]
-        if not directory.is_dir():
-            raise UserError(f"the checkpoint in {checkpoint_dir} needs DeepSpeed's files in "
-                            f"{directory}, which is missing")
         load_path, _ = self.engine.load_checkpoint(
             str(directory.parent), tag=directory.name, load_optimizer_states=True,
             load_lr_scheduler_states=False)

@@ -16,14 +16,24 @@ import socket
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import UserError
+from .watchdog import Watchdog
+
+T = TypeVar("T")
+
 
 _timeout: timedelta | None = None  # of the joined group's collectives
+# The process group's own timeout runs this much longer than engine.timeout_s, so that the
+# watchdog (watchdog.py), which reports on every backend, speaks before NCCL's tears the
+# process down without a word of ours.
+BACKEND_GRACE_S = 60
+_watchdog: Watchdog | None = None  # of a joined group of several processes
 
 
 def launched_world_size() -> int:
@@ -34,6 +44,62 @@ def launched_world_size() -> int:
 def local_rank() -> int:
     """This process's index on its node: the GPU it drives."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def process_device(name: str, field: str = "train.device",
+                   cuda_devices: int | None = None) -> torch.device:
+    """`train.device` for this process, checked before any work: "auto" and "cuda" mean the
+    GPU of this process (cuda:LOCAL_RANK); "cuda:N" is for a single process.
+
+    The device and LOCAL_RANK always agree, as DeepSpeed and NCCL take the GPU from
+    LOCAL_RANK: a process started without a launcher on cuda:N sets LOCAL_RANK=N, and cuda:N
+    against a launcher's other LOCAL_RANK is refused. `cuda_devices`: the GPUs this
+    process sees (default: torch's count); `field`: the setting errors name.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (
+            device.type == "cpu" and device.index):
+        raise UserError(f"{field}={name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if count == 0:
+        raise UserError(f"{field}={name}, but CUDA is not available on this machine")
+    # A launcher sets WORLD_SIZE with LOCAL_RANK; without one, LOCAL_RANK is ours to set.
+    launcher_rank = os.environ.get("LOCAL_RANK") if "WORLD_SIZE" in os.environ else None
+    index = device.index if device.index is not None else int(launcher_rank or 0)
+    if device.index is not None and launched_world_size() > 1:
+        raise UserError(f"{field}={name} would put every process on one GPU; use "
+                        f"{field}=auto or cuda (each process drives cuda:LOCAL_RANK)")
+    if device.index is not None and launcher_rank not in (None, str(index)):
+        raise UserError(f"{field}={name}, but the launcher gave this process "
+                        f"LOCAL_RANK={launcher_rank}, the GPU DeepSpeed and NCCL use: set "
+                        f"{field}=cuda and choose the GPU with CUDA_VISIBLE_DEVICES")
+    if index >= count:
+        raise UserError(f"{field}={name} is cuda:{index}, but this process sees {count} "
+                        f"GPU(s) (cuda:0 to cuda:{count - 1})")
+    os.environ["LOCAL_RANK"] = str(index)
+    return torch.device("cuda", index)
+
+
+def heartbeat(where: str) -> None:
+    """The loop made progress (a step, an evaluation batch, a save): see watchdog.py."""
+    if _watchdog is not None:
+        _watchdog.beat(where)
+
+
+def stop_watchdog() -> None:
+    """Before this process says why it stops, or leaves the group: the watchdog then speaks no
+    more (unless it is ending the process already, with its own message)."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
 
 
 def is_initialized() -> bool:
@@ -54,7 +120,8 @@ def is_main() -> bool:
     return (rank() if is_initialized() else int(os.environ.get("RANK", "0"))) == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this host that no one listens on (for a group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,12 +137,15 @@ def init(device: torch.device, timeout_s: float, group_of_one: bool = False) -> 
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     global _timeout
-    timeout = _timeout = timedelta(seconds=timeout_s)
+    timeout = _timeout = timedelta(seconds=timeout_s + BACKEND_GRACE_S)
     if "WORLD_SIZE" in os.environ:  # a launcher described the group
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        if world_size() > 1:
+            global _watchdog
+            _watchdog = Watchdog(timeout_s, peer_failure, report_failure)
         return
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it (process_device sets cuda:N's)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, timeout=timeout)
 
 
@@ -86,6 +156,7 @@ def finish(exit_code: int) -> int:
     be blocked elsewhere); the launcher stops them when it sees the failure."""
     if not is_initialized():
         return exit_code
+    stop_watchdog()
     launched = launched_world_size() > 1
     if exit_code == 0:
         dist.barrier()
@@ -163,13 +234,83 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return total
 
 
+def on_host(obj: Any) -> Any:
+    """`obj` with every tensor in it (in dicts, lists and tuples) replaced by a CPU copy."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: on_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_host(value) for value in obj)
+    return obj
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's picklable `obj`, in rank order (host data: RNG and data-loader states)."""
+    """Every rank's picklable `obj`, in rank order, with its tensors as CPU copies.
+
+    Tensors travel as host data whatever the caller passes: a pickled CUDA tensor unpickles
+    onto the sender's GPU index, so every process would open a CUDA context on every GPU of
+    its node (hundreds of MB each; an error where GPUs are exclusive to one process).
+    """
+    obj = on_host(obj)
     if world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def decide_together(decide: Callable[[], T], describe: Callable[[T], str], why: str) -> T:
+    """`decide()` run on every rank, made one decision for the group: when any rank raised a
+    UserError, every rank raises the lowest such rank's message; when ranks decided
+    differently (`describe` tells), every rank raises one message listing each rank's view
+    and `why` that matters. So no rank goes on while another stops, to be left waiting in a
+    collective until the timeout."""
+    try:
+        result, view = decide(), None
+    except UserError as err:
+        if world_size() == 1:
+            raise
+        result, view = None, err
+    views = all_gather_objects(("error", str(view)) if view is not None
+                               else ("ok", describe(result)))
+    for r, (kind, text) in enumerate(views):
+        if kind == "error":
+            raise UserError(f"rank {r}: {text}")
+    if len({text for _, text in views}) > 1:
+        raise UserError(f"the processes disagree ({why}): " + "; ".join(
+            f"rank {r}: {text}" for r, (_, text) in enumerate(views)))
+    return result
+
+
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, bucket_bytes: int = 64 << 20) -> None:
+    """Every parameter and buffer of `module` takes rank 0's values, in buckets of at most
+    `bucket_bytes` (a larger tensor goes alone): whatever each rank's RNG drew while building
+    it, the ranks start from one state. DDP and DeepSpeed broadcast only what they wrap."""
+    if world_size() == 1:
+        return
+    unique = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    bucket: list[Tensor] = []
+    for tensor in [*unique.values(), None]:
+        if bucket and (tensor is None or tensor.dtype != bucket[0].dtype
+                       or tensor.device != bucket[0].device
+                       or sum(t.numel() * t.element_size() for t in bucket) + tensor.numel()
+                       * tensor.element_size() > bucket_bytes):
+            _broadcast_bucket_(bucket)
+            bucket = []
+        if tensor is not None:
+            bucket.append(tensor)
+
+
+def _broadcast_bucket_(tensors: list[Tensor]) -> None:
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        dist.broadcast(tensors[0], src=0)
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=0)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 class LaggedAny:
@@ -216,11 +357,11 @@ def _batchnorm_statistics(module: nn.Module) -> dict[str, Tensor]:
 
 
 def own_batchnorm_statistics(module: nn.Module) -> dict[str, Tensor] | None:
-    """A copy of this rank's BatchNorm running statistics; None in a single process (where
-    the model's own are the run's)."""
+    """A CPU copy of this rank's BatchNorm running statistics, for its checkpoint entry; None
+    in a single process (where the model's own are the run's)."""
     if world_size() == 1:
         return None
-    return {name: t.clone() for name, t in _batchnorm_statistics(module).items()}
+    return on_host(_batchnorm_statistics(module))
 
 
 @torch.no_grad()

@@ -143,5 +143,5 @@ def build_engine(cfg: Config, method: Method, device: torch.device) -> Engine:
     if cfg.engine.name == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, method, forward_context)
+        return DeepSpeedEngine(cfg, method, device, forward_context)
     return TorchEngine(cfg, method, forward_context)

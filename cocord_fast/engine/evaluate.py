@@ -35,6 +35,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device) ->
         hits = top == batch.labels[:, None]
         correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
         seen += len(batch)
+        distributed.heartbeat("an evaluation batch")
     model.train(was_training)
     counts = torch.tensor([seen, skipped], dtype=correct.dtype, device=device)
     totals = distributed.all_reduce_sum(torch.cat([correct, counts]))  # (4,)

@@ -9,9 +9,9 @@ from ..config import load_config
 from ..data import build_loaders
 from ..errors import UserError
 from ..models import build_model
+from . import distributed
 from .checkpoint import load_checkpoint, load_strict, save_atomic, student_state_dict
 from .evaluate import evaluate
-from .trainer import resolve_device
 
 
 def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -26,7 +26,7 @@ def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def evaluate_checkpoint(path: str | Path, data_overrides: list[str], device: str = "auto") -> dict:
     student, checkpoint = load_student(path)
     cfg = load_config(base=checkpoint["config"], overrides=data_overrides)
-    target = resolve_device(device)
+    target = distributed.process_device(device, field="--device")
     loaders = build_loaders(cfg.data, num_views=1, seed=cfg.train.seed, device=target)
     if loaders.num_classes != checkpoint["num_classes"]:
         raise UserError(f"{cfg.data.root or cfg.data.dataset} has {loaders.num_classes} classes, "

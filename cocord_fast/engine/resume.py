@@ -8,23 +8,34 @@ from ..config import Config, load_config
 from ..errors import UserError
 from . import distributed
 from .checkpoint import load_checkpoint, periodic_checkpoints
-from .sealed import CorruptCheckpoint
+from .sealed import CorruptCheckpoint, verify_files
 
 
-def latest_intact(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The run's last.pt, or, when it is corrupt, its newest intact step_N.pt (saying so);
-    None when the directory holds no checkpoint. Tensors are mapped, not read: the processes
-    of a node share one copy in the page cache."""
+def load_intact(path: Path, engine_files: bool = True) -> dict[str, Any]:
+    """The training checkpoint at `path`, its bytes verified (`sealed.py`), and with
+    `engine_files` also the files it names beside it (DeepSpeed's model states and optimizer
+    partitions): a damaged or missing one makes the whole checkpoint corrupt. Tensors are
+    mapped, not read: the processes of a node share one copy in the page cache."""
+    checkpoint = load_checkpoint(path, mmap=True)
+    if engine_files:
+        verify_files((checkpoint["engine"] or {}).get("files", {}), path.parent, str(path))
+    return checkpoint
+
+
+def latest_intact(run_dir: Path, engine_files: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The run's last.pt, or, when it is corrupt, its newest intact step_N.pt (saying so on
+    rank 0, with the first damaged file); None when the directory holds no checkpoint.
+    `engine_files`: as in `load_intact` (without, the run's config can be read, no more)."""
     damaged: CorruptCheckpoint | None = None
     for path in [run_dir / "last.pt", *reversed(periodic_checkpoints(run_dir))]:
         if not path.exists():
             continue
         try:
-            checkpoint = load_checkpoint(path, mmap=True)
+            checkpoint = load_intact(path, engine_files)
         except CorruptCheckpoint as err:
             damaged = damaged or err
             continue
-        if damaged is not None and distributed.is_main():
+        if damaged is not None and engine_files and distributed.is_main():
             print(f"warning: {damaged}; resuming from {path} (step {checkpoint['step']}), the "
                   f"newest intact checkpoint", flush=True)
         return path, checkpoint
@@ -48,17 +59,25 @@ def resume_point(cfg: Config) -> tuple[Path | None, dict[str, Any] | None]:
     path = Path(resume)
     if not path.exists():
         raise UserError(f"train.resume={resume}: no checkpoint at {path}")
-    return path, load_checkpoint(path, mmap=True)
+    return path, load_intact(path)
+
+
+def is_finished(checkpoint: dict[str, Any], cfg: Config) -> bool:
+    """Whether `checkpoint` has reached the end of the schedule `cfg` describes."""
+    return checkpoint["epoch"] >= cfg.train.epochs or 0 < cfg.train.max_steps <= checkpoint["step"]
 
 
 def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
-    """The saved config of the run at `path` (directory or checkpoint), with `overrides` on top."""
+    """The saved config of the run at `path` (directory or checkpoint), with `overrides` on
+    top; `train.resume` is `path`, so that the trainer chooses the checkpoint itself, with
+    every rank, once DeepSpeed's files are verified too."""
     path = Path(path)
-    found = latest_intact(path) if path.is_dir() else (path, load_checkpoint(path, mmap=True))
+    found = (latest_intact(path, engine_files=False) if path.is_dir()
+             else (path, load_checkpoint(path, mmap=True)))
     if found is None:
         raise UserError(f"--resume {path}: no checkpoint in {path}")
-    checkpoint, state = found
-    return load_config(base=state["config"], overrides=[f"train.resume={checkpoint}", *overrides])
+    _, state = found
+    return load_config(base=state["config"], overrides=[f"train.resume={path}", *overrides])
 
 
 # Settings a resumed run may not change: they change what the saved weights mean, or what a

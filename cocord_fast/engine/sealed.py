@@ -64,14 +64,41 @@ def verify_seal(path: str | os.PathLike) -> None:
             raise CorruptCheckpoint(f"corrupt or truncated checkpoint {path}: {size} bytes, its "
                                     f"seal says {length + TRAILER.size}")
         f.seek(0)
-        sha = hashlib.sha256()
-        while length:
-            chunk = f.read(min(CHUNK, length))
-            if not chunk:
-                break
-            sha.update(chunk)
-            length -= len(chunk)
+        sha = _sha256(f, length)
     if sha.digest() != expected:
         raise CorruptCheckpoint(f"corrupt or truncated checkpoint {path} (expected digest "
                                 f"sha256:{expected.hex()[:16]}..., found "
                                 f"sha256:{sha.hexdigest()[:16]}...)")
+
+
+def _sha256(f: BinaryIO, length: int | None = None) -> "hashlib._Hash":
+    """The SHA-256 of the next `length` bytes of `f` (None: up to its end)."""
+    sha = hashlib.sha256()
+    while length is None or length > 0:
+        chunk = f.read(CHUNK if length is None else min(CHUNK, length))
+        if not chunk:
+            break
+        sha.update(chunk)
+        if length is not None:
+            length -= len(chunk)
+    return sha
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """`sha256:<hex>` of a whole file."""
+    with open(path, "rb") as f:
+        return f"sha256:{_sha256(f).hexdigest()}"
+
+
+def verify_files(files: dict[str, str], directory: str | os.PathLike, needed_by: str) -> None:
+    """Raises CorruptCheckpoint naming the first of `files` (path relative to `directory` ->
+    `file_digest`) that is missing or whose bytes differ: the files a checkpoint (`needed_by`)
+    names, such as DeepSpeed's optimizer partitions, are part of its integrity."""
+    for relative, digest in files.items():
+        path = Path(directory) / relative
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{needed_by} needs {path}, which is missing")
+        found = file_digest(path)
+        if found != digest:
+            raise CorruptCheckpoint(f"{path}, which {needed_by} needs, is damaged (expected "
+                                    f"digest {digest[:23]}..., found {found[:23]}...)")

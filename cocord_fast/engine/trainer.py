@@ -41,23 +41,6 @@ class RunResult:
     best_top1: float
 
 
-def resolve_device(name: str) -> torch.device:
-    """`train.device`; "auto" and "cuda" mean the GPU of this process (cuda:LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise UserError(f"train.device={name}, but CUDA is not available on this machine")
-    if device.index is None:
-        return torch.device("cuda", distributed.local_rank())
-    if distributed.launched_world_size() > 1:
-        raise UserError(f"train.device={name} would put every process on one GPU; use "
-                        f"train.device=auto or cuda (each process drives cuda:LOCAL_RANK)")
-    return device
-
-
 def check_model_names(cfg: Config, needs_teacher: bool) -> None:
     """Fails on a misspelt architecture before any data is read or made."""
     fields = [("model.student", cfg.model.student)]
@@ -92,20 +75,19 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir)
         check_engine_config(cfg)
         stop_signals = parse_signals(cfg.train.stop_signals)
-        self.device = resolve_device(cfg.train.device)
+        self.device = distributed.process_device(cfg.train.device)
         if reason := triton_unavailable(cfg.train.kernels, self.device.type == "cuda"):
             raise UserError(f"train.kernels=triton on {self.device}: {reason}; or set "
                             f"train.kernels=auto")
-        resume_from, checkpoint = resume_point(cfg)
-        if checkpoint is None and (self.run_dir / "last.pt").exists():
-            raise UserError(f"{self.run_dir} already holds a run; continue it with "
-                            f"train.resume=auto, or choose another train.output_dir")
-        # Settings changed since the checkpoint (allowed ones; the others are refused here).
-        self.resume_changes = (check_resumable(checkpoint, resume_from, cfg,
-                                               distributed.launched_world_size())
-                               if checkpoint is not None else {})
         join_processes(cfg, self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        # Every rank reads the run directory itself; where one sees another checkpoint (or a
+        # missing or damaged file) they all stop with one message instead of some waiting.
+        resume_from, checkpoint, self.resume_changes = distributed.decide_together(
+            self._resume_point, describe=lambda found: (
+                "a new run" if found[1] is None else f"{found[0]} (step {found[1]['step']})"),
+            why="every process must resume from one checkpoint: is train.output_dir on a file "
+                "system every node sees?")
         self.stop_requests = StopSignals(stop_signals)
 
         method_class = METHODS[cfg.method.name]
@@ -138,6 +120,9 @@ class Trainer:
                                            self.loaders.num_train).to(self.device)
         if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
             self.method.load_state_dict(checkpoint["method"])
+        # What no engine wraps (slow copies, random teacher head, queue, banks) must be equal
+        # on every rank too, whatever each rank's RNG drew while building it.
+        distributed.broadcast_module_(self.method)
         prepare(self.method, self.device, cfg.train.compile, cfg.engine.name)
         self.engine = build_engine(cfg, self.method, self.device)
         implementations_used(reset=True)  # what this run's steps use is logged after the first
@@ -154,6 +139,20 @@ class Trainer:
                               else None)
         if checkpoint is not None:
             self._restore(checkpoint, resume_from.parent)
+        distributed.heartbeat("setting up the run")
+
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None,
+                                     dict[str, tuple[Any, Any]]]:
+        """The checkpoint to resume from (or none), and the settings changed since it (allowed
+        ones; the others are refused here)."""
+        resume_from, checkpoint = resume_point(self.cfg)
+        if checkpoint is None:
+            if (self.run_dir / "last.pt").exists():
+                raise UserError(f"{self.run_dir} already holds a run; continue it with "
+                                f"train.resume=auto, or choose another train.output_dir")
+            return None, None, {}
+        return resume_from, checkpoint, check_resumable(checkpoint, resume_from, self.cfg,
+                                                        distributed.launched_world_size())
 
     def _restore(self, checkpoint: dict[str, Any], checkpoint_dir: Path) -> None:
         if checkpoint["engine"] is not None:
@@ -163,7 +162,7 @@ class Trainer:
             # The checkpoint's model has the ranks' average; each rank continues with its own
             # (after the engine is built: DDP broadcasts rank 0's buffers when it starts).
             distributed.restore_batchnorm_statistics_(self.method, mine.get("batchnorm"))
-            set_rng_state(mine["rng"])
+            set_rng_state(mine["rng"], self.device)
             # (A `data_state` of older checkpoints, DALI's per-epoch pipeline state, is not
             # needed: the data of every step follows from the step.)
             self.skipped_files = mine["skipped_files"]
@@ -180,7 +179,7 @@ class Trainer:
         Every rank calls it; rank 0 writes the files."""
         engine_state = self.engine.state_dict(self.run_dir, self.step)
         ranks = distributed.all_gather_objects({
-            "rng": rng_state(), "skipped_files": self.skipped_files,
+            "rng": rng_state(self.device), "skipped_files": self.skipped_files,
             "batchnorm": distributed.own_batchnorm_statistics(self.method)})
         # With BatchNorm averaged every rank holds the same method state: it is saved once.
         with distributed.averaged_batchnorm_statistics(self.method):
@@ -195,6 +194,7 @@ class Trainer:
         if distributed.is_main():
             remove_old_periodic(self.run_dir, self.cfg.train.keep_last)
             self.engine.release_unreferenced(self.run_dir)
+        distributed.heartbeat(f"saving step {self.step}")
 
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, self.steps_per_epoch,
@@ -329,6 +329,7 @@ class Trainer:
                 lr = self.set_lr()
                 self.train_step(micro_batches)
                 self.step += 1
+                distributed.heartbeat(f"step {self.step}")
                 self.window.count(sum(map(len, micro_batches)) * self.world_size)
                 if self.bar is not None:
                     self.bar.update(1)

@@ -52,6 +52,11 @@ class Method(nn.Module):
         compiles these)."""
         return [self.student()]
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules neither the optimizer nor a momentum update writes (the teacher): free to
+        take a layout the engine cannot give the trainable part."""
+        return []
+
     def forward(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
 

@@ -20,6 +20,9 @@ class Distiller(Method):
     def encoders(self) -> list[nn.Module]:
         return [self.student_encoder, self.teacher_encoder]
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.teacher_encoder]
+
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teacher_encoder.eval()  # BatchNorm keeps the teacher's running statistics

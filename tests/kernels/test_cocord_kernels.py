@@ -7,7 +7,7 @@ from cocord_fast.data import Batch
 from cocord_fast.methods import build_method
 from cocord_fast.models import build_model
 
-pytestmark = pytest.mark.interpret
+from markers import interpreted
 
 
 def one_step(kernels: str):
@@ -29,6 +29,7 @@ def one_step(kernels: str):
     return out, method.state_dict()
 
 
+@interpreted
 def test_triton_kernels_reproduce_the_torch_step():
     expected, expected_state = one_step("torch")
     out, state = one_step("triton")
