@@ -1,22 +1,28 @@
 """Training images/s of one step under each engine: the same method, models and batch under
-`engine.name=torch` and under DeepSpeed ZeRO stages, on one device.
+`engine.name=torch` and under DeepSpeed ZeRO stages, on one device, each eager or with its
+encoders compiled (`+compile`: `train.compile=default`).
 
 Each engine gets its own `Trainer` from the same seed, and its steps run through
 `Trainer.train_step` (autocast, forward, backward, optimizer step, momentum updates), in
 interleaved rounds so that the machine's drift hits every engine alike. The untimed warm-up
 steps before the rounds hold the one-off costs (allocator, cuDNN autotuning, DeepSpeed's
-buffers) and are reported apart, as is building the trainer. The batch is made once on the
-device, laid out as the DALI pipeline hands it over (channels-last on CUDA): the numbers are
-the engines', not the data pipeline's.
+buffers, compiling) and are reported apart, as is building the trainer. The batch is made once
+on the device, laid out as the DALI pipeline hands it over (channels-last on CUDA): the numbers
+are the engines', not the data pipeline's. Under DeepSpeed the student's weights keep the flat
+buffers' default layout while its activations are channels-last (see
+`cocord_fast/engine/acceleration.py`); this bench measures what that costs. DeepSpeed engines
+are skipped, with the reason in the report, where DeepSpeed is not installed.
 
     python bench/engines.py                                   # CPU: small images
-    deepspeed --num_gpus 1 bench/engines.py                   # one GPU: 224 px, bf16
+    python bench/engines.py --engines torch deepspeed:1 torch+compile deepspeed:1+compile
+                                                              # one GPU: 224 px, bf16
 
 Writes `bench/results/engines_<method>_<teacher>_<student>_<device>.json` and a PNG beside it.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import statistics
@@ -38,15 +44,32 @@ from provenance import RESULTS, device_name, provenance, slug
 CUDA = torch.cuda.is_available()
 
 
+def engine_settings(engine: str) -> list[str]:
+    """The overrides an engine named `torch` or `deepspeed:STAGE`, with an optional `+compile`,
+    stands for."""
+    base, _, variant = engine.partition("+")
+    name, _, stage = base.partition(":")
+    if name not in ("torch", "deepspeed") or variant not in ("", "compile") or (
+            stage and name == "torch"):
+        raise SystemExit(f"--engines: {engine!r} is not torch or deepspeed:STAGE, with an "
+                         f"optional +compile")
+    return [f"engine.name={name}", *([f"engine.zero_stage={stage}"] if stage else []),
+            f"train.compile={'default' if variant else 'false'}"]
+
+
+def why_skipped(engine: str) -> str | None:
+    if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed (pip install 'cocord_fast[deepspeed]')"
+    return None
+
+
 def build(engine: str, args: argparse.Namespace, data: Path, teacher: Path, work: Path) -> Trainer:
-    name, _, stage = engine.partition(":")
     overrides = [
         f"method.name={args.method}", f"model.student={args.student}",
         f"model.teacher={args.teacher}", f"model.teacher_checkpoint={teacher}",
         "data.dataset=cifar100", f"data.root={data}", f"data.batch_size={args.batch_size}",
         "data.num_workers=0", "data.backend=torch", f"train.precision={args.precision}",
-        f"train.output_dir={work / engine.replace(':', '_')}", f"engine.name={name}",
-        *([f"engine.zero_stage={stage}"] if stage else []), *args.override]
+        f"train.output_dir={work / slug(engine)}", *engine_settings(engine), *args.override]
     return Trainer(load_config(overrides=overrides))
 
 
@@ -88,7 +111,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet34")
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--engines", nargs="+", default=["torch", "deepspeed:0", "deepspeed:1"],
-                        help="torch, or deepspeed:STAGE")
+                        help="torch or deepspeed:STAGE, each with an optional +compile")
     parser.add_argument("--image-size", type=int, default=224 if CUDA else 64)
     parser.add_argument("--batch-size", type=int, default=128 if CUDA else 16)
     parser.add_argument("--precision", default="bf16" if CUDA else "fp32",
@@ -100,6 +123,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from `deepspeed`
     args = parser.parse_args()
+    for engine in args.engines:
+        engine_settings(engine)  # a misspelt engine stops the bench before any work
+    skipped = {engine: why for engine in args.engines if (why := why_skipped(engine))}
+    for engine, why in skipped.items():
+        print(f"{engine:20s} skipped: {why}", flush=True)
+    engines = [engine for engine in args.engines if engine not in skipped]
+    if not engines:
+        raise SystemExit("no engine left to time")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -108,7 +139,7 @@ def main() -> None:
         torch.manual_seed(0)
         torch.save(build_model(args.teacher, 100).state_dict(), teacher)
         trainers, rows = {}, {}
-        for engine in args.engines:
+        for engine in engines:
             started = time.perf_counter()
             trainers[engine] = build(engine, args, tmp / "data", teacher, tmp)
             built = time.perf_counter() - started
@@ -125,14 +156,15 @@ def main() -> None:
             del row["batch"]
             row["img_per_s"] = statistics.median(row["rounds"])
             row["loss"] = trainer.metrics.pop()["loss"]  # over all steps: equal for equal work
-            print(f"{engine:12s} {row['img_per_s']:9.1f} img/s  (build {row['build_s']:.1f} s, "
+            print(f"{engine:20s} {row['img_per_s']:9.1f} img/s  (build {row['build_s']:.1f} s, "
                   f"warm-up {row['warmup_s']:.1f} s, mean loss {row['loss']:.4f})", flush=True)
 
     device = device_name(str(next(iter(trainers.values())).device))
     report = {**provenance(device), "method": args.method, "teacher": args.teacher,
               "student": args.student, "image_size": args.image_size,
               "batch_size": args.batch_size, "precision": args.precision,
-              "steps": args.steps, "rounds": args.rounds, "rows": list(rows.values())}
+              "steps": args.steps, "rounds": args.rounds, "rows": list(rows.values()),
+              "skipped": skipped}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"engines_{args.method}_{args.teacher}_{args.student}_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

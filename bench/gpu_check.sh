@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything worth checking on a lent GPU machine (docs: ENV.md, "The lent GPU machine"), in
-# under 8 minutes: install, the GPU tests, the kernel and data benches, and `cocord-fast bench`
+# under 9 minutes: install, the GPU tests, the kernel and data benches, `cocord-fast bench`
 # at 32 px (eager, and CoCoRD with CUDA graphs) and at 224 px (eager, through the trainer's
-# loader, and compiled). Logs, JSON and PNG go into OUT.
+# loader, and compiled), and the engines at 224 px (torch against DeepSpeed ZeRO-1, each eager
+# and compiled). Logs, JSON and PNG go into OUT.
 #
 #   bash bench/gpu_check.sh [OUT]                   # OUT defaults to bench/results
 #   GPU_CHECK_WHEELS=/tmp/w bash bench/gpu_check.sh # first install the DALI / DeepSpeed wheels
@@ -10,7 +11,7 @@
 #   COCORD_REFERENCE=DIR bash bench/gpu_check.sh    # also time the reference implementation
 #                                                   # (a checkout of ShipengFu/CoCoRD) against ours
 #
-# Each part runs under `timeout`, capped by what is left of GPU_CHECK_BUDGET_S (470 s), so the
+# Each part runs under `timeout`, capped by what is left of GPU_CHECK_BUDGET_S (540 s), so the
 # whole script ends in time even when a part hangs. A failed or timed-out part is logged and
 # the next one runs; the last lines (also OUT/gpu_check_summary.txt) say which parts failed,
 # and the exit code is 1 if any did. PYTHON (default python3) is the interpreter every part uses.
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-bench/results}")
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 # Triton's interpreter would be handed CUDA tensors (tests/conftest.py sets it only off-GPU).
 unset TRITON_INTERPRET
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/cocord_fast_inductor}
@@ -92,6 +93,12 @@ part bench_224_pipeline 70 "$PYTHON" -m cocord_fast bench --teacher resnet34 \
     --methods cocord --data pipeline --override data.dataset=imagefolder \
     --override "data.root=$JPEGS" --override data.num_workers=8 --warmup 3 --steps 10 \
     --rounds 2 --out "$OUT"
+# CoCoRD's step under the torch engine and DeepSpeed ZeRO-1 (the ImageNet recipes' engine, whose
+# student weights keep the flat buffers' layout), eager and compiled; DeepSpeed's rows are
+# skipped, with the reason, where GPU_CHECK_WHEELS brought no DeepSpeed.
+part engines_224 150 "$PYTHON" bench/engines.py --engines torch deepspeed:1 torch+compile \
+    deepspeed:1+compile --image-size 224 --batch-size 256 --precision bf16 --warmup 3 \
+    --steps 10 --rounds 2 --out "$OUT"
 # Last: compiling each method's encoders takes the longest, and gets what time is left.
 part bench_224_compile 150 "$PYTHON" -m cocord_fast bench --teacher resnet34 \
     --student resnet18 --image-size 224 --batch-size 256 --precision bf16 --compile default \

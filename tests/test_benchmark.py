@@ -359,7 +359,8 @@ def test_gpu_check_runs_every_part_past_a_failure_and_names_it(tmp_path):
         ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"],
         ["bench/versus_reference.py", "--reference", str(tmp_path / "CoCoRD")],
         ["bench/data.py", "--threads", "8"], ["bench/data.py", "--write-tree", jpegs],
-        ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"]]
+        ["-m", "cocord_fast", "bench"], ["bench/engines.py", "--engines", "torch"],
+        ["-m", "cocord_fast", "bench"]]
     assert str(wheels / "nvidia_dali.whl") in calls[1] and "-m gpu" in calls[2]
     benches = [call for call in calls if "cocord_fast bench" in call]
     assert [("--image-size 32" in c, c.split("--compile ")[1].split()[0]) for c in benches] == [
@@ -367,6 +368,8 @@ def test_gpu_check_runs_every_part_past_a_failure_and_names_it(tmp_path):
         (False, "default")]
     assert "--data pipeline" in benches[3] and f"data.root={jpegs}" in benches[3]
     assert "--device cuda" in calls[7]
+    assert calls[11].split()[1:6] == ["--engines", "torch", "deepspeed:1", "torch+compile",
+                                      "deepspeed:1+compile"] and "--image-size 224" in calls[11]
     assert all(f"--out {tmp_path / 'out'}" in call
                for call in calls[3:] if "--write-tree" not in call)
     summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
@@ -384,14 +387,21 @@ def test_gpu_check_ends_within_its_budget_when_a_part_hangs(tmp_path):
     assert "pytest_gpu (skipped: the 2s budget is spent)" in summary
 
 
-def run_data_bench(*args: str, hide_dali: bool = False) -> subprocess.CompletedProcess:
-    hide = "sys.modules['nvidia'] = None; " if hide_dali else ""  # as if DALI were absent
-    code = f"import runpy, sys; {hide}runpy.run_path('bench/data.py', run_name='__main__')"
+def run_bench_script(script: str, *args: str, hide: str | None = None,
+                     check: bool = True) -> subprocess.CompletedProcess:
+    """bench/SCRIPT as users run it, with the top-level package `hide` as if not installed."""
+    hidden = f"sys.modules[{hide!r}] = None; " if hide else ""
+    code = f"import runpy, sys; {hidden}runpy.run_path('bench/{script}', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
                             text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
-    assert result.returncode == 0, result.stdout + result.stderr
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def run_data_bench(*args: str, hide_dali: bool = False) -> subprocess.CompletedProcess:
+    return run_bench_script("data.py", *args, hide="nvidia" if hide_dali else None)
 
 
 def test_data_bench_writes_a_tree_the_trainer_reads(tmp_path):
@@ -414,3 +424,26 @@ def test_data_bench_without_dali_times_torchvision_and_says_why(tmp_path):
     report = json.loads(path.read_text())
     assert [row["backend"] for row in report["rows"]] == ["torch"]
     assert report["skipped"]["dali"] == "DALI is not installed"
+
+
+ENGINES_TINY = ["--teacher", "resnet8", "--student", "resnet8", "--image-size", "32",
+                "--batch-size", "4", "--warmup", "1", "--steps", "1", "--rounds", "1"]
+
+
+def test_engines_bench_without_deepspeed_times_torch_and_says_why(tmp_path):
+    result = run_bench_script("engines.py", "--engines", "torch", "deepspeed:1+compile",
+                              *ENGINES_TINY, "--out", str(tmp_path), hide="deepspeed")
+    assert "deepspeed:1+compile" in result.stdout and "DeepSpeed is not installed" in result.stdout
+    (path,) = tmp_path.glob("engines_*.json")
+    report = json.loads(path.read_text())
+    assert [row["engine"] for row in report["rows"]] == ["torch"]
+    assert report["rows"][0]["img_per_s"] > 0
+    assert "DeepSpeed is not installed" in report["skipped"]["deepspeed:1+compile"]
+
+
+@pytest.mark.parametrize("engine", ["torch:1", "deepspeed:1+fast", "zero:1"])
+def test_engines_bench_names_a_misspelt_engine_before_any_work(engine, tmp_path):
+    result = run_bench_script("engines.py", "--engines", "torch", engine, *ENGINES_TINY,
+                              "--out", str(tmp_path), check=False)
+    assert result.returncode != 0 and f"--engines: {engine!r}" in result.stderr
+    assert not list(tmp_path.iterdir())
