@@ -2,12 +2,14 @@
 
 A process belongs to a group of `world_size` processes when a launcher started it (`torchrun`
 or the `deepspeed` launcher set WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). In
-a single process every helper here is a no-op (gathers return their input), so methods and the
-loop call them unconditionally. The DeepSpeed engine needs a process group even for one
+a single process every helper here is a no-op (tensor gathers return their input), so methods
+and the loop call them unconditionally. The DeepSpeed engine needs a process group even for one
 process: `init` then makes a group of one on a free local port.
 
 Collectives run on the backend that fits the device: NCCL for CUDA tensors, gloo on CPU. None
-of them carries gradients.
+of them carries gradients. Gathered Python objects carry only host tensors, and what must be
+equal on every rank but is not trained (a random projector, slow copies, a queue) is broadcast
+from rank 0 rather than left to equal seeds.
 """
 from __future__ import annotations
 
