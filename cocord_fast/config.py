@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,10 @@ import yaml
 from .errors import UserError
 
 
-def _field(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
-    metadata = {"help": help, "min": min, "max": max}
+def _field(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           pattern: str | None = None, pattern_help: str = "") -> Any:
+    metadata = {"help": help, "min": min, "max": max, "pattern": pattern,
+                "pattern_help": pattern_help}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -130,7 +133,9 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, data order and augmentation", min=0)
     resume: str = _field("", "'auto' continues the run in output_dir if there is one; or a run "
                              "directory or checkpoint file to continue")
-    device: str = _field("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    device: str = _field("auto", "auto (cuda if available), cpu, cuda or cuda:N",
+                         pattern=r"auto|cpu|cuda(:[0-9]+)?",
+                         pattern_help="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs forward passes under autocast")
     kernels: Literal["auto", "triton", "torch"] = _field(
         "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch otherwise")
@@ -183,7 +188,8 @@ def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[st
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
-        if value not in choices:
+        # By type as well as value: `0 == False`, and `1 == True`, must not pass as booleans.
+        if not any(type(value) is type(choice) and value == choice for choice in choices):
             names = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
             raise UserError(f"{name}: {value!r} is not one of {names}")
         return value
@@ -201,9 +207,15 @@ def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[st
             raise UserError(f"{name}: expected true or false, got {value!r}")
         return value
     if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML read it as a number (`1e-3`, `010`), so its text is already lost.
+            raise UserError(f"{name}: expected a string, got the number {value!r}; quote it, "
+                            f"e.g. {name}='\"TEXT\"'")
+        if not isinstance(value, str):
             raise UserError(f"{name}: expected a string, got {value!r}")
-        return str(value)
+        if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+            raise UserError(f"{name}: {value!r} is not {meta['pattern_help']}")
+        return value
     if annotation is float and isinstance(value, str):
         # PyYAML reads exponent literals without a dot (`5e-4`) as strings.
         try:

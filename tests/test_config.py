@@ -32,6 +32,14 @@ def test_int_is_accepted_for_float_and_converted():
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
+def test_typed_values_pass_as_written():
+    cfg = load_config(overrides=["train.compile=true", "train.device=cuda:3",
+                                 'train.output_dir="010"', "data.backend=torch"])
+    assert (cfg.train.compile, cfg.train.device, cfg.train.output_dir) == (True, "cuda:3", "010")
+    assert load_config(overrides=["train.compile=false"]).train.compile is False
+    assert load_config(overrides=["train.compile=max-autotune"]).train.compile == "max-autotune"
+
+
 def test_exponent_literals_are_floats(tmp_path):
     cfg = load_config(write(tmp_path, "optim:\n  weight_decay: 5e-4\n"), ["optim.lr=1e-2"])
     assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 0.01
@@ -63,6 +71,14 @@ def test_required_interface_names_exist():
     ("optim.milestones=5", "optim.milestones: expected a list of int, got 5"),
     ("optim.milestones=[1, x]", "optim.milestones[1]: expected int, got 'x'"),
     ("model.student=[1]", "model.student: expected a string, got [1]"),
+    ("train.compile=0", "train.compile: 0 is not one of false, true, default"),
+    ("train.compile=1", "train.compile: 1 is not one of false, true, default"),
+    ("data.backend=1", "data.backend: 1 is not one of auto, dali, torch"),
+    ("train.device=gpu", "train.device: 'gpu' is not auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:x", "train.device: 'cuda:x' is not auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:-1", "train.device: 'cuda:-1' is not auto, cpu, cuda or cuda:N"),
+    ("train.output_dir=010", "train.output_dir: expected a string, got the number 8; quote it"),
+    ("model.teacher=18", "model.teacher: expected a string, got the number 18; quote it"),
     ("train.epochs", "expected section.key=value"),
     ("epochs=3", "expected section.key=value"),
     ("optim.lr=[1", "not valid YAML"),
