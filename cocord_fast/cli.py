@@ -145,6 +145,7 @@ BENCH_EPILOG = """\
 examples:
   cocord-fast bench --cpu-quick        # resnet32x4 -> resnet8x4, 32 px: minutes on 2 cores
   cocord-fast bench                    # GPU: resnet34 -> resnet18, 224 px, batch 256, bf16
+                                       # (without a GPU: --cpu-quick, unless --device is given)
   cocord-fast bench --compile default --methods cocord --steps 50
   cocord-fast bench --cpu-quick --data pipeline --override data.num_workers=2
 
@@ -156,6 +157,8 @@ of its model-only floor (its networks' forward/backward alone); JSON and PNG go 
 def cmd_bench(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from .benchmark import bench
     from .benchmark.settings import CPU_QUICK, BenchSettings
 
@@ -166,7 +169,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         given["methods"] = tuple(ns.methods)
     if ns.out is not None:
         given["out"] = Path(ns.out)
-    bench(BenchSettings(**{**(CPU_QUICK if ns.cpu_quick else {}), **given},
+    quick = ns.cpu_quick
+    if not quick and ns.device is None and not torch.cuda.is_available():
+        # The GPU recipe takes hours on a few cores; on the CPU only when asked for.
+        print("no GPU here: running the CPU recipe (--cpu-quick); --device cpu runs the GPU "
+              "recipe on the CPU", flush=True)
+        quick = True
+    bench(BenchSettings(**{**(CPU_QUICK if quick else {}), **given},
                         overrides=tuple(ns.override or ())))
     return 0
 
@@ -312,7 +321,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         description="Times Trainer.train_step (autocast, forward, backward, optimizer step, "
                     "momentum updates) of each method, interleaved with its model-only floor.",
         epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Unset options take --cpu-quick's values with it, and the GPU defaults without.
+    # Unset options take --cpu-quick's values with it (or without a GPU and --device), and the
+    # GPU defaults otherwise.
     bench.add_argument("--teacher", help=f"teacher architecture (default {default.teacher})")
     bench.add_argument("--student", help=f"student architecture (default {default.student})")
     bench.add_argument("--image-size", type=int,
@@ -344,7 +354,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        help="a config override for every trainer (repeatable); "
                             "data.root=DIR trains on that data set instead of a synthetic one")
     bench.add_argument("--cpu-quick", action="store_true",
-                       help="unset options from: " + ", ".join(
+                       help="the default without a GPU (unless --device is given); unset "
+                            "options from: " + ", ".join(
                            f"{key.replace('_', '-')} {value}" for key, value in CPU_QUICK.items()))
     bench.set_defaults(func=cmd_bench)
 

@@ -30,6 +30,12 @@ STAGES = [
 ]
 
 
+# A stage's settings of where its data is, how it is read and where it runs: a missing
+# demo teacher is trained with them too (they do not change what the teacher learns).
+CARRIED_TO_TEACHER = ("data.root", "data.backend", "data.num_workers", "train.device",
+                      "train.progress")
+
+
 def ensure_demo_teacher(cfg: Config) -> None:
     """Makes sure the demo teacher a demo recipe distils from is trained (and finished).
 
@@ -39,6 +45,9 @@ def ensure_demo_teacher(cfg: Config) -> None:
     run_dir = Path(teacher.train.output_dir)
     if Path(cfg.model.teacher_checkpoint) != run_dir / "last.pt":
         return
+    for key in CARRIED_TO_TEACHER:
+        section, name = key.split(".")
+        setattr(getattr(teacher, section), name, getattr(getattr(cfg, section), name))
     found = latest_intact(run_dir) if run_dir.is_dir() else None
     if found is None or not is_finished(found[1], teacher):
         train(teacher)

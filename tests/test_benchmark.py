@@ -130,7 +130,7 @@ def test_the_floor_runs_the_networks_it_claims_on_the_views_the_method_gives_the
         assert seen["teacher"][0][0] is views[2]
 
 
-def test_the_timed_loop_times_exactly_the_steps_it_reports():
+def test_the_timed_loop_times_exactly_the_steps_it_reports_and_says_each_as_it_goes(capsys):
     calls = []
     entry = Entry("sleeper", lambda: (calls.append(1), time.sleep(0.01)), images_per_step=10)
     settings = BenchSettings(steps=3, rounds=2, warmup=2)
@@ -141,6 +141,10 @@ def test_the_timed_loop_times_exactly_the_steps_it_reports():
     assert len(calls) == 2 + 3 * 2
     assert len(entry.step_s) == 6 and all(0.009 < s < 0.5 for s in entry.step_s)
     assert len(entry.round_img_per_s) == 2 and all(r < 1000 for r in entry.round_img_per_s)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("bench: warm-up of sleeper: 2 steps in ")
+    for number, (line, rate) in enumerate(zip(lines[1:], entry.round_img_per_s), 1):
+        assert line == f"bench: round {number}/2, sleeper: 3 steps, {rate:.1f} images/s"
 
 
 def test_step_clock_gives_one_time_per_step():
@@ -264,8 +268,26 @@ def test_cpu_quick_fills_what_was_not_given(monkeypatch):
     overrides = settings.trainer_overrides("kd", None, Path("t.pth"), Path("out"))
     assert "train.compile=default" in overrides and overrides[-1] == "data.num_workers=1"
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main(["bench"]) == 0
     assert (taken[1].teacher, taken[1].image_size, taken[1].precision) == ("resnet34", 224, "bf16")
+
+
+def test_without_a_gpu_the_bench_runs_the_cpu_recipe_unless_a_device_is_given(
+        monkeypatch, capsys):
+    import cocord_fast.benchmark
+
+    taken = []
+    monkeypatch.setattr(cocord_fast.benchmark, "bench", taken.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--steps", "7"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(
+        "no GPU here: running the CPU recipe (--cpu-quick)")
+    assert (taken[0].teacher, taken[0].image_size, taken[0].device, taken[0].steps) == (
+        "resnet32x4", 32, "cpu", 7)
+    assert main(["bench", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == ""
+    assert (taken[1].teacher, taken[1].image_size, taken[1].device) == ("resnet34", 224, "cpu")
 
 
 def test_report_names_differ_by_compile_mode_and_data_mode():

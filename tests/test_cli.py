@@ -9,6 +9,7 @@ import torch
 
 from cocord_fast import demo as demo_job
 from cocord_fast.cli import main
+from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.models import build_model
 
@@ -77,6 +78,22 @@ def test_demo_command_takes_seeds_and_overrides_only(tmp_path, monkeypatch, caps
         with pytest.raises(SystemExit):
             main(["demo", "--seeds", bad])
         assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_missing_demo_teacher_trains_where_and_as_the_stage_reads_its_data(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained = []
+    monkeypatch.setattr(demo_job, "train", trained.append)
+    stage = load_config(demo_job.CONFIGS / "demo" / "cocord.yaml", [
+        "data.root=/data/demo", "data.backend=torch", "data.num_workers=3", "train.device=cpu",
+        "train.progress=false", "optim.lr=0.5"])
+    demo_job.ensure_demo_teacher(stage)
+    (teacher,) = trained
+    assert (teacher.data.root, teacher.data.backend, teacher.data.num_workers,
+            teacher.train.device, teacher.train.progress) == ("/data/demo", "torch", 3, "cpu", False)
+    assert teacher.optim.lr == load_config(demo_job.CONFIGS / "demo" / "teacher.yaml").optim.lr
+    assert teacher.model.student == "resnet20" and teacher.train.resume == "auto"
 
 
 def test_config_and_models_commands(capsys):

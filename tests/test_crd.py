@@ -237,7 +237,7 @@ def synthetic_batch(step: int, num_data: int = 32, batch: int = 8) -> Batch:
 
 
 def test_registry_and_declarations():
-    assert METHODS["crd"] is CRD and CRD.needs_index and CRD.needs_teacher and CRD.num_views == 1
+    assert METHODS["crd"] is CRD and CRD.needs_teacher and CRD.num_views == 1
     cfg = load_config(overrides=["crd.num_negatives=99"])
     assert CRD.contrast_negatives(cfg) == 99 and METHODS["kd"].contrast_negatives(cfg) == 0
 

@@ -48,6 +48,11 @@ class Entry:
     step_peak_bytes: int | None = None  # CUDA: the most a step allocated above what was held
 
 
+def say(text: str) -> None:
+    """What the bench is doing, as it goes (a round of a large recipe takes minutes)."""
+    print(f"bench: {text}", flush=True)
+
+
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (shared weights counted once)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -96,11 +101,12 @@ def build_entries(settings: BenchSettings, device: torch.device, work: Path) -> 
     write_random_teacher(settings.teacher, num_classes, teacher)
     entries: list[Entry] = []
     floors: dict[FloorRecipe, Entry] = {}
-    for name in settings.methods:
+    for number, name in enumerate(settings.methods, 1):
         started = time.perf_counter()
         trainer = Trainer(load_config(overrides=settings.trainer_overrides(
             name, data_root, teacher, work / name)))
         build_s = time.perf_counter() - started
+        say(f"built {name} ({number}/{len(settings.methods)}) in {build_s:.1f} s")
         trainer.method.train()
         batch = resident_batch(trainer.method.num_views, settings.batch_size,
                                settings.image_size, trainer.loaders.num_classes,
@@ -138,12 +144,13 @@ def warm_up(entries: list[Entry], steps: int, device: torch.device) -> None:
             entry.run_step()
         synchronize(device)
         entry.warmup_s = time.perf_counter() - started
+        say(f"warm-up of {entry.name}: {steps} steps in {entry.warmup_s:.1f} s")
 
 
 def run_rounds(entries: list[Entry], settings: BenchSettings, device: torch.device,
                telemetry: Telemetry) -> None:
     cuda = device.type == "cuda"
-    for _ in range(settings.rounds):
+    for number in range(1, settings.rounds + 1):
         for entry in entries:
             synchronize(device)  # the previous entry's work stays out of this one's times
             if cuda:
@@ -159,6 +166,8 @@ def run_rounds(entries: list[Entry], settings: BenchSettings, device: torch.devi
             telemetry.label = None
             entry.step_s += seconds
             entry.round_img_per_s.append(entry.images_per_step * len(seconds) / sum(seconds))
+            say(f"round {number}/{settings.rounds}, {entry.name}: {settings.steps} steps, "
+                f"{entry.round_img_per_s[-1]:.1f} images/s")
             if cuda:
                 peak = torch.cuda.max_memory_allocated(device) - before
                 entry.step_peak_bytes = max(entry.step_peak_bytes or 0, peak)
@@ -191,6 +200,10 @@ def run_benchmark(settings: BenchSettings) -> dict:
     """Measures every method and floor; returns the report's rows and context."""
     settings.check()
     device = settings.resolved_device()
+    say(f"{', '.join(settings.methods)} and their floors on {device}: {settings.teacher} -> "
+        f"{settings.student}, {settings.image_size} px, batch {settings.batch_size}, "
+        f"{settings.precision}, compile {settings.compile}; {settings.warmup} warm-up steps, "
+        f"then {settings.rounds} rounds of {settings.steps} steps")
     with tempfile.TemporaryDirectory(prefix="cocord-bench-") as work:
         entries = build_entries(settings, device, Path(work))
         warm_up(entries, settings.warmup, device)

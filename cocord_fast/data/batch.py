@@ -18,7 +18,7 @@ class Batch:
     """A training or evaluation batch.
 
     views: `num_views` tensors of shape (B, C, H, W): independent augmentations of the same images.
-    labels: (B,) class indices. index: (B,) dataset indices (methods that declare `needs_index`).
+    labels: (B,) class indices. index: (B,) dataset indices.
     contrast_index: (B, K+1) CRD's positive-then-negative dataset indices, when the loader samples them.
     skipped: unreadable files the loader replaced (training) or dropped (evaluation) in this
     batch, with `data.skip_corrupt=true`.

@@ -11,7 +11,7 @@ from .crd import CRD
 from .kd import KD
 from .vanilla import Vanilla
 
-# Name -> Method subclass; its class attributes (num_views, needs_index, needs_teacher) are read
+# Name -> Method subclass; its class attributes (num_views, needs_teacher) are read
 # before anything is built, and `from_config` builds it.
 METHODS: dict[str, type[Method]] = {
     "vanilla": Vanilla,

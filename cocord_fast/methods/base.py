@@ -22,11 +22,10 @@ class Method(nn.Module):
     """A training method. The loop never branches on which one it runs.
 
     Declarations the loop reads before building anything: `num_views` (augmented views per
-    image), `needs_index` (whether batches must carry dataset indices) and `needs_teacher`.
+    image) and `needs_teacher`.
     """
 
     num_views: int = 1
-    needs_index: bool = False
     needs_teacher: bool = False
 
     @classmethod

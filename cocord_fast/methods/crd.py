@@ -20,8 +20,6 @@ from .losses import kd_loss
 
 
 class CRD(Distiller):
-    needs_index = True
-
     def __init__(self, student: nn.Module, teacher: nn.Module, num_data: int,
                  embed_dim: int = 128, temperature: float = 0.07, memory_momentum: float = 0.5,
                  loss_cls: float = 1.0, loss_crd: float = 0.8, loss_kd: float = 0.0,
