@@ -211,7 +211,9 @@ def run(spec: dict) -> None:
         trainer.fit()
     if spec.get("dump"):
         Path(spec["dump"]).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"method": trainer.method.state_dict(), **seen,
+        groups = [{key: value for key, value in group.items() if key != "params"}
+                  for group in trainer.engine.optimizer.param_groups]
+        torch.save({"method": trainer.method.state_dict(), **seen, "optimizer_groups": groups,
                     "world_size": distributed.world_size()},
                    f"{spec['dump']}.rank{distributed.rank()}.pt")
 

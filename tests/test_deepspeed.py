@@ -9,6 +9,7 @@ losses, bit for bit, as one that never stopped.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from cocord_fast.config import load_config
 from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.deepspeed_engine import deepspeed_config
+from cocord_fast.engine.deepspeed_engine import deepspeed_config, import_deepspeed
 from cocord_fast.engine.engines import check_engine_config
 from cocord_fast.engine.sealed import file_digest
 from cocord_fast.engine.trainer import Trainer
@@ -65,10 +66,53 @@ def test_generated_config_comes_from_ours_and_keeps_the_users_other_settings(tmp
      "it comes from data.batch_size"),
     ("engine.deepspeed_overrides={zero_optimization: {stage: 1}}",
      "sets zero_optimization.stage: set engine.zero_stage instead"),
+    ("engine.deepspeed_overrides={steps_per_print: 10}",
+     "sets steps_per_print: it comes from train.log_every"),
+    ("engine.deepspeed_overrides={zero_allow_untested_optimizer: false}",
+     "sets zero_allow_untested_optimizer: it comes from cocord_fast"),
+    ("engine.deepspeed_overrides={zero_optimization: {overlap_com: true}}",
+     "^engine.deepspeed_overrides: DeepSpeed refuses it: 1 validation error for "
+     "DeepSpeedZeroConfig; overlap_com; Extra inputs are not permitted"),
+    ("engine.deepspeed_overrides={communication_data_type: fp99}",
+     "^engine.deepspeed_overrides: DeepSpeed refuses it: Invalid communication_data_type"),
+    ("engine.deepspeed_overrides={zero_optimisation: {overlap_comm: true}}",
+     "^engine.deepspeed_overrides: DeepSpeed does not read 'zero_optimisation' \\(misspelt\\?"),
 ])
-def test_settings_that_cannot_work_are_refused_before_any_work(override, message):
+def test_settings_that_cannot_work_are_refused_before_any_work(override, message, tmp_path):
     with pytest.raises(UserError, match=message):
         check_engine_config(load_config(overrides=["engine.name=deepspeed", override]))
+    with pytest.raises(UserError, match=message):  # before the data is looked for
+        Trainer(load_config(overrides=[
+            "engine.name=deepspeed", override, "data.dataset=imagefolder",
+            f"data.root={tmp_path / 'missing'}", f"train.output_dir={tmp_path / 'run'}"]))
+
+
+def test_settings_deepspeed_reads_pass_and_a_misspelt_one_names_its_file(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"communication_data_type": "fp32", "wall_clock_breakdown": False,
+                                "zero_optimization": {"overlap_comm": True}}))
+    settings = ["engine.name=deepspeed", "engine.zero_stage=2", f"engine.deepspeed_config={user}",
+                "engine.deepspeed_overrides={zero_optimization: {reduce_bucket_size: 1000}}"]
+    check_engine_config(load_config(overrides=settings))
+    user.write_text(json.dumps({"wall_clock_breakdwon": True}))
+    with pytest.raises(UserError, match=rf"^engine.deepspeed_config \({user}\): DeepSpeed does "
+                                        rf"not read 'wall_clock_breakdwon'"):
+        check_engine_config(load_config(overrides=settings))
+
+
+def test_deepspeeds_warnings_reach_the_user_but_not_its_info_lines_nor_known_noise():
+    logger = import_deepspeed().utils.logger
+
+    def shown(level: int, text: str) -> bool:
+        record = logger.makeRecord(logger.name, level, __file__, 1, text, None, None)
+        return logger.isEnabledFor(level) and all(f.filter(record) for f in logger.filters)
+
+    assert shown(logging.WARNING, "overlap_comm is not supported with this setting")
+    assert not shown(logging.WARNING, "**** You are using ZeRO with an untested optimizer, "
+                                      "proceed with caution *****")
+    assert not shown(logging.WARNING, "Setting accelerator to CPU. If you have GPU or other "
+                                      "accelerator, we were unable to detect it.")
+    assert not shown(logging.INFO, "DeepSpeed Flops Profiler Enabled: False")
 
 
 def test_a_deepspeed_file_that_is_not_json_is_named(tmp_path):
@@ -280,6 +324,20 @@ def test_resume_through_deepspeed_checkpoints_is_bit_exact(zero):
         a, b = (load_checkpoint(run / "last.pt")["method"] for run in (full, split))
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
+
+@pytest.mark.slow
+def test_a_resume_steps_with_the_optimizer_settings_it_changes(zero):
+    """DeepSpeed's files restore the saved momentum and weight decay; the changed ones are set
+    again on the groups its partitions step with."""
+    work = zero["work"]
+    changes = {"momentum": 0.5, "weight_decay": 1e-3, "nesterov": True}
+    launch_worker("deepspeed", [{
+        "resume": str(work / "crd_bf16_zero2_split"), "setup_only": True,
+        "overrides": [f"optim.{key}={str(value).lower()}" for key, value in changes.items()],
+        "dump": str(work / "changed_optimizer" / "dump")}], work)
+    for dump in rank_dumps(work / "changed_optimizer" / "dump"):
+        for group in dump["optimizer_groups"]:
+            assert {key: group[key] for key in changes} == changes
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from cocord_fast.data.contrast import NegativeSampler
 from cocord_fast.engine.checkpoint import FORMAT, load_checkpoint
 from cocord_fast.engine.metrics import MetricAccumulator
 from cocord_fast.engine.trainer import Trainer
+from cocord_fast.errors import UserError
 
 from distributed_worker import freeze_batchnorm
 from launch import train_losses, write_teacher
@@ -54,6 +55,13 @@ def test_gradient_clipping_bounds_the_step(tiny_overrides, tmp_path):
     after = trainer.method.trainable_module().parameters()
     step_norm = torch.cat([(b - a).flatten() for a, b in zip(before, after)]).norm()
     assert step_norm.item() == pytest.approx(lr * clip, rel=1e-4)
+
+
+def test_nesterov_without_momentum_is_refused_before_any_data_is_read(tmp_path):
+    cfg = load_config(overrides=["optim.nesterov=true", "optim.momentum=0",
+                                 f"data.root={tmp_path / 'missing'}", "data.dataset=imagefolder"])
+    with pytest.raises(UserError, match=r"^optim.nesterov=true needs optim.momentum above 0$"):
+        Trainer(cfg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

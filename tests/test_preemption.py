@@ -52,6 +52,38 @@ def test_a_stop_signal_saves_the_step_and_the_resumed_run_is_exact(cocord, tmp_p
     assert train_losses(tmp_path / "stopped") == train_losses(tmp_path / "full")
 
 
+def evaluations(run) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_log(run)
+            if r["kind"] == "eval"]
+
+
+def test_a_stop_at_the_end_of_an_epoch_runs_its_evaluation_when_resumed(cocord, tmp_path):
+    """Stopped after step 7, the last of epoch 1, before its evaluation: the resumed run
+    evaluates first, so its records and best.pt are the uninterrupted run's."""
+    train(load_config(overrides=cocord("full")))
+    trainer = Trainer(load_config(overrides=cocord("stopped")))
+    train_step = trainer.train_step
+
+    def signalled_at_step_7(micro_batches):
+        train_step(micro_batches)
+        if trainer.step == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.train_step = signalled_at_step_7
+    with pytest.raises(Preempted, match="after step 7"):
+        trainer.fit()
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    stopped, full = tmp_path / "stopped", tmp_path / "full"
+    assert load_checkpoint(stopped / "last.pt")["eval_pending"] is True
+    assert evaluations(stopped) == []
+    train(config_for_resume(stopped, []))
+    assert [r["step"] for r in evaluations(full)] == [7, 14]
+    assert evaluations(stopped) == evaluations(full)
+    best = [load_checkpoint(run / "best.pt") for run in (stopped, full)]
+    assert best[0]["step"] == best[1]["step"] and best[0]["best_top1"] == best[1]["best_top1"]
+    assert not load_checkpoint(stopped / "last.pt")["eval_pending"]
+
+
 def test_signals_that_cannot_be_caught_are_refused(tmp_path):
     with pytest.raises(UserError, match="train.stop_signals: 'SIGKILL' is not a signal"):
         Trainer(load_config(overrides=["train.stop_signals=[SIGTERM, SIGKILL]",

@@ -2,15 +2,19 @@
 are refused (each difference listed); the others are allowed, printed and recorded."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from cocord_fast.cli import main
 from cocord_fast.config import load_config
+from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
+from cocord_fast.models import build_model
 
 from data_trees import write_identity_tree
 from test_cocord import reference_state
@@ -38,6 +42,51 @@ def test_harmless_changes_are_allowed_printed_and_recorded(stopped_run, capsys):
         "train.max_steps": {"saved": 4, "now": 6}, "train.log_every": {"saved": 1, "now": 2}}}
 
 
+OPTIMIZER_CHANGES = {"momentum": 0.5, "weight_decay": 1e-3, "nesterov": True}
+
+
+def test_optimizer_settings_changed_on_resume_are_the_ones_it_steps_with(stopped_run):
+    """The saved optimizer state holds the old momentum, weight decay and Nesterov flag: the
+    resumed run takes the new ones from its first step, as if set on the groups by hand."""
+    changes = [f"optim.{key}={str(value).lower()}" for key, value in OPTIMIZER_CHANGES.items()]
+    weights = {}
+    for name in ("changed", "by_hand"):
+        run = shutil.copytree(stopped_run, stopped_run.parent / name)
+        trainer = Trainer(config_for_resume(run, [
+            f"train.output_dir={run}", "train.max_steps=6", *(changes if name == "changed" else [])]))
+        groups = trainer.engine.optimizer.param_groups
+        if name == "changed":
+            assert all({key: g[key] for key in OPTIMIZER_CHANGES} == OPTIMIZER_CHANGES
+                       for g in groups)
+        else:
+            assert groups[0]["momentum"] == 0.9
+            for group in groups:
+                group.update(OPTIMIZER_CHANGES)
+        trainer.fit()
+        weights[name] = trainer.method.state_dict()
+    saved = load_checkpoint(stopped_run / "last.pt")["method"]
+    assert not all(torch.equal(saved[key], value) for key, value in weights["changed"].items())
+    for key, value in weights["changed"].items():
+        assert torch.equal(value, weights["by_hand"][key]), key
+
+
+def test_a_resumed_run_keeps_its_teacher_and_needs_no_teacher_file(tiny_overrides, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("resnet8", 10).state_dict(), teacher)
+    distil = tiny_overrides + ["method.name=kd", "model.teacher=resnet8",
+                               f"model.teacher_checkpoint={teacher}"]
+    train(load_config(overrides=distil + ["train.max_steps=2"]))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"model.teacher_checkpoint: .*teacher.pt' -> "
+                                        r".*other.pt'\); start a new run"):
+        Trainer(config_for_resume(run, [f"model.teacher_checkpoint={tmp_path / 'other.pt'}"]))
+    saved = torch.load(teacher)
+    teacher.unlink()  # moved, or the run copied to another machine
+    resumed = Trainer(config_for_resume(run, ["train.max_steps=3"]))
+    for key, value in resumed.method.teacher_encoder.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
 def test_an_imported_run_takes_its_data_settings_but_not_another_class_count(tmp_path):
     path = tmp_path / "reference.pth"
     torch.save({"state_dict": reference_state()}, path)
@@ -54,9 +103,7 @@ def test_the_readme_import_recipe_runs_end_to_end(tmp_path, capsys):
     """`import-reference REF OUT --student --teacher`, then `train --resume OUT data.root=...`
     on CIFAR-100-format data, as the README says."""
     from cocord_fast.config import CoCoRDConfig
-    from cocord_fast.engine.checkpoint import load_checkpoint
     from cocord_fast.methods.cocord import CoCoRD
-    from cocord_fast.models import build_model
     from test_cocord import OURS
     from test_data import write_cifar
 

@@ -70,7 +70,8 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
                         step: int, steps_per_epoch: int, engine: dict | None,
                         ranks: list[dict] | None, best_top1: float, last_top1: float,
                         last_eval: dict | None = None,
-                        effective_settings: dict | None = None) -> dict[str, Any]:
+                        effective_settings: dict | None = None,
+                        eval_pending: bool = False) -> dict[str, Any]:
     """The one layout of a cocord_fast checkpoint.
 
     `engine`: what the engine needs to restore the optimizer (`Engine.state_dict`). `ranks`:
@@ -80,7 +81,8 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
     run imported from another code base (the optimizer, RNG and data position then start
     fresh on resume). The method state is saved once: it is the same on every rank.
     `last_eval`: the last evaluation's result (with the images it left out);
-    `effective_settings`: `Method.effective_settings` values.
+    `effective_settings`: `Method.effective_settings` values. `eval_pending`: the run stopped
+    at the end of an epoch before that epoch's evaluation, which the resumed run runs first.
     """
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "step": step,
             "epoch": step / steps_per_epoch,
@@ -88,7 +90,7 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
             "student_prefix": student_prefix(method), "engine": engine,
             "world_size": None if ranks is None else len(ranks), "ranks": ranks,
             "best_top1": best_top1, "last_top1": last_top1, "last_eval": last_eval,
-            "effective_settings": effective_settings or {}}
+            "effective_settings": effective_settings or {}, "eval_pending": eval_pending}
 
 
 def load_file(path: str | os.PathLike, mmap: bool = False, verify: bool = True) -> Any:

@@ -3,7 +3,8 @@
 One source of truth: the DeepSpeed JSON is generated from our config (batch per GPU, gradient
 accumulation, clipping, ZeRO stage); `engine.deepspeed_config` (a JSON file) and
 `engine.deepspeed_overrides` add settings we do not own, and setting one we own there is an
-error naming the field to use instead.
+error naming the field to use instead. DeepSpeed's own parser checks the result before any
+data is read (`check_deepspeed_config`).
 
 Precision: our autocast (`train.precision=bf16`) with fp32 weights, gradients and optimizer
 state, and no DeepSpeed `bf16`/`fp16` mode. Those modes cast the wrapped module's parameters
@@ -61,7 +62,32 @@ OWNED_KEYS = {
     "bf16": "train.precision (autocast with fp32 weights)",
     "fp16": "train.precision (autocast with fp32 weights)",
     "torch_autocast": "train.precision",
+    "zero_allow_untested_optimizer": "cocord_fast (ZeRO steps its partitions with torch's SGD)",
+    "steps_per_print": "train.log_every (the trainer logs)",
 }
+
+
+# DeepSpeed's warnings that are noise for this trainer, dropped; every other one is shown.
+# We hand ZeRO torch's SGD on purpose (zero_allow_untested_optimizer), and pick the CPU
+# ourselves on a machine without a GPU.
+KNOWN_NOISE = ("You are using ZeRO with an untested optimizer", "Setting accelerator to CPU")
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in KNOWN_NOISE)
+
+
+def import_deepspeed() -> Any:
+    """`deepspeed`, with its logger showing warnings but not its INFO lines (its whole config,
+    per-step timers) nor `KNOWN_NOISE`. The filter goes on before the import, which warns."""
+    logger = logging.getLogger("DeepSpeed")  # the one DeepSpeed's logger factory makes
+    if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+        logger.addFilter(_DropKnownNoise())
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -74,10 +100,11 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def _user_settings(cfg: Config) -> dict[str, Any]:
+def _user_settings(cfg: Config) -> tuple[dict[str, Any], dict[str, str]]:
     """`engine.deepspeed_config` with `engine.deepspeed_overrides` on top, checked for keys
-    that our config owns."""
+    that our config owns; and the source of each top-level key (the field to name)."""
     settings: dict[str, Any] = {}
+    source_of: dict[str, str] = {}
     sources = []
     if cfg.engine.deepspeed_config:
         path = Path(cfg.engine.deepspeed_config).expanduser()
@@ -99,7 +126,8 @@ def _user_settings(cfg: Config) -> dict[str, Any]:
         if owned:
             raise UserError(f"{source} sets {owned[0]}: it comes from {OWNED_KEYS[owned[0]]}")
         settings = _deep_merge(settings, values)
-    return settings
+        source_of.update(dict.fromkeys(values, source))
+    return settings, source_of
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -117,7 +145,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 62,  # the trainer logs
     }
-    return _deep_merge(_user_settings(cfg), ours)
+    return _deep_merge(_user_settings(cfg)[0], ours)
 
 
 def check_deepspeed_config(cfg: Config) -> None:
@@ -129,7 +157,75 @@ def check_deepspeed_config(cfg: Config) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("engine.name=deepspeed, but DeepSpeed is not installed "
                         "(pip install 'cocord_fast[deepspeed]')")
-    _user_settings(cfg)
+    _, source_of = _user_settings(cfg)
+    _check_with_deepspeeds_parser(deepspeed_config(cfg, world_size=1), source_of)
+
+
+class _ReadRecord(dict):
+    """A mapping that records the keys looked up in it. DeepSpeed's parser reads its config
+    with `get`, `[]`, `in` and `in .keys()`, and copies it with `copy.copy` first, which keeps
+    this type and shares the record."""
+
+    def __init__(self, values: dict[str, Any]):
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _RecordedKeys(self)
+
+
+class _RecordedKeys:
+    def __init__(self, record: _ReadRecord):
+        self.record = record
+
+    def __contains__(self, key) -> bool:
+        return key in self.record
+
+    def __iter__(self):
+        return iter(dict.keys(self.record))
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+
+def _check_with_deepspeeds_parser(config: dict[str, Any], source_of: dict[str, str]) -> None:
+    """Runs DeepSpeed's own config parser over `config` before any data is read, so what it
+    refuses (an unknown key inside `zero_optimization`, a bad value) and the top-level keys
+    it would ignore without a word (a misspelt section) are errors naming their source, not
+    failures inside `deepspeed.initialize` after the data was built."""
+    import_deepspeed()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # The batch size follows from the per-GPU batch and the accumulation: the parser cannot
+    # know the launcher's process count here (no process group yet).
+    record = _ReadRecord({key: value for key, value in config.items()
+                          if key != "train_batch_size"})
+    sources = " and ".join(sorted(set(source_of.values())))
+    try:
+        DeepSpeedConfig(record)
+    except Exception as err:  # pydantic's ValidationError, ValueError, AssertionError, ...
+        lines = [line.strip() for line in str(err).splitlines()
+                 if line.strip() and "errors.pydantic.dev" not in line]
+        raise UserError(f"{sources or 'the DeepSpeed config'}: DeepSpeed refuses it: "
+                        f"{'; '.join(lines)}") from None
+    if not {"train_micro_batch_size_per_gpu", "zero_optimization"} <= record.read:
+        return  # a parser that reads its config otherwise: which keys it ignores is unknown
+    for key, source in source_of.items():
+        if key not in record.read:
+            raise UserError(f"{source}: DeepSpeed does not read {key!r} (misspelt? see "
+                            f"https://www.deepspeed.ai/docs/config-json/)")
 
 
 def _unlink_shared_memory_buffer() -> None:
@@ -188,10 +284,7 @@ class DeepSpeedEngine:
 
     def __init__(self, cfg: Config, method: Method, device: torch.device,
                  forward_context: Callable[[], ContextManager]):
-        import deepspeed
-
-        # DeepSpeed's info logs (its whole config, per-step timers) drown the run's own lines.
-        deepspeed.utils.logger.setLevel(logging.ERROR)
+        deepspeed = import_deepspeed()
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated",
                                 category=FutureWarning)  # DeepSpeed's own call, every step
         _use_accelerator_of(device)

@@ -46,8 +46,20 @@ class StepModule(nn.Module):
 
 
 def build_optimizer(cfg: OptimConfig, parameters) -> torch.optim.Optimizer:
-    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    return torch.optim.SGD(parameters, lr=cfg.lr, **optimizer_settings(cfg))
+
+
+def optimizer_settings(cfg: OptimConfig) -> dict[str, Any]:
+    """The SGD settings of every parameter group, but the learning rate (set at each step).
+    A resumed run sets them again after loading the optimizer state, which holds the saved
+    run's values."""
+    return {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+            "nesterov": cfg.nesterov}
+
+
+def check_optimizer_settings(cfg: OptimConfig) -> None:
+    if cfg.nesterov and cfg.momentum == 0:
+        raise UserError("optim.nesterov=true needs optim.momentum above 0")
 
 
 class Engine(Protocol):
@@ -115,7 +127,8 @@ class TorchEngine:
 
 
 def check_engine_config(cfg: Config) -> None:
-    """Engine settings that cannot work, refused before any data is read."""
+    """Engine and optimizer settings that cannot work, refused before any data is read."""
+    check_optimizer_settings(cfg.optim)
     engine = cfg.engine
     if engine.name == "torch":
         given = [f"engine.{key}" for key in ("zero_stage", "deepspeed_config",

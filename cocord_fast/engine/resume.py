@@ -80,13 +80,15 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
     return load_config(base=state["config"], overrides=[f"train.resume={path}", *overrides])
 
 
-# Settings a resumed run may not change: they change what the saved weights mean, or what a
-# step is (the checkpoint's data position counts steps of this many images per process).
+# Settings a resumed run may not change: they change what the saved weights mean (the
+# teacher's too: the checkpoint holds them, and a new teacher_checkpoint would be overwritten),
+# or what a step is (the checkpoint's data position counts steps of this many images per
+# process).
 FIXED = {
-    "model.student", "model.teacher", "method.name", "data.dataset", "data.image_size",
-    "cocord.embed_dim", "cocord.queue_size", "cocord.proj_hidden_dim", "cocord.pred_hidden_dim",
-    "crd.embed_dim", "data.batch_size", "optim.grad_accum_steps", "engine.name",
-    "engine.zero_stage",
+    "model.student", "model.teacher", "model.teacher_checkpoint", "method.name",
+    "data.dataset", "data.image_size", "cocord.embed_dim", "cocord.queue_size",
+    "cocord.proj_hidden_dim", "cocord.pred_hidden_dim", "crd.embed_dim", "data.batch_size",
+    "optim.grad_accum_steps", "engine.name", "engine.zero_stage",
 }
 
 

@@ -24,7 +24,8 @@ from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
                          remove_partial_saves, rng_state, save_atomic, set_rng_state,
                          training_checkpoint)
-from .engines import autocast, build_engine, check_engine_config, join_processes
+from .engines import (autocast, build_engine, check_engine_config, join_processes,
+                      optimizer_settings)
 from .evaluate import describe_samples, evaluate
 from .metrics import (MetricAccumulator, RunLog, ThroughputWindow, peak_memory_mb, read_log,
                       rewrite_log)
@@ -55,10 +56,13 @@ def check_model_names(cfg: Config, needs_teacher: bool) -> None:
                             f"{', '.join(MODELS)}")
 
 
-def build_teacher(cfg: Config, num_classes: int) -> torch.nn.Module:
+def build_teacher(cfg: Config, num_classes: int, resuming: bool) -> torch.nn.Module:
+    """The frozen teacher, with `model.teacher_checkpoint`'s weights; a resumed run takes them
+    from its own checkpoint instead, so the file need not be there any more."""
     teacher = build_model(cfg.model.teacher, num_classes)
-    load_strict(teacher, load_model_weights(cfg.model.teacher_checkpoint),
-                cfg.model.teacher_checkpoint)
+    if not resuming:
+        load_strict(teacher, load_model_weights(cfg.model.teacher_checkpoint),
+                    cfg.model.teacher_checkpoint)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -115,7 +119,8 @@ class Trainer:
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
         student = build_model(cfg.model.student, self.loaders.num_classes)
-        teacher = build_teacher(cfg, self.loaders.num_classes) if method_class.needs_teacher else None
+        teacher = (build_teacher(cfg, self.loaders.num_classes, resuming=checkpoint is not None)
+                   if method_class.needs_teacher else None)
         self.method: Method = build_method(cfg.method.name, cfg, student, teacher,
                                            self.loaders.num_train).to(self.device)
         if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
@@ -128,6 +133,7 @@ class Trainer:
         implementations_used(reset=True)  # what this run's steps use is logged after the first
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0
         self.last_eval: dict[str, float] | None = None
+        self.eval_pending = False  # stopped at an epoch's end before its evaluation
         self.skipped_files = 0  # unreadable training images this rank replaced (skip_corrupt)
         self.bar: tqdm | None = None
         self.log: RunLog | None = None
@@ -157,6 +163,8 @@ class Trainer:
     def _restore(self, checkpoint: dict[str, Any], checkpoint_dir: Path) -> None:
         if checkpoint["engine"] is not None:
             self.engine.load_state_dict(checkpoint["engine"], checkpoint_dir)
+        for group in self.engine.optimizer.param_groups:  # a resume may change them
+            group.update(optimizer_settings(self.cfg.optim))
         if checkpoint["ranks"] is not None:
             mine = checkpoint["ranks"][self.rank]
             # The checkpoint's model has the ranks' average; each rank continues with its own
@@ -168,6 +176,7 @@ class Trainer:
             self.skipped_files = mine["skipped_files"]
         self.step = checkpoint["step"]
         self.best_top1, self.last_top1 = checkpoint["best_top1"], checkpoint["last_top1"]
+        self.eval_pending = checkpoint.get("eval_pending", False)
         if distributed.is_main():
             # Records written after this checkpoint describe steps that will be run again.
             rewrite_log(self.run_dir, keep=lambda record: record["step"] <= self.step)
@@ -188,7 +197,8 @@ class Trainer:
                     self.cfg.to_dict(), self.method, self.loaders.num_classes, self.step,
                     self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1,
                     self.last_eval, {key: value for key, (value, _)
-                                     in self.method.effective_settings().items()})
+                                     in self.method.effective_settings().items()},
+                    self.eval_pending)
                 for name in names:
                     save_atomic(checkpoint, self.run_dir / name)
         if distributed.is_main():
@@ -236,6 +246,7 @@ class Trainer:
                         f"readable one; {self.skipped_files} so far)", every_rank=True)
 
     def run_eval(self) -> None:
+        self.eval_pending = False
         # Sharded over the ranks, which hold the same student once BatchNorm is averaged.
         with distributed.averaged_batchnorm_statistics(self.method), autocast(self.cfg,
                                                                                self.device):
@@ -309,6 +320,8 @@ class Trainer:
         self.window.restart()
         try:
             with self.stop_requests:
+                if self.eval_pending:  # as the uninterrupted run did before its next epoch
+                    self.run_eval()
                 self._train_until_stop()
         finally:
             if self.bar is not None:
@@ -343,13 +356,15 @@ class Trainer:
                 if (self.step % cfg.train.log_every == 0 or epoch_end or save_due or final
                         or stopping):
                     self._log_train(lr)
+                eval_due = (epoch_end and (epoch + 1) % cfg.train.eval_every == 0) or final
+                self.eval_pending = stopping and eval_due
                 if save_due or stopping:
                     self.save("last.pt", *([f"step_{self.step:08d}.pt"] if save_due else []))
                 if stopping:
                     self._stop()
                 if final or epoch_end:
                     break
-            if (epoch_end and (epoch + 1) % cfg.train.eval_every == 0) or final:
+            if eval_due:
                 self.run_eval()
             elif epoch_end:
                 self.save("last.pt")
