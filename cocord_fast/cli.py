@@ -3,6 +3,7 @@ and models."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable
 
@@ -366,7 +367,7 @@ def _user_message(err: UserError) -> str:
     text = str(err).strip()
     if "Traceback" not in text:
         return text
-    return text.splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+    return re.sub(r"^cocord_fast\.[\w.]+: ", "", text.splitlines()[-1])  # "module.Class: "
 
 
 def main(argv: list[str] | None = None) -> int:

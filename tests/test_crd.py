@@ -1,6 +1,7 @@
 """CRD: the NCE loss and memory banks against the formulas, the negative sampler, the method and
 a short run through the Trainer."""
 import math
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
 from cocord_fast.data.contrast import NegativeSampler
+from cocord_fast.data.order import epoch_order
+from cocord_fast.data.sources import open_source
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import read_log
 from cocord_fast.engine.resume import config_for_resume
@@ -17,6 +20,8 @@ from cocord_fast.methods import METHODS, build_method
 from cocord_fast.methods.crd import CRD
 from cocord_fast.methods.crd_loss import CRDLoss, nce_loss
 from cocord_fast.models import build_model
+
+from markers import BACKENDS
 
 N_DATA, K, E, B, D_S, D_T, TAU, MOMENTUM = 50, 7, 8, 4, 5, 6, 0.07, 0.5
 
@@ -112,6 +117,24 @@ def test_loss_normalizers_and_banks_match_reference_over_two_steps(crd_loss):
         assert not torch.equal(crd_loss.student_memory[index], before[0][index])
         value.backward()  # the in-place bank refresh does not break the graph
         assert torch.isfinite(f_s.grad).all() and f_s.grad.abs().sum() > 0
+
+
+def test_a_replaced_rows_memory_is_written_back_unchanged(crd_loss):
+    """Rows whose image stood in for an unreadable file: the loss is the same, their bank rows
+    keep their values, and every other row follows the formula (the reference step)."""
+    f_s, f_t, index, contrast_index = small_case(0)
+    expected, _, s_bank, t_bank = reference_step(crd_loss, f_s, f_t, index, contrast_index)
+    replaced = torch.zeros(B, dtype=torch.bool)
+    replaced[[1, 3]] = True
+    before = crd_loss.student_memory.clone(), crd_loss.teacher_memory.clone()
+    value = crd_loss(f_s, f_t, index, contrast_index, replaced)
+    assert value.item() == pytest.approx(expected, rel=1e-10)
+    kept = index[replaced]
+    for bank, reference, old in ((crd_loss.student_memory, s_bank, before[0]),
+                                 (crd_loss.teacher_memory, t_bank, before[1])):
+        assert torch.equal(bank[kept], old[kept])
+        reference[kept] = old[kept]
+        torch.testing.assert_close(bank, reference, rtol=1e-12, atol=1e-12)
 
 
 def test_gradient_matches_reference(crd_loss):
@@ -321,3 +344,37 @@ def test_trainer_runs_crd_and_resumes_with_the_same_negatives(crd_overrides, tmp
 def test_trainer_rejects_too_many_negatives(crd_overrides):
     with pytest.raises(UserError, match="crd.num_negatives"):
         Trainer(load_config(overrides=crd_overrides + ["crd.num_negatives=500"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_corrupt_never_writes_a_row_twice_nor_the_unreadable_files_row(
+        crd_overrides, tiny_demo_root, tmp_path, monkeypatch, backend):
+    """Two epochs with an unreadable file in both: every refresh writes distinct rows, each
+    row learns at most once an epoch, and the unreadable file's row keeps its first value."""
+    root = tmp_path / "demo"
+    shutil.copytree(tiny_demo_root, root)
+    orders = [set(epoch_order(120, 16, seed=0, epoch=e)[0].tolist()) for e in (0, 1)]
+    bad_index = min(orders[0] & orders[1])  # trained in both epochs
+    bad = open_source("demo", root, train=True).files[bad_index]
+    bad.write_bytes(bad.read_bytes()[:200])
+    written = []
+    refresh = CRDLoss._refresh_
+
+    def recorded(self, memory, index, embedding, unchanged):
+        if memory is self.student_memory:
+            written.append((index.clone(), unchanged.squeeze(1).clone()))
+        refresh(self, memory, index, embedding, unchanged)
+
+    monkeypatch.setattr(CRDLoss, "_refresh_", recorded)
+    trainer = Trainer(load_config(overrides=crd_overrides + [
+        f"data.root={root}", f"data.backend={backend}", "data.skip_corrupt=true"]))
+    first = [bank[bad_index].clone() for bank in (trainer.method.crd.student_memory,
+                                                  trainer.method.crd.teacher_memory)]
+    trainer.fit()
+    assert trainer.skipped_files == 2 and len(written) == 14
+    for epoch in (written[:7], written[7:]):
+        assert all(len(set(index.tolist())) == len(index) for index, _ in epoch)
+        learned = [i for index, unchanged in epoch for i in index[~unchanged].tolist()]
+        assert len(learned) == len(set(learned)) == 16 * 7 - 1 and bad_index not in learned
+    banks = trainer.method.crd.student_memory, trainer.method.crd.teacher_memory
+    assert all(torch.equal(bank[bad_index], row) for bank, row in zip(banks, first))

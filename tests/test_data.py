@@ -132,8 +132,9 @@ def test_sampler_rejects_batch_larger_than_data():
 def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root):
     source = open_source("demo", tiny_demo_root, train=True)
     dataset = MultiViewDataset(source, build_recipe("demo", 32).train, num_views=3, seed=0)
-    views, label, index, skipped = dataset[(5, 0)]
+    views, label, index, skipped, replaced = dataset[(5, 0)]
     assert len(views) == 3 and label == source.load(5)[1] and index == 5 and skipped == []
+    assert not replaced
     assert all(v.shape == (3, 32, 32) for v in views)
     assert not torch.equal(views[0], views[1]) or not torch.equal(views[1], views[2])
     assert all(torch.equal(a, b) for a, b in zip(views, dataset[(5, 0)][0]))

@@ -2,17 +2,19 @@
 every batch is a `Batch` whose views, labels and dataset indices agree with the files they came
 from; epochs, shards and resume points select the same samples; bad files are named or skipped.
 """
+import re
 import shutil
 
 import pytest
 import torch
 
+from cocord_fast.cli import _user_message
 from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
 from cocord_fast.data.build import resolve_backend
 from cocord_fast.data.contrast import NegativeSampler
 from cocord_fast.data.order import epoch_order
-from cocord_fast.data.sources import open_source
+from cocord_fast.data.sources import CorruptImage, open_source
 from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cocord_fast.errors import UserError
 
@@ -47,6 +49,7 @@ def test_views_labels_and_indices_agree_with_the_files(tree, backend):
     assert loaders.backend == backend and len(batches) == loaders.steps_per_epoch == 3
     for batch in batches:
         assert len(batch.views) == 3 and batch.index.dtype == batch.labels.dtype == torch.int64
+        assert batch.replaced.tolist() == [False] * 4
         expected_ids = [file_id(source.files[i]) for i in batch.index]
         assert torch.equal(batch.labels, torch.as_tensor(loaders.train_targets)[batch.index])
         for view in batch.views:
@@ -151,8 +154,25 @@ def test_a_corrupt_file_is_named(tree, tmp_path, backend, damage, batch_size, po
     batches = iter(loaders.train)
     for _ in range(position // batch_size):  # every batch before the bad file's arrives
         next(batches)
-    with pytest.raises(UserError, match=f"cannot decode image {bad}.*data.skip_corrupt=true"):
+    with pytest.raises(UserError) as err:
         next(batches)
+    assert re.fullmatch(f"cannot decode image {bad}: .*data.skip_corrupt=true to skip "
+                        f"unreadable files\\)", _user_message(err.value))
+
+
+def test_a_corrupt_file_from_a_dataloader_worker_is_still_named_in_one_line(tmp_path):
+    """torch re-raises a worker's error as its type built from the worker's whole text."""
+    from torch._utils import ExceptionWrapper
+
+    bad = tmp_path / "5.jpg"
+    try:
+        raise CorruptImage(bad, "image file is truncated")
+    except CorruptImage:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(UserError) as err:
+        wrapped.reraise()
+    assert _user_message(err.value) == (f"cannot decode image {bad}: image file is truncated "
+                                        f"(set data.skip_corrupt=true to skip unreadable files)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,17 +181,24 @@ def test_skip_corrupt_replaces_training_files_and_drops_evaluation_files(tree, t
     val_bad = root / "val" / "class_2" / "17.jpg"
     val_bad.write_bytes(b"garbage")
     loaders = loaders_for(root, backend, skip_corrupt=True)
-    bad_index = open_source("imagefolder", root, train=True).files.index(bad)
+    source = open_source("imagefolder", root, train=True)
+    bad_index = source.files.index(bad)
     for number in (0, 1):  # found again (DALI: remembered) in a later epoch
         batches = epoch(loaders, number)
         assert [len(b) for b in batches] == [4, 4, 4]
         skipped = [path for b in batches for path in b.skipped]
         assert skipped == [str(bad)]
+        # The row keeps the bad file's place in the epoch: its dataset index, marked replaced;
+        # its image and label are the next readable file's.
         index = torch.cat([b.index for b in batches]).tolist()
-        assert bad_index not in index and index.count(bad_index + 1) >= 1  # its substitute
-        ids, _ = decode_identity(torch.cat([b.views[0] for b in batches]), MEAN, STD)
-        source = open_source("imagefolder", root, train=True)
-        assert ids.tolist() == [file_id(source.files[i]) for i in index]
+        replaced = torch.cat([b.replaced for b in batches]).tolist()
+        assert sorted(index) == list(range(12))
+        assert [i for i, r in zip(index, replaced) if r] == [bad_index]
+        image_index = [bad_index + 1 if r else i for i, r in zip(index, replaced)]
+        ids, labels = decode_identity(torch.cat([b.views[0] for b in batches]), MEAN, STD)
+        assert ids.tolist() == [file_id(source.files[i]) for i in image_index]
+        assert torch.cat([b.labels for b in batches]).tolist() == [
+            loaders.train_targets[i] for i in image_index] == labels.tolist()
     val = list(loaders.val)
     assert sum(len(b) for b in val) == 5 and [p for b in val for p in b.skipped] == [str(val_bad)]
 

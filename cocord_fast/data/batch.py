@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -18,10 +19,13 @@ class Batch:
     """A training or evaluation batch.
 
     views: `num_views` tensors of shape (B, C, H, W): independent augmentations of the same images.
-    labels: (B,) class indices. index: (B,) dataset indices.
-    contrast_index: (B, K+1) CRD's positive-then-negative dataset indices, when the loader samples them.
+    labels: (B,) class indices of the images. index: (B,) the dataset indices the rows stand
+    for in the epoch's order. contrast_index: (B, K+1) CRD's positive-then-negative dataset
+    indices, when the loader samples them.
     skipped: unreadable files the loader replaced (training) or dropped (evaluation) in this
-    batch, with `data.skip_corrupt=true`.
+    batch, with `data.skip_corrupt=true`. replaced: (B,) bool, training only, True where the
+    image (and label) is the next readable file's, standing in for the unreadable file at
+    `index`: a row whose memory (CRD's banks) must not learn from that image.
     """
 
     views: list[Tensor]
@@ -29,21 +33,21 @@ class Batch:
     index: Tensor | None = None
     contrast_index: Tensor | None = None
     skipped: tuple[str, ...] = ()
+    replaced: Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return Batch([v.to(device, non_blocking=non_blocking) for v in self.views],
-                     move(self.labels), move(self.index), move(self.contrast_index), self.skipped)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) on custom batch types."""
-        def pin(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.pin_memory()
+        return self._map(Tensor.pin_memory)
 
-        return Batch([v.pin_memory() for v in self.views], pin(self.labels), pin(self.index),
-                     pin(self.contrast_index), self.skipped)
+    def _map(self, move: Callable[[Tensor], Tensor]) -> Batch:
+        def maybe(t: Tensor | None) -> Tensor | None:
+            return None if t is None else move(t)
+
+        return Batch([move(v) for v in self.views], move(self.labels), maybe(self.index),
+                     maybe(self.contrast_index), self.skipped, maybe(self.replaced))

@@ -31,8 +31,9 @@ then invalid), and when an iteration was left unfinished (its prefetched batches
 queued). Unreadable files surface as DALI decoder errors that do not name the file: the files
 of the failing batch are then decoded with PIL to find it. It is named in a UserError, or, with
 `data.skip_corrupt=true`, replaced by the next readable file in dataset order (training: batches
-keep their size, and their random views, which depend on the position only) or dropped
-(evaluation), and the pipeline is rebuilt from that batch on.
+keep their size, and their random views, which depend on the position only; the row keeps the
+unreadable file's dataset index and is marked `replaced`) or dropped (evaluation), and the
+pipeline is rebuilt from that batch on.
 """
 from __future__ import annotations
 
@@ -117,13 +118,25 @@ class DaliFeed:
             return None
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-    def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str]) -> Batch:
+    def batch(self, views: list[torch.Tensor], index: torch.Tensor, skipped: list[str],
+              substitutes: dict[int, int] | None) -> Batch:
+        """`substitutes` (training): unreadable index -> the index whose image replaced it."""
         # (B, H, W, C) -> a channels-last (B, C, H, W) view (`IMAGE_LAYOUT`), in the dtype
         views = [v.permute(0, 3, 1, 2).to(self.dtype) for v in views]
-        # The index output is a host tensor: one small copy, then CRD's negatives and the
+        # The index output is a host tensor: small copies, then CRD's negatives and the
         # labels are drawn and looked up on the device.
-        index = index.view(-1).to(self.device, torch.long, non_blocking=True)
-        return Batch(views=views, labels=self.targets[index], index=index, skipped=tuple(skipped))
+        index = index.view(-1).to(torch.long)
+        replaced = image_index = None
+        if substitutes is not None:
+            rows = index.tolist()
+            replaced = torch.tensor([i in substitutes for i in rows])
+            image_index = torch.tensor([substitutes.get(i, i) for i in rows])
+            replaced = replaced.to(self.device, non_blocking=True)
+            image_index = image_index.to(self.device, non_blocking=True)
+        index = index.to(self.device, non_blocking=True)
+        labels = self.targets[index if image_index is None else image_index]
+        return Batch(views=views, labels=labels, index=index, skipped=tuple(skipped),
+                     replaced=replaced)
 
 
 class _Batches:
@@ -132,8 +145,10 @@ class _Batches:
     batch `position` on, then raises StopIteration (DALI's end of epoch) until the next plan.
     With a `key` (training), batch b's random views are drawn from `derived_seed(*key, b)`."""
 
-    def __init__(self, feed: DaliFeed, batch_size: int, num_views: int):
+    def __init__(self, feed: DaliFeed, batch_size: int, num_views: int,
+                 substitutes: dict[int, int]):
         self.feed, self.batch_size, self.num_views = feed, batch_size, num_views
+        self.substitutes = substitutes  # unreadable index -> the one whose image is read
         self.plan([], 0, None)
 
     def plan(self, piece: list[int], position: int, key: tuple[int, ...] | None) -> None:
@@ -144,11 +159,12 @@ class _Batches:
         indices = self.piece[start:start + self.batch_size]
         if not indices:
             raise StopIteration
-        images = self.feed.images(indices)
+        read = [self.substitutes.get(i, i) for i in indices] if self.substitutes else indices
+        images = self.feed.images(read)
         out = [images, np.asarray(indices, np.int32)]
         if self.key is not None:
             recipe = self.feed.recipe
-            sizes = None if recipe.small else self.feed.image_sizes(indices, images)
+            sizes = None if recipe.small else self.feed.image_sizes(read, images)
             rng = np.random.default_rng(derived_seed(*self.key, self.position))
             out += recipe.draw_views(rng, self.num_views, len(indices), sizes)
         self.position += 1
@@ -177,7 +193,9 @@ class _Resilient:
         self.batch_size = batch_size
         self.skip_corrupt, self.training = skip_corrupt, training
         self.unreadable: dict[int, int | None] = {}  # index -> substitute (None: dropped)
-        self.batches = _Batches(feed, batch_size, num_views)
+        # Training reads a substitute's image in an unreadable file's place; evaluation drops.
+        self.batches = _Batches(feed, batch_size, num_views,
+                                self.unreadable if training else {})
         self.iterator: DALIGenericIterator | None = None
         self.in_flight = False  # an iteration started and not run to its end
 
@@ -213,7 +231,7 @@ class _Resilient:
                 continue
             position += 1
             yield self.feed.batch([out[name] for name in self.outputs[:-1]], out["index"],
-                                  skipped)
+                                  skipped, self.unreadable if self.training else None)
             skipped = []
 
     def _build(self) -> DALIGenericIterator:
@@ -223,7 +241,8 @@ class _Resilient:
 
     def _find_unreadable(self, piece: list[int], err: RuntimeError) -> None:
         """Decodes, with PIL, the files of the batches DALI may have been working on."""
-        window = piece[:self.batch_size * (1 + PREFETCH_DEPTH)]
+        window = [i for i in piece[:self.batch_size * (1 + PREFETCH_DEPTH)]
+                  if i not in self.unreadable]  # those were not read: their substitutes were
         bad = {i: reason for i in dict.fromkeys(window)
                if (reason := decode_error(self.feed.source.files[i])) is not None}
         if not bad:
@@ -241,11 +260,11 @@ class _Resilient:
             self.unreadable[index] = self._next_readable(index, bad) if self.training else None
 
     def _apply_repairs(self, piece: list[int]) -> list[str]:
-        """Repairs the known unreadable files in `piece` in place; returns their paths."""
+        """The paths of the known unreadable files in `piece`; evaluation drops them from
+        `piece` in place (training reads their substitutes, `_Batches`)."""
         found = [i for i in piece if i in self.unreadable]
-        if found:
-            piece[:] = [self.unreadable.get(i, i) for i in piece]
-            piece[:] = [i for i in piece if i is not None]
+        if found and not self.training:
+            piece[:] = [i for i in piece if i not in self.unreadable]
         return [self.feed.files[i] for i in found]
 
     def _next_readable(self, index: int, bad: dict[int, str]) -> int:

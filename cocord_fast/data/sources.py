@@ -21,7 +21,11 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 class CorruptImage(UserError):
     """An image file that cannot be decoded; `data.skip_corrupt=true` replaces it instead."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path | str, reason: str | None = None):
+        if reason is None:  # torch's DataLoader re-raises a worker's error from its text alone
+            super().__init__(str(path))
+            self.path = None
+            return
         super().__init__(f"cannot decode image {path}: {reason} (set data.skip_corrupt=true to "
                          f"skip unreadable files)")
         self.path = path

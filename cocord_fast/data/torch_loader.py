@@ -8,7 +8,8 @@ mid-epoch sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import signal
-from typing import Iterator
+from functools import partial
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -52,9 +53,9 @@ class EpochBatchSampler:
 
 
 def load_or_substitute(source, index: int, skip_corrupt: bool) -> tuple[object, int, int, list[str]]:
-    """(image, label, index, skipped files): with `skip_corrupt`, an unreadable sample is
-    replaced by the next readable one in dataset order, so batches keep their size (every rank
-    must run the same steps, and BatchNorm and the queue expect full batches)."""
+    """(image, label, index of the image, skipped files): with `skip_corrupt`, an unreadable
+    sample is replaced by the next readable one in dataset order, so batches keep their size
+    (every rank must run the same steps, and BatchNorm and the queue expect full batches)."""
     skipped: list[str] = []
     for offset in range(MAX_CONSECUTIVE_CORRUPT):
         candidate = (index + offset) % len(source)
@@ -69,8 +70,16 @@ def load_or_substitute(source, index: int, skip_corrupt: bool) -> tuple[object, 
                                             f"files in dataset order are all unreadable")
 
 
+class Sample(NamedTuple):
+    views: tuple[torch.Tensor, ...] | None  # None: an unreadable evaluation file, dropped
+    label: int | None
+    index: int  # the dataset index the sample stands for
+    skipped: list[str]
+    replaced: bool = False  # the image and label are a substitute's (training)
+
+
 class MultiViewDataset(Dataset):
-    """Item `(index, epoch)` -> `num_views` independent augmentations, label, index, skipped."""
+    """Item `(index, epoch)` -> a `Sample` of `num_views` independent augmentations."""
 
     def __init__(self, source, transform, num_views: int, seed: int, skip_corrupt: bool = False):
         self.source, self.transform = source, transform
@@ -79,15 +88,15 @@ class MultiViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]):
+    def __getitem__(self, item: tuple[int, int]) -> Sample:
         index, epoch = item
-        image, label, index, skipped = load_or_substitute(self.source, index, self.skip_corrupt)
+        image, label, used, skipped = load_or_substitute(self.source, index, self.skip_corrupt)
         # The transforms draw from torch's global RNG: seed it per sample inside a forked
         # state so the caller's RNG (model init, dropout) is untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            torch.manual_seed(derived_seed(self.seed, epoch, used))
             views = tuple(self.transform(image) for _ in range(self.num_views))
-        return views, label, index, skipped
+        return Sample(views, label, index, skipped, replaced=used != index)
 
 
 class EvalDataset(Dataset):
@@ -100,24 +109,27 @@ class EvalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Sample:
         try:
             image, label = self.source.load(index)
         except CorruptImage as err:
             if not self.skip_corrupt:
                 raise
-            return None, None, index, [str(err.path)]
-        return (self.transform(image),), label, index, []
+            return Sample(None, None, index, [str(err.path)])
+        return Sample((self.transform(image),), label, index, [])
 
 
-def collate(samples: list) -> Batch:
+def collate(samples: list[Sample], training: bool = False) -> Batch:
     """Samples -> a Batch whose views are laid out as `IMAGE_LAYOUT`, here in the worker so
     that pinning and the copy to the device keep it."""
-    skipped = tuple(path for *_, paths in samples for path in paths)
-    views, labels, index, _ = zip(*[s for s in samples if s[0] is not None])
+    skipped = tuple(path for sample in samples for path in sample.skipped)
+    kept = [sample for sample in samples if sample.views is not None]
     return Batch(views=[torch.stack(v).contiguous(memory_format=IMAGE_LAYOUT)
-                        for v in zip(*views)],
-                 labels=torch.tensor(labels), index=torch.tensor(index), skipped=skipped)
+                        for v in zip(*[sample.views for sample in kept])],
+                 labels=torch.tensor([sample.label for sample in kept]),
+                 index=torch.tensor([sample.index for sample in kept]), skipped=skipped,
+                 replaced=(torch.tensor([sample.replaced for sample in kept]) if training
+                           else None))
 
 
 class TorchTrainLoader:
@@ -149,12 +161,13 @@ def build_torch_loaders(cfg: DataConfig, train_source, val_source, recipe: Recip
                         world_size: int) -> tuple[TorchTrainLoader, DataLoader]:
     """DataLoaders whose batches are pinned for a CUDA `device`."""
     workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                   pin_memory=device.type == "cuda", collate_fn=collate,
+                   pin_memory=device.type == "cuda",
                    worker_init_fn=leave_stop_signals_to_the_trainer)
     sampler = EpochBatchSampler(len(train_source), cfg.batch_size, seed, rank, world_size)
     train = DataLoader(MultiViewDataset(train_source, recipe.train, num_views, seed,
-                                        cfg.skip_corrupt), batch_sampler=sampler, **workers)
-    val = DataLoader(EvalDataset(val_source, recipe.eval, cfg.skip_corrupt),
+                                        cfg.skip_corrupt), batch_sampler=sampler,
+                       collate_fn=partial(collate, training=True), **workers)
+    val = DataLoader(EvalDataset(val_source, recipe.eval, cfg.skip_corrupt), collate_fn=collate,
                      batch_size=cfg.eval_batch_size,
                      sampler=eval_shards(len(val_source), world_size)[rank], **workers)
     return TorchTrainLoader(train), val

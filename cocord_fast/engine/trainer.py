@@ -242,8 +242,9 @@ class Trainer:
         for path in batch.skipped:
             self.skipped_files += 1
             where = f"rank {self.rank}: " if self.world_size > 1 else ""
-            self._print(f"{where}warning: skipped unreadable image {path} (replaced by the next "
-                        f"readable one; {self.skipped_files} so far)", every_rank=True)
+            self._print(f"{where}warning: skipped unreadable image {path} (the next readable "
+                        f"one trained in its place, its memory rows left as they are; "
+                        f"{self.skipped_files} so far)", every_rank=True)
 
     def run_eval(self) -> None:
         self.eval_pending = False

@@ -60,7 +60,8 @@ class CRD(Distiller):
         with torch.no_grad():
             teacher_features = self.teacher_encoder.forward_features(x)  # (B, d_t)
         loss_cls = F.cross_entropy(logits, batch.labels)
-        loss_crd = self.crd(features, teacher_features, batch.index, batch.contrast_index)
+        loss_crd = self.crd(features, teacher_features, batch.index, batch.contrast_index,
+                            batch.replaced)
         loss = self.weight_cls * loss_cls + self.weight_crd * loss_crd
         metrics = {"loss_cls": loss_cls.detach(), "loss_crd": loss_crd.detach()}
         if self.weight_kd > 0:

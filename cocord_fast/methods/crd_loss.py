@@ -47,17 +47,21 @@ class CRDLoss(nn.Module):
     """Both directions of CRD's NCE loss, with trainable embed heads and two memory banks.
 
     `forward(student_feature (B, d_s), teacher_feature (B, d_t), index (B,),
-    contrast_index (B, K+1))`, where `contrast_index[:, 0] == index` (the positive). After the
-    scores are computed, the banks' rows at `index` are refreshed in place (no grad):
-    row <- normalize(m * row + (1 - m) * embedding).
+    contrast_index (B, K+1), replaced (B,) bool or None)`, where `contrast_index[:, 0] ==
+    index` (the positive). After the scores are computed, the banks' rows at `index` are
+    refreshed in place (no grad): row <- normalize(m * row + (1 - m) * embedding), except
+    where `replaced` (the image stands in for an unreadable file, `Batch.replaced`): that row
+    is written back unchanged, so no row ever learns another sample's image.
 
     Normalising constants: each direction's Z is fixed on the first batch to
     mean(exp scores) * n_data and kept in a buffer (negative = not fixed yet), so it is saved
     in checkpoints and a resumed run keeps the Z of the original first batch.
 
     Under several processes the banks and Z stay identical on every rank: the refresh writes
-    every rank's rows (indices and embeddings gathered in rank order; shards are disjoint, so
-    no row is written twice), and Z is the mean over the first global batch.
+    every rank's rows (indices and embeddings gathered in rank order; shards are disjoint and
+    a replaced row keeps its own index, so no row is written twice, and `index_copy_` never
+    meets a duplicate, whose winner CUDA leaves undefined), and Z is the mean over the first
+    global batch.
 
     Precision: the banks, scores and loss use the banks' dtype (float32, or float64 after
     `.double()`); under bf16 autocast only the embed heads' matmuls run in bf16, because
@@ -86,7 +90,7 @@ class CRDLoss(nn.Module):
         module._normalizers_fixed = None
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor, index: Tensor,
-                contrast_index: Tensor) -> Tensor:
+                contrast_index: Tensor, replaced: Tensor | None = None) -> Tensor:
         v_s = self.student_embed(student_feature)  # (B, E)
         v_t = self.teacher_embed(teacher_feature)  # (B, E)
         with torch.autocast(v_s.device.type, enabled=False):
@@ -98,11 +102,15 @@ class CRDLoss(nn.Module):
             teacher_scores = self._exp_scores(teacher_rows, v_t)  # (B, K+1)
             self._fix_normalizers_(student_scores, teacher_scores)
             # The gathered rows are copies, so refreshing the banks now does not touch the graph.
-            all_index = distributed.all_gather(index)  # (world * B,)
+            if replaced is None:
+                replaced = torch.zeros_like(index, dtype=torch.bool)
+            all_index, all_replaced = distributed.all_gather(
+                torch.stack([index, replaced.long()], dim=1)).unbind(1)  # (world * B,) each
             all_v_s, all_v_t = distributed.all_gather(
                 torch.cat([v_s, v_t], dim=1).detach()).chunk(2, dim=1)  # (world * B, E) each
-            self._refresh_(self.student_memory, all_index, all_v_s)
-            self._refresh_(self.teacher_memory, all_index, all_v_t)
+            unchanged = all_replaced.bool().unsqueeze(1)  # (world * B, 1)
+            self._refresh_(self.student_memory, all_index, all_v_s, unchanged)
+            self._refresh_(self.teacher_memory, all_index, all_v_t, unchanged)
             # Z is a constant: divide by copies, since autograd must not save buffers.
             return (nce_loss(student_scores / self.student_normalizer.clone(), self.num_data)
                     + nce_loss(teacher_scores / self.teacher_normalizer.clone(), self.num_data))
@@ -125,7 +133,11 @@ class CRDLoss(nn.Module):
         self._normalizers_fixed = True
 
     @torch.no_grad()
-    def _refresh_(self, memory: Tensor, index: Tensor, embedding: Tensor) -> None:
+    def _refresh_(self, memory: Tensor, index: Tensor, embedding: Tensor,
+                  unchanged: Tensor) -> None:
+        """`unchanged` (B, 1) bool: rows written back as they are (a mask, not a filter:
+        no host sync)."""
         m = self.memory_momentum
-        rows = memory[index] * m + embedding * (1 - m)  # (B, E)
-        memory.index_copy_(0, index, F.normalize(rows, dim=1))
+        old = memory[index]  # (B, E)
+        rows = F.normalize(old * m + embedding * (1 - m), dim=1)
+        memory.index_copy_(0, index, torch.where(unchanged, old, rows))
