@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
 from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import train
+from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.methods import build_method
 from cocord_fast.methods.losses import kd_loss
 from cocord_fast.models import build_model
@@ -61,14 +62,34 @@ def test_kd_step_weights_terms_and_keeps_the_teacher_frozen():
     assert all(torch.equal(v, teacher_before[k]) for k, v in method.teacher_encoder.state_dict().items())
 
 
-def test_kd_run_through_the_trainer(tiny_overrides, tmp_path):
+def test_kd_run_through_the_trainer_logs_hintons_terms_of_its_first_batch(tiny_overrides,
+                                                                           tmp_path):
+    """The first step's logged terms against Hinton's formula and cross-entropy, written out
+    in float64 on the logits of that step's batch (the weights before its update)."""
     teacher = tmp_path / "teacher.pth"
     torch.save({"model": build_model("resnet14", 10).state_dict()}, teacher)  # RepDistiller format
-    train(load_config(overrides=tiny_overrides + [
+    trainer = Trainer(load_config(overrides=tiny_overrides + [
         "method.name=kd", "model.teacher=resnet14", f"model.teacher_checkpoint={teacher}",
         "train.max_steps=3"]))
-    record = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"][-1]
-    assert record["step"] == 3 and {"loss", "loss_cls", "loss_kd"} <= set(record)
+    trainer.loaders.train.start(0)
+    batch = next(iter(trainer.loaders.train))
+    student = copy.deepcopy(trainer.method.student()).train()  # batch statistics, as the step
+    with torch.no_grad():
+        zs = student(batch.views[0]).double()
+        zt = trainer.method.teacher_encoder(batch.views[0]).double()
+    trainer.fit()
+    first, *_, last = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert first["step"] == 1 and last["step"] == 3
+    expected_kd = kd_reference(zs, zt, 4.0)
+    expected_cls = sum(math.log(sum(math.exp(v) for v in row)) - row[label] for row, label in
+                       zip(zs.tolist(), batch.labels.tolist())) / len(zs)
+    # Both sides run the float32 networks, whose sums may be ordered differently (threads,
+    # layouts): last-bit differences of the logits, which the KL of two nearby distributions
+    # amplifies to ~1e-5 relative. A wrong term (no T^2, no temperature, another weight) is
+    # off by far more.
+    assert first["loss_kd"] == pytest.approx(expected_kd, rel=1e-4)
+    assert first["loss_cls"] == pytest.approx(expected_cls, rel=1e-5)
+    assert first["loss"] == pytest.approx(0.1 * expected_cls + 0.9 * expected_kd, rel=1e-4)
 
 
 def test_a_teacher_that_does_not_fit_is_a_clear_error(tiny_overrides, tmp_path):
