@@ -126,17 +126,18 @@ class DaliFeed:
         # The index output is a host tensor: small copies, then CRD's negatives and the
         # labels are drawn and looked up on the device.
         index = index.view(-1).to(torch.long)
-        replaced = image_index = None
-        if substitutes is not None:
+        replaced = None if substitutes is None else torch.zeros(len(index), dtype=torch.bool)
+        image_index = index
+        if substitutes:  # only once a file was found unreadable: no per-row work before
             rows = index.tolist()
             replaced = torch.tensor([i in substitutes for i in rows])
             image_index = torch.tensor([substitutes.get(i, i) for i in rows])
-            replaced = replaced.to(self.device, non_blocking=True)
-            image_index = image_index.to(self.device, non_blocking=True)
-        index = index.to(self.device, non_blocking=True)
-        labels = self.targets[index if image_index is None else image_index]
-        return Batch(views=views, labels=labels, index=index, skipped=tuple(skipped),
-                     replaced=replaced)
+        on_device = index.to(self.device, non_blocking=True)
+        labels = self.targets[on_device if image_index is index
+                              else image_index.to(self.device, non_blocking=True)]
+        return Batch(views=views, labels=labels, index=on_device, skipped=tuple(skipped),
+                     replaced=None if replaced is None
+                     else replaced.to(self.device, non_blocking=True))
 
 
 class _Batches:

@@ -130,8 +130,10 @@ def _user_settings(cfg: Config) -> tuple[dict[str, Any], dict[str, str]]:
     return settings, source_of
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run: ours, merged over the user's settings."""
+def deepspeed_config(cfg: Config, world_size: int,
+                     user_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: ours, merged over the user's settings (read from
+    `cfg` unless given)."""
     batch, accumulation = cfg.data.batch_size, cfg.optim.grad_accum_steps
     ours = {
         "train_micro_batch_size_per_gpu": batch,
@@ -145,7 +147,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 62,  # the trainer logs
     }
-    return _deep_merge(_user_settings(cfg)[0], ours)
+    if user_settings is None:
+        user_settings, _ = _user_settings(cfg)
+    return _deep_merge(user_settings, ours)
 
 
 def check_deepspeed_config(cfg: Config) -> None:
@@ -157,8 +161,8 @@ def check_deepspeed_config(cfg: Config) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("engine.name=deepspeed, but DeepSpeed is not installed "
                         "(pip install 'cocord_fast[deepspeed]')")
-    _, source_of = _user_settings(cfg)
-    _check_with_deepspeeds_parser(deepspeed_config(cfg, world_size=1), source_of)
+    settings, source_of = _user_settings(cfg)
+    _check_with_deepspeeds_parser(deepspeed_config(cfg, 1, settings), source_of)
 
 
 class _ReadRecord(dict):
@@ -183,21 +187,7 @@ class _ReadRecord(dict):
         return super().__contains__(key)
 
     def keys(self):
-        return _RecordedKeys(self)
-
-
-class _RecordedKeys:
-    def __init__(self, record: _ReadRecord):
-        self.record = record
-
-    def __contains__(self, key) -> bool:
-        return key in self.record
-
-    def __iter__(self):
-        return iter(dict.keys(self.record))
-
-    def __len__(self) -> int:
-        return len(self.record)
+        return self  # `in`, iteration and len as the keys view's, with `in` recorded
 
 
 def _check_with_deepspeeds_parser(config: dict[str, Any], source_of: dict[str, str]) -> None:

@@ -81,9 +81,8 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
 
 
 # Settings a resumed run may not change: they change what the saved weights mean (the
-# teacher's too: the checkpoint holds them, and a new teacher_checkpoint would be overwritten),
-# or what a step is (the checkpoint's data position counts steps of this many images per
-# process).
+# teacher's too: the checkpoint holds them, and a resumed run reads no teacher file), or what a
+# step is (the checkpoint's data position counts steps of this many images per process).
 FIXED = {
     "model.student", "model.teacher", "model.teacher_checkpoint", "method.name",
     "data.dataset", "data.image_size", "cocord.embed_dim", "cocord.queue_size",
