@@ -7,7 +7,7 @@ import re
 import sys
 from typing import Callable
 
-from .errors import UserError
+from .errors import StageExited, UserError
 
 TRAIN_EPILOG = """\
 examples:
@@ -398,6 +398,9 @@ def run_command(command: Callable[[], int]) -> int:
 
     try:
         return command()
+    except StageExited as stage:
+        print(f"cocord-fast: {stage}", file=sys.stderr)
+        return stage.code
     except UserError as err:
         distributed.stop_watchdog()  # this process says why it stops, once
         distributed.report_failure(_user_message(err))

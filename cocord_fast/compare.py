@@ -60,7 +60,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "best_top1": max((r["top1"] for r in evals), default=None),
         "img_per_s": statistics.median(r["img_per_s"] for r in train) if train else None,
         "wall_s": records[-1].get("wall_s") if records else None,
-        "peak_memory_mb": max((r.get("peak_memory_mb", 0) for r in train), default=None),
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in train
+                               if r.get("peak_memory_mb") is not None), default=None),
         "bank_mb": starts[-1]["bank_mb"] if starts else None,
         "curves": {"eval": evals, "train": train},
     }

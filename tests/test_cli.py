@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,20 @@ def test_train_eval_export_end_to_end(tiny_overrides, tmp_path, capsys):
 def test_default_job_trains_teacher_and_students_compares_them_and_reuses_them(
         tiny_demo_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    # CRD's banks made the largest memory of any stage (2 x 120 samples x 65536 x 4 B = 60 MB,
+    # and its heads and gathered rows grow with them), while CoCoRD's queue stays 1 MB.
     overrides = (f"data.root={tiny_demo_root}", "data.batch_size=16", "train.epochs=1",
-                 "crd.num_negatives=16", "train.progress=false")
+                 "crd.num_negatives=16", "crd.embed_dim=65536", "train.progress=false")
     rows = demo_job.run_default_job(overrides=overrides)
     assert [row["run"] for row in rows[0]] == [stage for stage, _ in demo_job.STAGES]
     assert [row["method"] for row in rows[0]] == ["vanilla", "vanilla", "KD", "CRD", "CoCoRD"]
     assert all(row["teacher"] == "resnet20" for row in rows[0][2:])
+    # Each stage's peak is its own: the CoCoRD stage, trained after CRD, peaks lower by at
+    # least the difference of their banks (a running maximum over the job could not).
+    stages = {row["run"]: row for row in rows[0]}
+    assert all(row["peak_memory_mb"] > 0 for row in rows[0])
+    crd, cocord = stages["crd"], stages["cocord"]
+    assert crd["peak_memory_mb"] - cocord["peak_memory_mb"] > crd["bank_mb"] - cocord["bank_mb"] > 50
     out = capsys.readouterr().out
     assert "resnet8 on demo (baseline: vanilla)" in out and "Δ top-1" in out  # compare's table
     assert (tmp_path / "runs" / "demo" / "compare" / "compare.json").is_file()
@@ -84,7 +93,7 @@ def test_a_missing_demo_teacher_trains_where_and_as_the_stage_reads_its_data(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trained = []
-    monkeypatch.setattr(demo_job, "train", trained.append)
+    monkeypatch.setattr(demo_job, "train_stage", lambda *stage: trained.append(load_config(*stage)))
     stage = load_config(demo_job.CONFIGS / "demo" / "cocord.yaml", [
         "data.root=/data/demo", "data.backend=torch", "data.num_workers=3", "train.device=cpu",
         "train.progress=false", "optim.lr=0.5"])
@@ -94,6 +103,30 @@ def test_a_missing_demo_teacher_trains_where_and_as_the_stage_reads_its_data(
             teacher.train.device, teacher.train.progress) == ("/data/demo", "torch", 3, "cpu", False)
     assert teacher.optim.lr == load_config(demo_job.CONFIGS / "demo" / "teacher.yaml").optim.lr
     assert teacher.model.student == "resnet20" and teacher.train.resume == "auto"
+
+
+def test_a_stage_that_fails_ends_the_job_with_its_exit_code_and_says_where(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    not_a_directory = tmp_path / "data"
+    not_a_directory.write_text("")
+    assert main(["demo", f"data.root={not_a_directory}", "train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the stage in runs/demo/teacher ended with exit code 2" in err
+
+
+def test_signals_reach_the_stage_through_the_job(tmp_path):
+    """The stage runs in a session of its own: what the job hears, it sends on."""
+    stage = subprocess.Popen([sys.executable, "-c", (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert stage.stdout.readline() == "ready\n"
+    with demo_job.forwarding({signal.SIGTERM}, stage):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stage.wait(timeout=10) == 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_config_and_models_commands(capsys):

@@ -37,6 +37,8 @@ def test_ensure_reuses_a_complete_tree_and_refuses_a_foreign_one(tmp_path, monke
     (foreign / "file.txt").write_text("x")
     with pytest.raises(UserError, match="does not hold a complete demo data set"):
         demo.ensure_demo_dataset(foreign)
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        demo.ensure_demo_dataset(foreign / "file.txt")
 
 
 def test_default_location_is_the_cache(monkeypatch, tmp_path):

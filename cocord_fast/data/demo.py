@@ -116,6 +116,9 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None) -> Path:
     marker = root / f".complete-v{FORMAT_VERSION}"
     if marker.exists():
         return root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={root} is a file, not a directory; point data.root at a "
+                        f"directory for the demo data set")
     if root.exists() and any(root.iterdir()):
         raise UserError(f"data.root={root} exists but does not hold a complete demo data set; "
                         f"remove it or point data.root elsewhere")

@@ -48,14 +48,31 @@ class MetricAccumulator:
                 **{n: int(v) for n, v in zip(totals, values[len(names):])}}
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the most memory tensors held on `device` since the last call. CPU: the
-    process's peak resident set size so far (Linux has no cheap way to reset it)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # kB on Linux
+class PeakMemory:
+    """The most memory a run held. CUDA: the most tensors held on the device since the last
+    reading. CPU: the process's peak resident set size, which is this run's own only when it is
+    the first run of the process (the allocator keeps what an earlier run freed, so a later
+    run's peak would be a running maximum over all of them): `None` in any later run."""
+
+    cpu_runs_in_process = 0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.own_peak = True
+        else:
+            PeakMemory.cpu_runs_in_process += 1
+            self.own_peak = PeakMemory.cpu_runs_in_process == 1
+
+    def read_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak / 2 ** 20
+        if not self.own_peak:
+            return None
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # kB on Linux
 
 
 class ThroughputWindow:

@@ -27,7 +27,7 @@ from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
 from .engines import (autocast, build_engine, check_engine_config, join_processes,
                       optimizer_settings)
 from .evaluate import describe_samples, evaluate
-from .metrics import (MetricAccumulator, RunLog, ThroughputWindow, peak_memory_mb, read_log,
+from .metrics import (MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log,
                       rewrite_log)
 from .preemption import Preempted, StopSignals, parse_signals
 from .resume import check_resumable, resume_point
@@ -80,6 +80,7 @@ class Trainer:
         check_engine_config(cfg)
         stop_signals = parse_signals(cfg.train.stop_signals)
         self.device = distributed.process_device(cfg.train.device)
+        self.peak_memory = PeakMemory(self.device)  # from here: what the run builds counts
         if reason := triton_unavailable(cfg.train.kernels, self.device.type == "cuda"):
             raise UserError(f"train.kernels=triton on {self.device}: {reason}; or set "
                             f"train.kernels=auto")
@@ -390,7 +391,7 @@ class Trainer:
         graphs = {"compiled_graphs": compiled_graphs()} if self.cfg.train.compile else {}
         self._record("train", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                "lr": lr, **means, "img_per_s": img_per_s,
-                               "peak_memory_mb": peak_memory_mb(self.device), **graphs})
+                               "peak_memory_mb": self.peak_memory.read_mb(), **graphs})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.3g}",
                                  img_s=f"{img_per_s:.0f}")
