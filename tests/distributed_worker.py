@@ -7,7 +7,8 @@ SPEC.json: {"runs": [{"overrides": [...], "resume": RUN_DIR or null, "bn_eval": 
 with `bn_eval` every BatchNorm stays in eval mode (a model without batch-dependent layers).
 After `fit()`, each rank writes `PATH.rank<R>.pt`: its method state, the dataset indices and
 CRD contrast indices of every micro-batch it trained on, the keys CoCoRD computed before
-gathering them, its losses as the engine returned them, and what the options below saw.
+gathering them, its losses as the engine returned them, DeepSpeed's /dev/shm buffers as they
+were when the engine removed this rank's name, and what the options below saw.
 
 Faults and probes: "hang": [RANK, STEP] (that rank stops answering in that step, as a process
 blocked for good in a GPU synchronisation would), "fail": [RANK, STEP] (that rank raises a
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cocord_fast.cli import run_command
 from cocord_fast.config import load_config
-from cocord_fast.engine import distributed
+from cocord_fast.engine import deepspeed_engine, distributed
 from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine import trainer as trainer_module
 from cocord_fast.engine.trainer import Trainer
@@ -160,6 +161,18 @@ def hide(rank: int, path: str) -> None:
     Path.is_file = hidden_is_file
 
 
+UNLINK_SHARED_MEMORY = deepspeed_engine._unlink_shared_memory_buffer
+
+
+def watch_shared_memory(seen: list[list[str]]) -> None:
+    """Lists DeepSpeed's /dev/shm buffers each time the engine is about to remove this rank's."""
+    def watched_unlink():
+        seen.append(sorted(p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")))
+        UNLINK_SHARED_MEMORY()
+
+    deepspeed_engine._unlink_shared_memory_buffer = watched_unlink
+
+
 def record(trainer: Trainer) -> dict[str, list]:
     """Wraps the engine's micro-step (and CoCoRD's enqueue) to keep what this rank saw."""
     seen: dict[str, list] = {"index": [], "contrast_index": [], "keys": [], "loss": [],
@@ -195,6 +208,8 @@ def run(spec: dict) -> None:
         skew_rng(spec["skew_rng"])
     if spec.get("hide"):
         hide(*spec["hide"])
+    shared_memory: list[list[str]] = []
+    watch_shared_memory(shared_memory)
     trainer = Trainer(cfg)
     if spec.get("bn_eval"):
         freeze_batchnorm(trainer.method)
@@ -214,7 +229,7 @@ def run(spec: dict) -> None:
         groups = [{key: value for key, value in group.items() if key != "params"}
                   for group in trainer.engine.optimizer.param_groups]
         torch.save({"method": trainer.method.state_dict(), **seen, "optimizer_groups": groups,
-                    "world_size": distributed.world_size()},
+                    "world_size": distributed.world_size(), "shared_memory": shared_memory},
                    f"{spec['dump']}.rank{distributed.rank()}.pt")
 
 

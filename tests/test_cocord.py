@@ -16,6 +16,8 @@ from cocord_fast.kernels import momentum_update_, queue_infonce
 from cocord_fast.methods.cocord import CoCoRD, from_reference
 from cocord_fast.models import build_model
 
+from formulas import formula_ce, formula_ctr, formula_kd, formula_pred, recompute_terms, unit
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,66 +48,6 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-
-
-# ---- the formulas, written out independently of the code under test ------------------------
-
-def unit(v):
-    return v / torch.sqrt((v * v).sum())
-
-
-def logsumexp(values):
-    top = max(values)
-    return top + torch.log(sum(torch.exp(v - top) for v in values))
-
-
-def formula_ctr(z, k, queue, temperature, normalize=True):
-    """mean_i CE([q_i.k_i, q_i.Q] / tau, 0) with q = z/|z|, k/|k| (or z, k as they are), and
-    the fraction of rows whose positive wins."""
-    loss, wins = 0.0, 0
-    for i in range(len(z)):
-        q_i, k_i = (unit(z[i]), unit(k[i])) if normalize else (z[i], k[i])
-        positive = (q_i * k_i).sum() / temperature
-        negatives = [(q_i * row).sum() / temperature for row in queue]
-        loss = loss + logsumexp([positive, *negatives]) - positive
-        wins += int(all(positive >= n for n in negatives))
-    return loss / len(z), wins / len(z)
-
-
-def formula_pred(p, t, p2, t2):
-    terms = [(2 - 2 * (unit(p[i]) * unit(t[i])).sum()) + (2 - 2 * (unit(p2[i]) * unit(t2[i])).sum())
-             for i in range(len(p))]
-    return sum(terms) / len(terms)
-
-
-def formula_ce(logits, labels):
-    return sum(logsumexp(list(row)) - row[y] for row, y in zip(logits, labels)) / len(labels)
-
-
-def formula_kd(student_logits, teacher_logits, temperature):
-    total = 0.0
-    for s, t in zip(student_logits, teacher_logits):
-        log_ps = s / temperature - logsumexp(list(s / temperature))
-        log_pt = t / temperature - logsumexp(list(t / temperature))
-        total = total + (torch.exp(log_pt) * (log_pt - log_ps)).sum()
-    return temperature ** 2 * total / len(student_logits)
-
-
-@torch.no_grad()
-def recompute_terms(method, batch):
-    """Each network output of one step, recomputed module by module (BatchNorm in training
-    mode normalises with batch statistics, so a second forward gives the same outputs)."""
-    x_s, x_s2, x_t = batch.views
-    features = method.student_encoder.forward_features(x_s)
-    z = method.student_projector(features)
-    z2 = method.student_projector(method.student_encoder.forward_features(x_s2))
-    return dict(
-        logits=method.student_encoder.forward_head(features), z=z,
-        p=method.predictor(z), p2=method.predictor(z2),
-        k=method.teacher_projector(method.teacher_encoder.forward_features(x_t)),
-        t=method.slow_projector(method.slow_encoder.forward_features(x_s2)),
-        t2=method.slow_projector(method.slow_encoder.forward_features(x_s)),
-        teacher_logits=method.teacher_encoder(x_s))
 
 
 # ---- losses ---------------------------------------------------------------------------------

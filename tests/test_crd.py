@@ -21,46 +21,10 @@ from cocord_fast.methods.crd import CRD
 from cocord_fast.methods.crd_loss import CRDLoss, nce_loss
 from cocord_fast.models import build_model
 
+from formulas import reference_nce, reference_step
 from markers import BACKENDS
 
 N_DATA, K, E, B, D_S, D_T, TAU, MOMENTUM = 50, 7, 8, 4, 5, 6, 0.07, 0.5
-
-
-# ------------------------------------------------------ float64 reference, from the formulas
-def reference_nce(x: list[list[float]], n_data: int) -> float:
-    """-mean_i[log(x_i0/(x_i0 + K/n + eps)) + sum_j log((K/n)/(x_ij + K/n + eps))], in Python."""
-    eps, total = 1e-7, 0.0
-    for row in x:
-        noise = (len(row) - 1) / n_data
-        total += math.log(row[0] / (row[0] + noise + eps))
-        total += sum(math.log(noise / (xj + noise + eps)) for xj in row[1:])
-    return -total / len(x)
-
-
-def reference_step(loss: CRDLoss, f_s, f_t, index, contrast_index):
-    """One CRD forward written out: returns loss, (Z_s, Z_t), new student bank, new teacher bank."""
-    def embed(linear, f):
-        v = f @ linear.weight.T + linear.bias
-        return v / v.pow(2).sum(1, keepdim=True).sqrt()
-
-    with torch.no_grad():
-        v_s, v_t = embed(loss.student_embed.linear, f_s), embed(loss.teacher_embed.linear, f_t)
-    s_bank, t_bank = loss.student_memory.clone(), loss.teacher_memory.clone()
-    z_old = [loss.student_normalizer.item(), loss.teacher_normalizer.item()]
-    # Student embedding against teacher-bank rows; teacher embedding against student-bank rows.
-    raw = [[[math.exp(float(t_bank[j] @ v_s[i]) / TAU) for j in contrast_index[i].tolist()]
-            for i in range(len(index))],
-           [[math.exp(float(s_bank[j] @ v_t[i]) / TAU) for j in contrast_index[i].tolist()]
-            for i in range(len(index))]]
-    z = [z0 if z0 > 0 else sum(map(sum, r)) / (len(r) * len(r[0])) * N_DATA
-         for z0, r in zip(z_old, raw)]
-    value = sum(reference_nce([[s / zd for s in row] for row in r], N_DATA)
-                for r, zd in zip(raw, z))
-    for bank, v in ((s_bank, v_s), (t_bank, v_t)):
-        for i, row in enumerate(index.tolist()):
-            mixed = MOMENTUM * bank[row] + (1 - MOMENTUM) * v[i]
-            bank[row] = mixed / mixed.norm()
-    return value, z, s_bank, t_bank
 
 
 def small_case(seed: int):
@@ -277,20 +241,21 @@ def test_trainable_module_is_student_and_heads():
 
 
 def test_steps_lower_the_loss_and_leave_the_teacher_alone():
+    """Six steps on one fixed batch (images and negatives): each lowers its loss."""
     method = make_crd(loss_kd=1.0).train()
     assert not method.teacher_encoder.training
     teacher_before = {k: v.clone() for k, v in method.teacher_encoder.state_dict().items()}
     optimizer = torch.optim.SGD(method.trainable_module().parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(6):
-        out = method(synthetic_batch(step))
+    batch, losses = synthetic_batch(0), []
+    for _ in range(6):
+        out = method(batch)
         assert set(out.metrics) == {"loss_cls", "loss_crd", "loss_kd"}
         assert all(torch.isfinite(v) and not v.requires_grad for v in out.metrics.values())
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.item())
-    assert losses[-1] < losses[0]
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == 6
     assert all(torch.equal(v, teacher_before[k])
                for k, v in method.teacher_encoder.state_dict().items())
 

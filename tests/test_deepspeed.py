@@ -178,7 +178,8 @@ def zero(tiny_demo_root, teacher):
     before = shared_memory_buffers()
     output = launch_runs("deepspeed", runs(tiny_demo_root, teacher), teacher.parent)
     return {"output": output, "work": teacher.parent, "root": tiny_demo_root,
-            "teacher": teacher, "left_in_shm": shared_memory_buffers() - before}
+            "teacher": teacher, "shm_before": {path.name for path in before},
+            "left_in_shm": shared_memory_buffers() - before}
 
 
 @pytest.mark.slow
@@ -228,6 +229,17 @@ def test_each_run_names_its_engine_once(zero):
 
 @pytest.mark.slow
 def test_finished_ranks_leave_nothing_in_dev_shm(zero):
+    """Each rank saw its own buffer when its first engine removed the name (DeepSpeed makes
+    it once per process), and no buffer seen is left."""
+    names = list(runs(zero["root"], zero["teacher"]))
+    dumps = {name: rank_dumps(zero["work"] / name / "dump") for name in names}
+    for rank in range(2):
+        (first_listing,) = dumps[names[0]][rank]["shared_memory"]
+        new = set(first_listing) - zero["shm_before"]
+        assert len([b for b in new if b.endswith(f"_{rank}")]) == 1, first_listing
+    seen = {buffer for ranks in dumps.values() for dump in ranks
+            for listing in dump["shared_memory"] for buffer in listing} - zero["shm_before"]
+    assert seen and not any((Path("/dev/shm") / buffer).exists() for buffer in seen)
     assert zero["left_in_shm"] == set()
 
 

@@ -226,6 +226,7 @@ def test_a_rank_that_fails_is_named_by_the_others(ddp):
     assert job.wait(timeout=300) != 0
     output = (work / "fail.log").read_text()
     assert f"stopped because rank 1: cannot decode image {damaged}" in output, output[-3000:]
+    assert f"the last checkpoint in {work / 'failing'} is the one to continue from" in output
     assert time.monotonic() - started < 120
 
 

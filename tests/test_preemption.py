@@ -107,24 +107,60 @@ def test_stop_signals_stay_absorbed_after_a_stop_and_are_restored_otherwise():
         signal.signal(signal.SIGUSR1, default)
 
 
+# `cocord-fast train` with two probes: the first save after a stop signal waits, between
+# touching MARKS/saving and its writing, for MARKS/sent; when done, it writes how many stop
+# signals the process had received by then to MARKS/saved.
+SAVE_WAITS_FOR_A_SECOND_SIGNAL = """
+import sys, time
+from pathlib import Path
+from cocord_fast.cli import main
+from cocord_fast.engine.preemption import StopSignals
+from cocord_fast.engine.trainer import Trainer
+
+marks, received, record, save = Path(sys.argv[1]), [], StopSignals._record, Trainer.save
+
+def counting_record(self, signum, frame):
+    received.append(signum)
+    record(self, signum, frame)
+
+def waiting_save(self, *names):
+    if not received or (marks / "saving").exists():
+        return save(self, *names)
+    (marks / "saving").touch()
+    while not (marks / "sent").exists():
+        time.sleep(0.01)
+    save(self, *names)
+    (marks / "saved").write_text(str(len(received)))
+
+StopSignals._record, Trainer.save = counting_record, waiting_save
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigterm_twice_stops_the_cli_with_exit_75_and_it_resumes_exactly(cocord, tmp_path):
-    """`cocord-fast train` gets SIGTERM, then SIGTERM again while it finishes its step and
-    saves; it exits 75, and `--resume` logs the losses of a run that never stopped."""
+    """`cocord-fast train` gets SIGTERM, then SIGTERM again while it saves (the save waits for
+    it, and counts the signals received before it ends); it exits 75, and `--resume` logs the
+    losses of a run that never stopped."""
     train(load_config(overrides=cocord("full")))
-    run = tmp_path / "stopped"
+    run, marks = tmp_path / "stopped", tmp_path / "marks"
+    marks.mkdir()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}  # torch threads as here: same sums
     # 200 epochs: the schedule of the first 14 steps is the same (lr steps at epoch 150).
-    job = subprocess.Popen([sys.executable, "-m", "cocord_fast", "train", *cocord("stopped"),
-                            "train.epochs=200"], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen([sys.executable, "-c", SAVE_WAITS_FOR_A_SECOND_SIGNAL, str(marks),
+                            "train", *cocord("stopped"), "train.epochs=200"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not any(r["kind"] == "train" for r in read_log(run)):
         assert job.poll() is None, job.communicate()
         time.sleep(0.01)
     job.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    while not (marks / "saving").exists():
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.01)
     job.send_signal(signal.SIGTERM)
+    (marks / "sent").touch()
     _, stderr = job.communicate(timeout=300)
     assert job.returncode == EXIT_PREEMPTED, stderr
+    assert (marks / "saved").read_text() == "2"  # the second arrived before the save ended
     stopped_at = load_checkpoint(run / "last.pt")["step"]
     assert f"stopped by SIGTERM after step {stopped_at}" in stderr and "Traceback" not in stderr
     assert stopped_at < 14

@@ -1,16 +1,20 @@
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cocord_fast.config import load_config
+from cocord_fast.data.order import epoch_order
+from cocord_fast.data.sources import open_source
 from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.engine.metrics import MetricAccumulator, read_log
 from cocord_fast.engine.resume import config_for_resume
 from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 
+from launch import train_losses
 from markers import BACKENDS
 
 
@@ -222,3 +226,33 @@ def test_every_method_resumes_exactly_mid_epoch_and_at_an_epoch_boundary(tiny_ov
         assert losses(run.name) == losses("full") and len(losses("full")) == 14
         resumed = load_checkpoint(run / "last.pt")["method"]
         assert all(torch.equal(resumed[k], full[k]) for k in full), stop
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_unreadable_file_mid_run_saves_the_last_step_and_the_fixed_run_resumes_exactly(
+        tiny_demo_root, tiny_overrides, tmp_path, backend):
+    """The first image of step 4 (epoch 0) is truncated: the run saves step 3 and stops with
+    the file named and what to do; with the file restored, the resumed run logs the losses
+    and ends with the weights of a run that never stopped."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo_root, root)
+    overrides = tiny_overrides + [f"data.root={root}", f"data.backend={backend}"]
+    train(load_config(overrides=overrides + [f"train.output_dir={tmp_path / 'full'}"]))
+    bad = open_source("demo", root, train=True).files[int(epoch_order(120, 16, seed=0,
+                                                                      epoch=0)[0][3 * 16])]
+    intact = bad.read_bytes()
+    bad.write_bytes(intact[:200])
+    run = tmp_path / "stopped"
+    with pytest.raises(UserError) as stopped:
+        train(load_config(overrides=overrides + [f"train.output_dir={run}"]))
+    assert str(stopped.value).startswith(f"cannot decode image {bad}: ")
+    assert str(stopped.value).endswith(
+        f"{run}/last.pt holds step 3, the last finished: replace the file with a readable "
+        f"image or set data.skip_corrupt=true, then continue with --resume {run}")
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+
+    bad.write_bytes(intact)
+    train(config_for_resume(run, []))
+    assert train_losses(run) == train_losses(tmp_path / "full")
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["method"] for name in ("full", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

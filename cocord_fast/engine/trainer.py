@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,7 +341,7 @@ class Trainer:
             self.loaders.train.start(epoch, consumed * self.accumulation)
             self.method.train()
             # Optimizer steps of `accumulation` micro-batches; a shorter tail is dropped.
-            for micro_batches in zip(*[iter(self.loaders.train)] * self.accumulation):
+            for micro_batches in zip(*[self._epoch_batches()] * self.accumulation):
                 lr = self.set_lr()
                 self.train_step(micro_batches)
                 self.step += 1
@@ -378,6 +379,26 @@ class Trainer:
         self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                               "signal": stop.signal_name})
         raise stop
+
+    def _epoch_batches(self) -> Iterator[Batch]:
+        """The epoch's batches from where the loader was started. A file that cannot be read
+        (and is not skipped) ends the run; one process first saves the last finished step."""
+        try:
+            yield from self.loaders.train
+        except UserError as err:
+            raise self._stopped_by_unreadable_data(err) from None
+
+    def _stopped_by_unreadable_data(self, err: UserError) -> UserError:
+        how = (f"replace the file with a readable image or set data.skip_corrupt=true, then "
+               f"continue with --resume {self.run_dir}")
+        if self.world_size > 1:  # the other ranks are in the next step's collectives
+            return UserError(f"{err}; the last checkpoint in {self.run_dir} is the one to "
+                             f"continue from: {how}")
+        self.save("last.pt")
+        self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              "error": str(err)})
+        return UserError(f"{err}; {self.run_dir}/last.pt holds step {self.step}, the last "
+                         f"finished: {how}")
 
     def _log_train(self, lr: float) -> None:
         # The one collective of a log step: every metric and counter summed over the ranks.
