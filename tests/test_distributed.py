@@ -211,23 +211,35 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(ddp):
 
 
 @pytest.mark.slow
-def test_a_rank_that_fails_is_named_by_the_others(ddp):
-    """Rank 1 meets an unreadable image in step 3 (a file of its shard only): it stops with
-    that error, and rank 0, whose collective then fails, stops naming rank 1 and the file."""
+def test_a_file_one_rank_cannot_read_stops_every_rank_after_the_last_step_all_can_take(ddp):
+    """Rank 1's image of step 3 (a file of its shard only) is unreadable: rank 1 reads it two
+    steps ahead, both ranks save step 2 and stop with one message naming rank 1 and the file;
+    with the file restored, the resumed run logs the losses of a run that never stopped."""
     work = ddp["work"]
     data = work / "damaged_data"
     shutil.copytree(ddp["root"], data)
     rank1_step3 = epoch_order(120, PER_RANK_BATCH, 0, 0, world_size=2)[1][2 * PER_RANK_BATCH]
     damaged = open_source("demo", data, train=True).files[int(rank1_step3)]
+    intact = damaged.read_bytes()
     damaged.write_bytes(b"not a jpeg")
-    overrides = recipe(data, ddp["teacher"], "failing", "cocord")
+    run = work / "failing"
     started = time.monotonic()
-    job = start("torchrun", ["-m", "cocord_fast", "train", *overrides], work, work / "fail.log")
+    job = start("torchrun", ["-m", "cocord_fast", "train",
+                             *recipe(data, ddp["teacher"], "failing", "cocord")],
+                work, work / "fail.log")
     assert job.wait(timeout=300) != 0
     output = (work / "fail.log").read_text()
-    assert f"stopped because rank 1: cannot decode image {damaged}" in output, output[-3000:]
-    assert f"the last checkpoint in {work / 'failing'} is the one to continue from" in output
+    assert output.count("exitcode  : 2") == 2, output[-3000:]  # torchrun's report, both ranks
+    assert output.count(f"cocord-fast: error: rank 1: cannot decode image {damaged}") == 2
+    assert f"{run}/last.pt holds step 2, the last whose data every process could read" in output
+    assert load_checkpoint(run / "last.pt")["step"] == 2
     assert time.monotonic() - started < 120
+
+    damaged.write_bytes(intact)
+    launch("torchrun", ["-m", "cocord_fast", "train", "--resume", run], work)
+    launch("torchrun", ["-m", "cocord_fast", "train",
+                        *recipe(data, ddp["teacher"], "unbroken", "cocord")], work)
+    assert train_losses(run) == train_losses(work / "unbroken")
 
 
 def launch_faulty(ddp, name: str, spec: dict) -> tuple[str, float]:

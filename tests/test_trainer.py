@@ -247,9 +247,12 @@ def test_an_unreadable_file_mid_run_saves_the_last_step_and_the_fixed_run_resume
         train(load_config(overrides=overrides + [f"train.output_dir={run}"]))
     assert str(stopped.value).startswith(f"cannot decode image {bad}: ")
     assert str(stopped.value).endswith(
-        f"{run}/last.pt holds step 3, the last finished: replace the file with a readable "
-        f"image or set data.skip_corrupt=true, then continue with --resume {run}")
+        f"{run}/last.pt holds step 3, the last whose data every process could read: replace "
+        f"the file with a readable image or set data.skip_corrupt=true, then continue with "
+        f"--resume {run}")
     assert load_checkpoint(run / "last.pt")["step"] == 3
+    (stop,) = [r for r in read_log(run) if r["kind"] == "stop"]
+    assert stop["step"] == 3 and str(bad) in stop["error"]
 
     bad.write_bytes(intact)
     train(config_for_resume(run, []))

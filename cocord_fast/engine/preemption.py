@@ -75,8 +75,10 @@ class StopSignals:
         if self.received is None:
             self.received = signal.Signals(signum).name
 
-    def should_stop(self) -> bool:
-        return self.vote(self.received is not None)
+    def should_stop(self, cannot_go_on: bool = False) -> bool:
+        """The vote of the previous call on every rank: whether any received a stop signal
+        or could not go on (`cannot_go_on`, e.g. a step read ahead it cannot read)."""
+        return self.vote(self.received is not None or cannot_go_on)
 
     def reason(self) -> str:
         return self.received or "a stop signal to another process"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from .evaluate import describe_samples, evaluate
 from .metrics import (MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log,
                       rewrite_log)
 from .preemption import Preempted, StopSignals, parse_signals
+from .read_ahead import ReadAhead
 from .resume import check_resumable, resume_point
 from .schedule import lr_factor
 
@@ -340,8 +340,13 @@ class Trainer:
             epoch, consumed = divmod(self.step, self.steps_per_epoch)
             self.loaders.train.start(epoch, consumed * self.accumulation)
             self.method.train()
-            # Optimizer steps of `accumulation` micro-batches; a shorter tail is dropped.
-            for micro_batches in zip(*[self._epoch_batches()] * self.accumulation):
+            # Read ahead by the stop vote's lag (one step with several processes) plus one.
+            steps = ReadAhead(self.loaders.train, self.accumulation,
+                              depth=2 if self.world_size > 1 else 1)
+            if self._unreadable_anywhere(steps) is not None:  # one of the epoch's first steps
+                self.save("last.pt")
+                self._stop(steps)
+            for micro_batches in steps:
                 lr = self.set_lr()
                 self.train_step(micro_batches)
                 self.step += 1
@@ -352,8 +357,10 @@ class Trainer:
                 epoch_end = self.step % self.steps_per_epoch == 0
                 save_due = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0
                 final = self.step == self.stop_step
-                # Every rank votes every step; all learn the same outcome.
-                stopping = self.stop_requests.should_stop() and not final
+                # Every rank votes every step (a stop signal, or a step read ahead that it
+                # cannot read); all learn the same outcome.
+                stopping = (self.stop_requests.should_stop(steps.failure is not None)
+                            and not final)
                 # Every save follows a log step, which checks that the metrics are finite:
                 # a diverged run never overwrites a good checkpoint.
                 if (self.step % cfg.train.log_every == 0 or epoch_end or save_due or final
@@ -364,7 +371,7 @@ class Trainer:
                 if save_due or stopping:
                     self.save("last.pt", *([f"step_{self.step:08d}.pt"] if save_due else []))
                 if stopping:
-                    self._stop()
+                    self._stop(steps)
                 if final or epoch_end:
                     break
             if eval_due:
@@ -373,32 +380,27 @@ class Trainer:
                 self.save("last.pt")
             self.window.restart()  # evaluation and saving are not training throughput
 
-    def _stop(self) -> None:
-        """After a stop signal, with last.pt saved: say so, then end the run."""
+    def _stop(self, steps: ReadAhead) -> None:
+        """After the stop vote, with last.pt saved: say why (a file some rank cannot read, or
+        a stop signal), the same on every rank, then end the run."""
+        if (unreadable := self._unreadable_anywhere(steps)) is not None:
+            self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                  "error": unreadable})
+            raise UserError(f"{unreadable}; {self.run_dir}/last.pt holds step {self.step}, the "
+                            f"last whose data every process could read: replace the file with "
+                            f"a readable image or set data.skip_corrupt=true, then continue "
+                            f"with --resume {self.run_dir}")
         stop = Preempted(self.stop_requests.reason(), self.step, str(self.run_dir))
         self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                               "signal": stop.signal_name})
         raise stop
 
-    def _epoch_batches(self) -> Iterator[Batch]:
-        """The epoch's batches from where the loader was started. A file that cannot be read
-        (and is not skipped) ends the run; one process first saves the last finished step."""
-        try:
-            yield from self.loaders.train
-        except UserError as err:
-            raise self._stopped_by_unreadable_data(err) from None
-
-    def _stopped_by_unreadable_data(self, err: UserError) -> UserError:
-        how = (f"replace the file with a readable image or set data.skip_corrupt=true, then "
-               f"continue with --resume {self.run_dir}")
-        if self.world_size > 1:  # the other ranks are in the next step's collectives
-            return UserError(f"{err}; the last checkpoint in {self.run_dir} is the one to "
-                             f"continue from: {how}")
-        self.save("last.pt")
-        self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "error": str(err)})
-        return UserError(f"{err}; {self.run_dir}/last.pt holds step {self.step}, the last "
-                         f"finished: {how}")
+    def _unreadable_anywhere(self, steps: ReadAhead) -> str | None:
+        """The error of the first rank that cannot read a step it read ahead, on every rank."""
+        errors = distributed.all_gather_objects(None if steps.failure is None
+                                                else str(steps.failure))
+        where = (f"rank {r}: " if self.world_size > 1 else "" for r in range(self.world_size))
+        return next((prefix + error for prefix, error in zip(where, errors) if error), None)
 
     def _log_train(self, lr: float) -> None:
         # The one collective of a log step: every metric and counter summed over the ranks.
