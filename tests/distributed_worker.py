@@ -21,6 +21,7 @@ are built), "setup_only" (dump right after the Trainer is built, no training),
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import types
@@ -229,7 +230,8 @@ def run(spec: dict) -> None:
         groups = [{key: value for key, value in group.items() if key != "params"}
                   for group in trainer.engine.optimizer.param_groups]
         torch.save({"method": trainer.method.state_dict(), **seen, "optimizer_groups": groups,
-                    "world_size": distributed.world_size(), "shared_memory": shared_memory},
+                    "world_size": distributed.world_size(), "shared_memory": shared_memory,
+                    "master_port": os.environ.get("MASTER_PORT")},
                    f"{spec['dump']}.rank{distributed.rank()}.pt")
 
 
