@@ -21,6 +21,11 @@ from . import distributed
 EXIT_PREEMPTED = 75
 
 
+class StoppedTogether(UserError):
+    """Bad input every rank stopped for after the same step, which the stop vote agreed on
+    (e.g. a file one rank cannot read): a one-line error, exit 2, with that step saved."""
+
+
 class Preempted(Exception):
     """The run stopped at a signal after saving `last.pt`; `train.resume=auto` continues it.
     The process should exit (with EXIT_PREEMPTED): the stop signals are ignored from here on."""
@@ -68,7 +73,7 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_IGN if exc_type is Preempted else handler)
         self.previous.clear()
-        if exc_type is None or exc_type is Preempted:  # every rank cast the same votes
+        if exc_type in (None, Preempted, StoppedTogether):  # every rank cast the same votes
             self.vote.close()
 
     def _record(self, signum: int, frame) -> None:

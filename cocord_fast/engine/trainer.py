@@ -29,7 +29,7 @@ from .engines import (autocast, build_engine, check_engine_config, join_processe
 from .evaluate import describe_samples, evaluate
 from .metrics import (MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log,
                       rewrite_log)
-from .preemption import Preempted, StopSignals, parse_signals
+from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
 from .read_ahead import ReadAhead
 from .resume import check_resumable, resume_point
 from .schedule import lr_factor
@@ -334,7 +334,8 @@ class Trainer:
         return RunResult(self.run_dir, self.step, self.last_top1, self.best_top1)
 
     def _train_until_stop(self) -> None:
-        """Epochs of steps until `stop_step`, or until a stop signal (`Preempted`)."""
+        """Epochs of steps until `stop_step`, or until a stop signal (`Preempted`) or a file
+        some rank cannot read (`StoppedTogether`), after saving the last step all could take."""
         cfg = self.cfg
         while self.step < self.stop_step:
             epoch, consumed = divmod(self.step, self.steps_per_epoch)
@@ -386,10 +387,11 @@ class Trainer:
         if (unreadable := self._unreadable_anywhere(steps)) is not None:
             self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                   "error": unreadable})
-            raise UserError(f"{unreadable}; {self.run_dir}/last.pt holds step {self.step}, the "
-                            f"last whose data every process could read: replace the file with "
-                            f"a readable image or set data.skip_corrupt=true, then continue "
-                            f"with --resume {self.run_dir}")
+            raise StoppedTogether(f"{unreadable}; {self.run_dir}/last.pt holds step {self.step}, "
+                                  f"the last whose data every process could read: replace "
+                                  f"the file with a readable image or set "
+                                  f"data.skip_corrupt=true, then continue with --resume "
+                                  f"{self.run_dir}")
         stop = Preempted(self.stop_requests.reason(), self.step, str(self.run_dir))
         self._record("stop", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                               "signal": stop.signal_name})
