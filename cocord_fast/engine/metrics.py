@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -70,9 +69,21 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return peak / 2 ** 20
-        if not self.own_peak:
-            return None
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # kB on Linux
+        return resident_peak_mb() if self.own_peak else None
+
+
+def resident_peak_mb() -> float | None:
+    """The peak resident set size of this process's own memory (Linux's VmHWM), or None where
+    there is no /proc. Not `ru_maxrss`: a process started by another inherits that one's peak
+    (the forked copy's, up to exec), so a stage started from a large process would read it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 10  # kB
+    except OSError:
+        pass
+    return None
 
 
 class ThroughputWindow:
