@@ -10,7 +10,7 @@ buffers, compiling) and are reported apart, as is building the trainer. The batc
 on the device, laid out as the DALI pipeline hands it over (channels-last on CUDA): the numbers
 are the engines', not the data pipeline's. Under DeepSpeed the student's weights keep the flat
 buffers' default layout while its activations are channels-last (see
-`cocord_fast/engine/acceleration.py`); this bench measures what that costs. DeepSpeed engines
+`cocord_fast/training/acceleration.py`); this bench measures what that costs. DeepSpeed engines
 are skipped, with the reason in the report, where DeepSpeed is not installed.
 
     python bench/engines.py                                   # CPU: small images
@@ -32,14 +32,15 @@ from pathlib import Path
 
 import torch
 
-from cocord_fast.benchmark.clock import synchronize
-from cocord_fast.benchmark.runner import method_step
-from cocord_fast.benchmark.synthetic import resident_batch, write_synthetic_cifar
+from cocord_fast.bench.clock import synchronize
+from cocord_fast.bench.provenance import device_name, provenance, slug
+from cocord_fast.bench.runner import method_step
+from cocord_fast.bench.settings import RESULTS
+from cocord_fast.bench.synthetic import resident_batch, write_synthetic_cifar
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
-from cocord_fast.engine.trainer import Trainer
 from cocord_fast.models import build_model
-from provenance import RESULTS, device_name, provenance, slug
+from cocord_fast.training.trainer import Trainer
 
 CUDA = torch.cuda.is_available()
 

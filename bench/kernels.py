@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from provenance import RESULTS, commit, slug
+from cocord_fast.bench.provenance import commit, slug
+from cocord_fast.bench.settings import RESULTS
 
 TEMPERATURE = 0.07
 

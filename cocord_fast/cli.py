@@ -51,11 +51,11 @@ def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from . import distributed
     from .config import load_config
     from .demo import ensure_demo_teacher, run_default_job
-    from .engine import distributed
-    from .engine.resume import config_for_resume
-    from .engine.trainer import train
+    from .training.resume import config_for_resume
+    from .training.trainer import train
 
     config_path, overrides = _split_train_args(ns.args)
     if ns.resume:
@@ -89,8 +89,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .engine.evaluate import describe_samples
-    from .engine.evaluate_checkpoint import evaluate_checkpoint
+    from .training.evaluate import describe_samples
+    from .training.evaluate_checkpoint import evaluate_checkpoint
 
     overrides = [f"data.{k}={v}" for k, v in (("root", ns.data), ("dataset", ns.dataset),
                                               ("eval_batch_size", ns.batch_size),
@@ -112,7 +112,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from .engine.evaluate_checkpoint import export_student
+    from .training.evaluate_checkpoint import export_student
 
     names = export_student(ns.checkpoint, ns.out, ns.key)
     print(f"wrote {len(names)} tensors of the student to {ns.out}")
@@ -160,8 +160,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     import torch
 
-    from .benchmark import bench
-    from .benchmark.settings import CPU_QUICK, BenchSettings
+    from .bench import bench
+    from .bench.settings import CPU_QUICK, BenchSettings
 
     given = {key: getattr(ns, key) for key in (
         "teacher", "student", "image_size", "batch_size", "steps", "warmup", "rounds",
@@ -199,8 +199,8 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
+    from .checkpoints.files import load_file, save_atomic, training_checkpoint
     from .config import load_config, parse_override, save_config
-    from .engine.checkpoint import load_file, save_atomic, training_checkpoint
     from .methods.cocord import from_reference, unwrap_reference_checkpoint
 
     out_dir = Path(ns.out_dir)
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from .benchmark.settings import COMPILE_MODES, CPU_QUICK, DATA_MODES, BenchSettings
+    from .bench.settings import COMPILE_MODES, CPU_QUICK, DATA_MODES, BenchSettings
 
     default = BenchSettings()
     bench = sub.add_parser(
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command != "import-reference":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.overrides = [*ns.overrides, *extra]
-    from .engine import distributed
+    from . import distributed
 
     return distributed.finish(run_command(lambda: ns.func(ns)))
 
@@ -389,12 +389,12 @@ def run_command(command: Callable[[], int]) -> int:
 
     Under several processes, a process that fails leaves its reason in the group's store
     first; the others stop naming that process and reason instead of a connection error, from
-    here when their next collective fails (gloo) or from the watchdog (engine/watchdog.py)
+    here when their next collective fails (gloo) or from the watchdog (watchdog.py)
     when it never returns (NCCL). The watchdog also names a wait longer than
     `engine.timeout_s`.
     """
-    from .engine import distributed
-    from .engine.preemption import EXIT_PREEMPTED, Preempted
+    from . import distributed
+    from .training.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         return command()

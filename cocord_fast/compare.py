@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .engine.metrics import read_log
 from .errors import UserError
 from .methods import METHODS
+from .training.metrics import read_log
 
 COLUMNS = [  # (key, header, format)
     ("run", "run", "{}"), ("method", "method", "{}"), ("teacher", "teacher", "{}"),

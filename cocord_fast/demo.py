@@ -17,14 +17,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import distributed
 from .compare import compare, format_seed_summary, group, seed_summary, summarize
 from .config import Config, load_config
 from .configs import ROOT as CONFIGS
-from .engine import distributed
-from .engine.preemption import parse_signals
-from .engine.resume import is_finished, latest_intact
-from .engine.trainer import train
 from .errors import StageExited
+from .training.preemption import parse_signals
+from .training.resume import is_finished, latest_intact
+from .training.trainer import train
 
 DEFAULT_OUT = Path("runs/demo")
 # (stage, recipe under configs/demo/): the teacher first, then the student alone (the baseline

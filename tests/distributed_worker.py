@@ -32,13 +32,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cocord_fast import distributed
 from cocord_fast.cli import run_command
 from cocord_fast.config import load_config
-from cocord_fast.engine import deepspeed_engine, distributed
-from cocord_fast.engine.resume import config_for_resume
-from cocord_fast.engine import trainer as trainer_module
-from cocord_fast.engine.trainer import Trainer
+from cocord_fast.engines import deepspeed_engine
 from cocord_fast.errors import UserError
+from cocord_fast.training import trainer as trainer_module
+from cocord_fast.training.resume import config_for_resume
+from cocord_fast.training.trainer import Trainer
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

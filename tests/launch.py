@@ -17,10 +17,10 @@ import torch
 
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch, build_loaders
-from cocord_fast.data.contrast import NegativeSampler
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import Trainer
+from cocord_fast.methods.crd_negatives import NegativeSampler
 from cocord_fast.models import build_model
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.trainer import Trainer
 
 BIN = Path(sys.executable).parent
 WORKER = Path(__file__).with_name("distributed_worker.py")

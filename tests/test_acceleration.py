@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from cocord_fast.config import load_config
-from cocord_fast.engine.acceleration import compile_encoders
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.data import Batch
 from cocord_fast.methods import build_method, cocord
 from cocord_fast.models import build_model
+from cocord_fast.training.acceleration import compile_encoders
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.trainer import Trainer, train
 
 from launch import write_teacher
 from markers import BACKENDS, interpreted, on_gpu

@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cocord_fast.benchmark import bench
-from cocord_fast.benchmark.clock import StepClock
-from cocord_fast.benchmark.floor import FLOORS, floor_networks, floor_step
-from cocord_fast.benchmark.report import report_stem
-from cocord_fast.benchmark.runner import Entry, build_entries, run_rounds, warm_up
-from cocord_fast.benchmark.settings import BenchSettings
-from cocord_fast.benchmark.telemetry import Telemetry, open_nvml
+from cocord_fast.bench import bench
+from cocord_fast.bench.clock import StepClock
+from cocord_fast.bench.floor import FLOORS, floor_networks, floor_step
+from cocord_fast.bench.report import report_stem
+from cocord_fast.bench.runner import Entry, build_entries, run_rounds, warm_up
+from cocord_fast.bench.settings import BenchSettings
+from cocord_fast.bench.telemetry import Telemetry, open_nvml
 from cocord_fast.cli import main
 from cocord_fast.config import Config, merge
 from cocord_fast.methods import build_method
 from cocord_fast.models import build_model
+
 from markers import on_gpu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,10 +254,10 @@ def test_bench_rejects_unknown_choices_through_argparse(capsys):
 
 
 def test_cpu_quick_fills_what_was_not_given(monkeypatch):
-    import cocord_fast.benchmark
+    import cocord_fast.bench
 
     taken = []
-    monkeypatch.setattr(cocord_fast.benchmark, "bench", taken.append)
+    monkeypatch.setattr(cocord_fast.bench, "bench", taken.append)
     assert main(["bench", "--cpu-quick", "--steps", "7", "--methods", "kd", "cocord",
                  "--compile", "default", "--override", "data.num_workers=1"]) == 0
     (settings,) = taken
@@ -275,10 +276,10 @@ def test_cpu_quick_fills_what_was_not_given(monkeypatch):
 
 def test_without_a_gpu_the_bench_runs_the_cpu_recipe_unless_a_device_is_given(
         monkeypatch, capsys):
-    import cocord_fast.benchmark
+    import cocord_fast.bench
 
     taken = []
-    monkeypatch.setattr(cocord_fast.benchmark, "bench", taken.append)
+    monkeypatch.setattr(cocord_fast.bench, "bench", taken.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--steps", "7"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith(
@@ -299,7 +300,7 @@ def test_report_names_differ_by_compile_mode_and_data_mode():
 
 
 def test_pipeline_mode_iterates_the_trainers_loader(tmp_path, monkeypatch):
-    from cocord_fast.benchmark import runner
+    from cocord_fast.bench import runner
 
     served, original = [], runner.loader_batches
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cocord_fast.engine import checkpoint as ckpt
+from cocord_fast.checkpoints import files as ckpt
 from cocord_fast.errors import UserError
 from cocord_fast.models import build_model
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cocord_fast import demo as demo_job
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.cli import main
 from cocord_fast.config import load_config
-from cocord_fast.engine.checkpoint import load_checkpoint
 from cocord_fast.models import build_model
 
 

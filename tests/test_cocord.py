@@ -6,18 +6,17 @@ import pytest
 import torch
 from torch import nn
 
+from cocord_fast.checkpoints.files import load_checkpoint, load_model_weights, student_state_dict
 from cocord_fast.cli import main
 from cocord_fast.config import Config, load_config, merge
 from cocord_fast.data import Batch
-from cocord_fast.engine.checkpoint import load_checkpoint, load_model_weights, student_state_dict
 from cocord_fast.errors import UserError
-from cocord_fast.methods import build_method
 from cocord_fast.kernels import momentum_update_, queue_infonce
+from cocord_fast.methods import build_method
 from cocord_fast.methods.cocord import CoCoRD, from_reference
 from cocord_fast.models import build_model
 
 from formulas import formula_ce, formula_ctr, formula_kd, formula_pred, recompute_terms, unit
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -438,8 +437,8 @@ def test_the_teacher_heads_effective_momentum_is_printed_and_saved(tiny_demo_roo
     """resnet32x4 (256 features) -> resnet8 (64): the teacher head cannot track the student's,
     so it runs frozen whatever cocord.teacher_head_momentum says."""
     from cocord_fast.config import load_config
-    from cocord_fast.engine.metrics import read_log
-    from cocord_fast.engine.trainer import train
+    from cocord_fast.training.metrics import read_log
+    from cocord_fast.training.trainer import train
 
     teacher = tmp_path / "teacher.pt"
     torch.save(build_model("resnet32x4", 10).state_dict(), teacher)

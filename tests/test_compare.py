@@ -12,8 +12,8 @@ import torch
 from cocord_fast.cli import main
 from cocord_fast.compare import format_seed_summary, seed_summary
 from cocord_fast.config import load_config
-from cocord_fast.engine.trainer import train
 from cocord_fast.errors import UserError
+from cocord_fast.training.trainer import train
 
 from launch import write_teacher
 
@@ -104,7 +104,7 @@ def test_only_the_first_cpu_run_of_a_process_reports_its_peak_memory():
     a run's process does not report the peak of the process that started it (1.6 GB here),
     as ru_maxrss would after fork and exec."""
     code = ("import torch\n"
-            "from cocord_fast.engine.metrics import PeakMemory\n"
+            "from cocord_fast.training.metrics import PeakMemory\n"
             "first, second = PeakMemory(torch.device('cpu')), PeakMemory(torch.device('cpu'))\n"
             "print(first.read_mb(), second.read_mb())\n")
     held = torch.ones(400_000_000)  # this process's peak: at least 1.6 GB

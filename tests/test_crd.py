@@ -6,20 +6,20 @@ import shutil
 import pytest
 import torch
 
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
-from cocord_fast.data.contrast import NegativeSampler
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.resume import config_for_resume
-from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 from cocord_fast.methods import METHODS, build_method
 from cocord_fast.methods.crd import CRD
 from cocord_fast.methods.crd_loss import CRDLoss, nce_loss
+from cocord_fast.methods.crd_negatives import NegativeSampler
 from cocord_fast.models import build_model
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.resume import config_for_resume
+from cocord_fast.training.trainer import Trainer, train
 
 from formulas import reference_nce, reference_step
 from markers import BACKENDS

@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.config import DataConfig, load_config
 from cocord_fast.data import build_loaders
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
 from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import train
 from cocord_fast.models import build_model
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.trainer import train
 
 from data_trees import decode_identity, file_id, write_identity_tree
 from markers import needs_dali, on_gpu

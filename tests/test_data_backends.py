@@ -12,11 +12,11 @@ from cocord_fast.cli import _user_message
 from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
 from cocord_fast.data.build import resolve_backend
-from cocord_fast.data.contrast import NegativeSampler
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import CorruptImage, open_source
 from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cocord_fast.errors import UserError
+from cocord_fast.methods.crd_negatives import NegativeSampler
 
 from data_trees import decode_identity, file_id, write_identity_tree
 from markers import BACKENDS, needs_dali

@@ -15,20 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_acceleration import assert_same_curve
 
+from cocord_fast.checkpoints.files import load_checkpoint
+from cocord_fast.checkpoints.sealed import file_digest
 from cocord_fast.config import load_config
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.deepspeed_engine import deepspeed_config, import_deepspeed
-from cocord_fast.engine.engines import check_engine_config
-from cocord_fast.engine.sealed import file_digest
-from cocord_fast.engine.trainer import Trainer
+from cocord_fast.engines import check_engine_config
+from cocord_fast.engines.deepspeed_engine import deepspeed_config, import_deepspeed
 from cocord_fast.errors import UserError
 from cocord_fast.models import build_model
+from cocord_fast.training.trainer import Trainer
 
 from launch import (BIN, PIPELINE, STEPS, WORKER, assert_disjoint_shards,
-                    assert_matches_one_process, launch, launch_and_kill, launch_runs, launch_worker,
-                    rank_dumps, recipe, start, train_losses, write_teacher)
-from test_acceleration import assert_same_curve
+                    assert_matches_one_process, launch, launch_and_kill, launch_runs,
+                    launch_worker, rank_dumps, recipe, start, train_losses, write_teacher)
 from test_checkpoint import flip_a_byte
 
 SPLIT = 5  # the stopped runs stop here, mid-epoch (7 steps per epoch)

@@ -18,14 +18,14 @@ import psutil
 import pytest
 import torch
 
+from cocord_fast import distributed
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
-from cocord_fast.engine import distributed
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.resume import config_for_resume
-from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.resume import config_for_resume
+from cocord_fast.training.trainer import Trainer
 
 from launch import (PER_RANK_BATCH, PIPELINE, STEPS, WORKER, assert_disjoint_shards,
                     assert_matches_one_process, launch, launch_nodes, launch_runs, rank_dumps,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cocord_fast.checkpoints.files import FORMAT, load_checkpoint
 from cocord_fast.config import load_config
 from cocord_fast.data import build_loaders
-from cocord_fast.data.contrast import NegativeSampler
-from cocord_fast.engine.checkpoint import FORMAT, load_checkpoint
-from cocord_fast.engine.metrics import MetricAccumulator
-from cocord_fast.engine.trainer import Trainer
 from cocord_fast.errors import UserError
+from cocord_fast.methods.crd_negatives import NegativeSampler
+from cocord_fast.training.metrics import MetricAccumulator
+from cocord_fast.training.trainer import Trainer
 
 from distributed_worker import freeze_batchnorm
 from launch import train_losses, write_teacher

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from cocord_fast.config import load_config
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.preemption import EXIT_PREEMPTED
-from cocord_fast.engine.trainer import train
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.preemption import EXIT_PREEMPTED
+from cocord_fast.training.trainer import train
 
 from launch import LAUNCH_TIMEOUT, train_losses, write_teacher
 from markers import BACKENDS

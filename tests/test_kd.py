@@ -6,11 +6,11 @@ import torch
 
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.methods import build_method
 from cocord_fast.methods.losses import kd_loss
 from cocord_fast.models import build_model
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.trainer import Trainer, train
 
 
 def kd_reference(student_logits, teacher_logits, T):

@@ -11,13 +11,13 @@ import time
 
 import pytest
 
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.config import load_config
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.preemption import EXIT_PREEMPTED, Preempted, StopSignals
-from cocord_fast.engine.resume import config_for_resume
-from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.preemption import EXIT_PREEMPTED, Preempted, StopSignals
+from cocord_fast.training.resume import config_for_resume
+from cocord_fast.training.trainer import Trainer, train
 
 from launch import recipe, train_losses, write_teacher
 
@@ -114,8 +114,8 @@ SAVE_WAITS_FOR_A_SECOND_SIGNAL = """
 import sys, time
 from pathlib import Path
 from cocord_fast.cli import main
-from cocord_fast.engine.preemption import StopSignals
-from cocord_fast.engine.trainer import Trainer
+from cocord_fast.training.preemption import StopSignals
+from cocord_fast.training.trainer import Trainer
 
 marks, received, record, save = Path(sys.argv[1]), [], StopSignals._record, Trainer.save
 

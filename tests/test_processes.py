@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from cocord_fast.engine import distributed
+from cocord_fast import distributed
 from cocord_fast.errors import UserError
 
 
@@ -110,7 +110,7 @@ def test_deepspeed_takes_the_runs_device_not_the_one_it_detects():
     from deepspeed.accelerator import get_accelerator, set_accelerator
     from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
-    from cocord_fast.engine.deepspeed_engine import _use_accelerator_of
+    from cocord_fast.engines.deepspeed_engine import _use_accelerator_of
 
     detected = get_accelerator()
     try:
@@ -126,7 +126,7 @@ def run_watchdog(peer_failure: str, beats: str) -> subprocess.CompletedProcess:
     from the store, while its main thread runs `beats` and then blocks."""
     code = textwrap.dedent(f"""
         import time
-        from cocord_fast.engine.watchdog import Watchdog
+        from cocord_fast.watchdog import Watchdog
         reported = []
         dog = Watchdog(0.5, lambda: {peer_failure}, reported.append, poll_s=0.05)
         {beats}

@@ -2,8 +2,8 @@
 cannot be read known as soon as it is read, while the steps before it still train."""
 import pytest
 
-from cocord_fast.engine.read_ahead import ReadAhead
 from cocord_fast.errors import UserError
+from cocord_fast.training.read_ahead import ReadAhead
 
 
 def batches(unreadable_at: int | None = None, count: int = 9, reads: list | None = None):

@@ -7,14 +7,14 @@ import shutil
 import pytest
 import torch
 
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.cli import main
 from cocord_fast.config import load_config
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.metrics import read_log
-from cocord_fast.engine.resume import config_for_resume
-from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
 from cocord_fast.models import build_model
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.resume import config_for_resume
+from cocord_fast.training.trainer import Trainer, train
 
 from data_trees import write_identity_tree
 from test_cocord import reference_state
@@ -102,10 +102,12 @@ def test_an_imported_run_takes_its_data_settings_but_not_another_class_count(tmp
 def test_the_readme_import_recipe_runs_end_to_end(tmp_path, capsys):
     """`import-reference REF OUT --student --teacher`, then `train --resume OUT data.root=...`
     on CIFAR-100-format data, as the README says."""
+    from test_data import write_cifar
+
     from cocord_fast.config import CoCoRDConfig
     from cocord_fast.methods.cocord import CoCoRD
+
     from test_cocord import OURS
-    from test_data import write_cifar
 
     heads = CoCoRDConfig(queue_size=32, embed_dim=16, proj_hidden_dim=16, pred_hidden_dim=8)
     ours = CoCoRD(build_model("resnet8", 100), build_model("resnet14", 100), heads).state_dict()

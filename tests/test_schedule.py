@@ -3,7 +3,7 @@ import math
 import pytest
 
 from cocord_fast.config import OptimConfig
-from cocord_fast.engine.schedule import lr_factor
+from cocord_fast.training.schedule import lr_factor
 
 
 def test_step_schedule_decays_at_milestone_epochs():

@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.config import load_config
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
-from cocord_fast.engine.checkpoint import load_checkpoint
-from cocord_fast.engine.metrics import MetricAccumulator, read_log
-from cocord_fast.engine.resume import config_for_resume
-from cocord_fast.engine.trainer import Trainer, train
 from cocord_fast.errors import UserError
+from cocord_fast.training.metrics import MetricAccumulator, read_log
+from cocord_fast.training.resume import config_for_resume
+from cocord_fast.training.trainer import Trainer, train
 
 from launch import train_losses
 from markers import BACKENDS

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import CoCoRDConfig, Config, merge
 from ..data import Batch
-from ..engine import distributed
 from ..errors import UserError
 from ..kernels import momentum_update_, queue_infonce
 from ..models import build_model

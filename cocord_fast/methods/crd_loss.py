@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import distributed
+from .. import distributed
 
 EPS = 1e-7  # RepDistiller's `eps` in the NCE loss
 

@@ -16,6 +16,7 @@ import ctypes.util
 import torch
 
 from ..data import IMAGE_LAYOUT
+from ..engines import Engine
 from ..methods import Method
 
 
@@ -60,19 +61,17 @@ def keep_freed_host_memory() -> None:
 
 
 def prepare(method: Method, device: torch.device, compile_mode: bool | str,
-            engine: str) -> None:
+            engine: type[Engine]) -> None:
     """Lays out `method` (already on `device`) and compiles its encoders, before `engine`
     copies the parameters into buffers of its own.
 
-    Under DeepSpeed the trainable part keeps the default layout: DeepSpeed views every
-    parameter it wraps as bytes (`_broadcast_model`), which a channels-last weight cannot be,
-    and ZeRO 1-2 re-point them into flat buffers anyway; the momentum copies share their
-    sources' layout. Only what nothing writes (the teacher: `Method.frozen_modules`) is laid
-    out channels-last. Every convolution still runs channels-last, as its input is
+    Where the engine cannot hold channels-last parameters (DeepSpeed), only what nothing
+    writes (the teacher: `Method.frozen_modules`) takes that layout; the momentum copies share
+    their sources' layout. Every convolution still runs channels-last, as its input is
     (`IMAGE_LAYOUT`): oneDNN and cuDNN take that layout when the input or the weight has it
     (ATen's `_conv_use_channels_last_impl`), converting a default-layout weight per call."""
     if device.type == "cpu":
         keep_freed_host_memory()
-    for module in method.frozen_modules() if engine == "deepspeed" else [method]:
+    for module in [method] if engine.holds_channels_last else method.frozen_modules():
         module.to(memory_format=IMAGE_LAYOUT)
     compile_encoders(method, compile_mode)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from .. import distributed
 from ..errors import UserError
-from . import distributed
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, try again later; here, resume the run.
 EXIT_PREEMPTED = 75

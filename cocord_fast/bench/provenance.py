@@ -1,5 +1,5 @@
-"""What every bench result records about where it was measured (the scripts in bench/ use it
-too, through bench/provenance.py)."""
+"""What every bench result records about where it was measured (`cocord-fast bench` and the
+scripts in bench/ alike)."""
 from __future__ import annotations
 
 import platform

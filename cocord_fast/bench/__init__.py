@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # bench/provenance.py imports this package: keep it light
+if TYPE_CHECKING:  # the CLI and the scripts in bench/ import this package: keep it light
     from .settings import BenchSettings
 
 

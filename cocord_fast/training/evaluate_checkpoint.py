@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
+from ..checkpoints.files import load_checkpoint, load_strict, save_atomic, student_state_dict
 from ..config import load_config
 from ..data import build_loaders
 from ..errors import UserError
 from ..models import build_model
-from . import distributed
-from .checkpoint import load_checkpoint, load_strict, save_atomic, student_state_dict
 from .evaluate import evaluate
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.order import derived_seed
 from ..errors import UserError
-from .order import derived_seed
 
 # Above this many batch x dataset elements, sample with replacement (see NegativeSampler).
 # 2**24 float64 keys are 128 MiB: CIFAR-100 (50,000 samples) stays exact up to batch 335.

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import distributed
+from .. import distributed
 
 
 class MetricAccumulator:

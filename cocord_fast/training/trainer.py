@@ -11,24 +11,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .. import distributed
+from ..checkpoints.files import (load_model_weights, load_strict, remove_old_periodic,
+                                 remove_partial_saves, rng_state, save_atomic, set_rng_state,
+                                 training_checkpoint)
 from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
 from ..data.build import resolve_root
-from ..data.contrast import NegativeSampler
+from ..engines import (autocast, build_engine, check_engine_config, engine_class, join_processes,
+                       optimizer_settings)
 from ..errors import UserError
 from ..kernels import implementations_used, triton_unavailable
 from ..methods import METHODS, Method, build_method
+from ..methods.crd_negatives import NegativeSampler
 from ..models import MODELS, build_model
-from . import distributed
 from .acceleration import compiled_graphs, mark_step_begin, prepare
-from .checkpoint import (load_model_weights, load_strict, remove_old_periodic,
-                         remove_partial_saves, rng_state, save_atomic, set_rng_state,
-                         training_checkpoint)
-from .engines import (autocast, build_engine, check_engine_config, join_processes,
-                      optimizer_settings)
 from .evaluate import describe_samples, evaluate
-from .metrics import (MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log,
-                      rewrite_log)
+from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log, rewrite_log
 from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
 from .read_ahead import ReadAhead
 from .resume import check_resumable, resume_point
@@ -130,7 +129,7 @@ class Trainer:
         # What no engine wraps (slow copies, random teacher head, queue, banks) must be equal
         # on every rank too, whatever each rank's RNG drew while building it.
         distributed.broadcast_module_(self.method)
-        prepare(self.method, self.device, cfg.train.compile, cfg.engine.name)
+        prepare(self.method, self.device, cfg.train.compile, engine_class(cfg))
         self.engine = build_engine(cfg, self.method, self.device)
         implementations_used(reset=True)  # what this run's steps use is logged after the first
         self.step, self.best_top1, self.last_top1 = 0, 0.0, 0.0

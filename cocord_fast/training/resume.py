@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
+from ..checkpoints.files import load_checkpoint, periodic_checkpoints
+from ..checkpoints.sealed import CorruptCheckpoint, verify_files
 from ..config import Config, load_config
 from ..errors import UserError
-from . import distributed
-from .checkpoint import load_checkpoint, periodic_checkpoints
-from .sealed import CorruptCheckpoint, verify_files
 
 
 def load_intact(path: Path, engine_files: bool = True) -> dict[str, Any]:

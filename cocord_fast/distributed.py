@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import UserError
+from .errors import UserError
 from .watchdog import Watchdog
 
 T = TypeVar("T")

@@ -6,8 +6,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import Batch
-from . import distributed
 
 
 def describe_samples(result: dict[str, float]) -> str:

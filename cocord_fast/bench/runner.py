@@ -19,14 +19,13 @@ from ..config import load_config
 from ..data import Batch
 from ..data.build import resolve_root
 from ..data.sources import open_source
-from ..engine.acceleration import compiled_graphs
-from ..engine.engines import autocast
-from ..engine.trainer import Trainer
+from ..engines.base import autocast
+from ..training.acceleration import compiled_graphs
+from ..training.trainer import Trainer
 from .clock import StepClock, synchronize
 from .floor import FLOORS, FloorRecipe, floor_networks, floor_step
 from .settings import BenchSettings
-from .synthetic import (CIFAR_CLASSES, resident_batch, write_random_teacher,
-                        write_synthetic_cifar)
+from .synthetic import CIFAR_CLASSES, resident_batch, write_random_teacher, write_synthetic_cifar
 from .telemetry import Telemetry
 
 

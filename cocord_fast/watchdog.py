@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+
 class Watchdog:
     """The thread described above; `beat` is cheap enough for every step."""
 

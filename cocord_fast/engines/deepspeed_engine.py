@@ -40,14 +40,14 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from .. import distributed
+from ..checkpoints.files import load_file, periodic_checkpoints
+from ..checkpoints.sealed import file_digest
 from ..config import Config
 from ..data import Batch
 from ..errors import UserError
 from ..methods import Method, StepOutput
-from . import distributed
-from .checkpoint import load_file, periodic_checkpoints
-from .sealed import file_digest
-from .engines import StepModule, build_optimizer
+from .base import StepModule, build_optimizer
 
 CHECKPOINT_DIR = "deepspeed"
 
@@ -270,7 +270,15 @@ def _seal_own_files(directory: Path, run_dir: Path) -> dict[str, str]:
 
 
 class DeepSpeedEngine:
-    """The `Engine` contract (engines.py) over `deepspeed.initialize` with our torch SGD."""
+    """The `Engine` contract (base.py) over `deepspeed.initialize` with our torch SGD.
+
+    DeepSpeed views every parameter it wraps as bytes (`_broadcast_model`), which a
+    channels-last weight cannot be, and ZeRO 1-2 re-point them into flat buffers anyway: the
+    trainable part keeps the default layout. A single process still needs a process group."""
+
+    holds_channels_last = False
+    needs_group_of_one = True
+    check_config = staticmethod(check_deepspeed_config)
 
     def __init__(self, cfg: Config, method: Method, device: torch.device,
                  forward_context: Callable[[], ContextManager]):
@@ -280,10 +288,10 @@ class DeepSpeedEngine:
         _use_accelerator_of(device)
         self.optimizer = build_optimizer(cfg.optim, method.trainable_module().parameters())
         self.config = deepspeed_config(cfg, distributed.world_size())
-        self.engine, *_ = deepspeed.initialize(model=StepModule(method), optimizer=self.optimizer,
+        self.wrapped, *_ = deepspeed.initialize(model=StepModule(method), optimizer=self.optimizer,
                                                config=self.config)
-        if self.engine.device != device:  # it takes the GPU from LOCAL_RANK
-            raise RuntimeError(f"DeepSpeed put the student on {self.engine.device}, the run "
+        if self.wrapped.device != device:  # it takes the GPU from LOCAL_RANK
+            raise RuntimeError(f"DeepSpeed put the student on {self.wrapped.device}, the run "
                                f"is on {device}")
         _unlink_shared_memory_buffer()
         self.forward_context = forward_context
@@ -293,19 +301,19 @@ class DeepSpeedEngine:
         self.saved_files: dict[str, str] = {}  # of saved_tag: relative path -> digest
 
     def micro_step(self, batch: Batch, boundary: bool) -> StepOutput:
-        if boundary != self.engine.is_gradient_accumulation_boundary():
+        if boundary != self.wrapped.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's gradient accumulation is out of step with the "
                                "trainer's")
         with self.forward_context():
-            out = self.engine(batch)
-        self.engine.backward(out.loss)  # scaled by 1 / gradient_accumulation_steps
-        self.engine.step()  # clips and steps the optimizer at the boundary only
+            out = self.wrapped(batch)
+        self.wrapped.backward(out.loss)  # scaled by 1 / gradient_accumulation_steps
+        self.wrapped.step()  # clips and steps the optimizer at the boundary only
         return out
 
     def state_dict(self, run_dir: Path, step: int) -> dict[str, Any]:
         tag = f"step_{step:08d}"
         if tag != self.saved_tag:  # several checkpoint files of one step share the files
-            self.engine.save_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag, client_state={},
+            self.wrapped.save_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag, client_state={},
                                         save_latest=False)
             self.saved_files = _seal_own_files(run_dir / CHECKPOINT_DIR / tag, run_dir)
             self.saved_tag = tag
@@ -315,7 +323,7 @@ class DeepSpeedEngine:
     def load_state_dict(self, state: dict[str, Any], checkpoint_dir: Path) -> None:
         # Every rank has verified these files (`resume.load_intact`) and agreed on them.
         directory = checkpoint_dir / state["tag"]
-        load_path, _ = self.engine.load_checkpoint(
+        load_path, _ = self.wrapped.load_checkpoint(
             str(directory.parent), tag=directory.name, load_optimizer_states=True,
             load_lr_scheduler_states=False)
         if load_path is None:

@@ -14,6 +14,8 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import torch
 
+RESULTS = Path("bench/results")  # from the repository root: where results are committed
+
 # torch, the config and the zoo are imported where they are used: the CLI reads this module's
 # choices to build its parser, and `cocord-fast --help` should not wait for torch.
 
@@ -50,7 +52,7 @@ class BenchSettings:
     data: str = "resident"
     num_train: int = 50_000  # synthetic training set: CIFAR-100's size, so CRD's banks are too
     overrides: tuple[str, ...] = ()
-    out: Path = Path("bench/results")
+    out: Path = RESULTS
 
     def resolved_device(self) -> torch.device:
         import torch
