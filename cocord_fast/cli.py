@@ -201,7 +201,7 @@ def cmd_import_reference(ns: argparse.Namespace) -> int:
 
     from .checkpoints.files import load_file, save_atomic, training_checkpoint
     from .config import load_config, parse_override, save_config
-    from .methods.cocord import from_reference, unwrap_reference_checkpoint
+    from .methods.cocord_reference import from_reference, unwrap_reference_checkpoint
 
     out_dir = Path(ns.out_dir)
     if (out_dir / "last.pt").exists():

@@ -28,13 +28,6 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def method_label(cfg) -> str:
-    name = cfg.method.name
-    with_kd = {"cocord": cfg.cocord.loss_kd, "crd": cfg.crd.loss_kd}.get(name, 0) > 0
-    return {"cocord": "CoCoRD", "crd": "CRD", "kd": "KD", "vanilla": "vanilla"}[name] + (
-        "+KD" * with_kd)
-
-
 def summarize(run_dir: Path) -> dict[str, Any]:
     """One row: the run's settings, progress, accuracy, speed and memory."""
     if not (run_dir / "config.yaml").is_file():
@@ -51,7 +44,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     finished = bool(evals) and evals[-1]["step"] == stop
     last = evals[-1] if evals else {}
     return {
-        "run": run_dir.name, "path": str(run_dir), "method": method_label(cfg),
+        "run": run_dir.name, "path": str(run_dir), "method": METHODS[cfg.method.name].run_label(cfg),
         "student": cfg.model.student,
         "teacher": cfg.model.teacher if METHODS[cfg.method.name].needs_teacher else "-",
         "dataset": cfg.data.dataset, "steps": f"{step}/{stop or '?'}",

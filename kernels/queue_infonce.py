@@ -102,8 +102,9 @@ def queue_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
             return _reference(q, k, queue, temperature)
         raise ValueError(f"queue_infonce: impl='triton' does not support {unsupported}")
     if impl == "auto" and dtype == torch.float32 and _fp32_precision() != "tf32":
-        # fp32 at fp32 accuracy: the reference's cuBLAS GEMMs were faster on an H100 (fwd+bwd
-        # at B=256 E=2048 N=16384: 0.912 ms against the kernel's 1.107 ms with tf32x3 dots).
+        # fp32 at fp32 accuracy: the reference's cuBLAS GEMMs were faster on an H100 (measured
+        # 2026-11-26 at 3fbe756, fwd+bwd at B=256 E=2048 N=16384: 0.912 ms against the
+        # kernel's 1.107 ms with tf32x3 dots).
         return _reference(q, k, queue, temperature)
     if q.dim() != 2 or k.shape != q.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue_infonce: expected q, k (B, E) and queue (N, E), got "

@@ -183,13 +183,19 @@ def record(trainer: Trainer) -> dict[str, list]:
 
     def recorded_micro_step(batch, boundary):
         seen["index"].append(batch.index.cpu())
-        if batch.contrast_index is not None:
-            seen["contrast_index"].append(batch.contrast_index.cpu())
         out = micro_step(batch, boundary)
         seen["loss"].append(out.loss.detach().cpu())
         return out
 
     trainer.engine.micro_step = recorded_micro_step
+    if hasattr(trainer.method, "negatives"):  # CRD's draws
+        sample = trainer.method.negatives.sample
+
+        def recorded_sample(index, draw):
+            seen["contrast_index"].append(sample(index, draw).cpu())
+            return seen["contrast_index"][-1].to(index.device)
+
+        trainer.method.negatives.sample = recorded_sample
     if hasattr(trainer.method, "enqueue_"):
         enqueue = trainer.method.enqueue_
 

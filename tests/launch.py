@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch, build_loaders
+from cocord_fast.distributed import free_port
 from cocord_fast.methods.crd_negatives import NegativeSampler
 from cocord_fast.models import build_model
 from cocord_fast.training.metrics import read_log
@@ -55,12 +55,6 @@ def recipe(root: Path, teacher: Path, name: str, method: str,
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_log(run_dir) if r["kind"] == "train"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _environment() -> dict[str, str]:
@@ -193,9 +187,9 @@ def one_process_reference(cfg, per_rank_batch: int, world_size: int = 2) -> Trai
     trainer.loaders.train = ConcatenatedRanks([
         build_loaders(data, method.num_views, cfg.train.seed, trainer.device, rank=r,
                       world_size=world_size).train for r in range(world_size)])
-    if trainer.negative_sampler is not None:
-        trainer.negative_sampler = ConcatenatedSamplers([
-            NegativeSampler(trainer.loaders.train_targets, method.contrast_negatives(cfg),
+    if hasattr(trainer.method, "negatives"):  # CRD: each rank's half drawn as that rank would
+        trainer.method.negatives = ConcatenatedSamplers([
+            NegativeSampler(trainer.loaders.train_targets, cfg.crd.num_negatives,
                             cfg.train.seed, trainer.device, rank=r) for r in range(world_size)])
     return trainer
 

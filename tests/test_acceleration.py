@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def test_compiled_cocord_takes_the_eager_steps_in_float64():
                                  "cocord.proj_hidden_dim=16", "cocord.pred_hidden_dim=8"])
     torch.manual_seed(0)
     eager = build_method("cocord", cfg, build_model("resnet8", 10), build_model("resnet14", 10),
-                         0).double().train()
+                         np.zeros(0)).double().train()
     compiled = copy.deepcopy(eager)
     compile_encoders(compiled, True)
     g = torch.Generator().manual_seed(1)

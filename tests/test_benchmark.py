@@ -1,20 +1,19 @@
 """`cocord-fast bench`: the report's schema, the floor's networks, the timing loop, NVML's
-absence, the CLI's checks, and bench/gpu_check.sh's control flow."""
+absence and the CLI's checks (the scripts in bench/: test_bench_scripts.py)."""
 import json
-import os
-import subprocess
 import sys
 import time
 import types
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cocord_fast.bench import bench
 from cocord_fast.bench.clock import StepClock
-from cocord_fast.bench.floor import FLOORS, floor_networks, floor_step
+from cocord_fast.bench.floor import floor_networks, floor_step
 from cocord_fast.bench.report import report_stem
 from cocord_fast.bench.runner import Entry, build_entries, run_rounds, warm_up
 from cocord_fast.bench.settings import BenchSettings
@@ -26,7 +25,6 @@ from cocord_fast.models import build_model
 
 from markers import on_gpu
 
-REPO = Path(__file__).resolve().parents[1]
 # resnet8 at 32 px, batch 8, tiny banks: seconds on 2 cores.
 TINY = dict(teacher="resnet8", student="resnet8", image_size=32, batch_size=8, steps=2,
             warmup=1, rounds=2, precision="fp32", device="cpu", num_train=64,
@@ -91,10 +89,10 @@ def test_without_nvml_the_report_says_why_and_writes_the_plot_when_matplotlib_is
 def tiny_method(name: str):
     cfg = Config()
     merge(cfg, {"cocord": {"queue_size": 16, "embed_dim": 8, "proj_hidden_dim": 8,
-                           "pred_hidden_dim": 8}})
+                           "pred_hidden_dim": 8}, "crd": {"num_negatives": 8}})
     torch.manual_seed(0)
     teacher = build_model("resnet14", 10) if name != "vanilla" else None
-    return build_method(name, cfg, build_model("resnet8", 10), teacher, 32).train()
+    return build_method(name, cfg, build_model("resnet8", 10), teacher, np.arange(32) % 4).train()
 
 
 @pytest.mark.parametrize("name, calls", [
@@ -105,8 +103,8 @@ def tiny_method(name: str):
 ])
 def test_the_floor_runs_the_networks_it_claims_on_the_views_the_method_gives_them(name, calls):
     method = tiny_method(name)
-    recipe = FLOORS[name]
-    networks = floor_networks(method, recipe)
+    passes = type(method).encoder_passes
+    networks = floor_networks(method, passes)
     assert set(networks) == set(calls)
     views = [torch.randn(4, 3, 32, 32) for _ in range(method.num_views)]
     seen: dict[str, list] = {role: [] for role in networks}
@@ -118,7 +116,7 @@ def test_the_floor_runs_the_networks_it_claims_on_the_views_the_method_gives_the
     first = next(networks["student"].parameters())
     first.register_post_accumulate_grad_hook(lambda p: student_grads.append(p.grad.abs().sum()))
 
-    floor_step(recipe, networks, views, nullcontext)
+    floor_step(passes, networks, views, nullcontext)
 
     assert {role: len(inputs) for role, inputs in seen.items()} == calls
     assert all(grad for _, grad in seen["student"])  # forward with gradient, then backward
@@ -343,130 +341,3 @@ def test_on_cuda_the_timed_steps_never_wait_for_the_gpu_and_memory_is_measured(t
                     "sm_clock_mhz"} <= set(row["gpu"]) for row in report["methods"])
     else:
         assert telemetry["reason"]
-
-
-FAKE_PYTHON = """#!/usr/bin/env bash
-echo "$*" >> "$CALLS"
-case "$*" in
-    *kernels.py*) exit 3 ;;
-    *"pip install -q --no-deps"*) exec sleep "${INSTALL_SLEEP:-0}" ;;
-esac
-"""
-
-
-def run_gpu_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    calls = tmp_path / "calls"
-    result = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-        env={**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "TRITON_INTERPRET": "1",
-             **env}, capture_output=True, text=True, timeout=60)
-    return result, calls.read_text().splitlines() if calls.exists() else []
-
-
-def test_gpu_check_runs_every_part_past_a_failure_and_names_it(tmp_path):
-    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")]).returncode == 0
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    (wheels / "nvidia_dali.whl").touch()
-    result, calls = run_gpu_check(tmp_path, GPU_CHECK_WHEELS=str(wheels),
-                                  COCORD_REFERENCE=str(tmp_path / "CoCoRD"),
-                                  TMPDIR=str(tmp_path))
-    jpegs = str(tmp_path / "cocord_fast_jpegs")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert [call.split()[:3] for call in calls] == [
-        ["-m", "pip", "install"], ["-m", "pip", "install"], ["-m", "pytest", "-q"],
-        ["bench/kernels.py", "--quick", "--out"], ["-m", "cocord_fast", "bench"],
-        ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"],
-        ["bench/versus_reference.py", "--reference", str(tmp_path / "CoCoRD")],
-        ["bench/data.py", "--threads", "8"], ["bench/data.py", "--write-tree", jpegs],
-        ["-m", "cocord_fast", "bench"], ["bench/engines.py", "--engines", "torch"],
-        ["-m", "cocord_fast", "bench"]]
-    assert str(wheels / "nvidia_dali.whl") in calls[1] and "-m gpu" in calls[2]
-    benches = [call for call in calls if "cocord_fast bench" in call]
-    assert [("--image-size 32" in c, c.split("--compile ")[1].split()[0]) for c in benches] == [
-        (True, "off"), (True, "reduce-overhead"), (False, "off"), (False, "off"),
-        (False, "default")]
-    assert "--data pipeline" in benches[3] and f"data.root={jpegs}" in benches[3]
-    assert "--device cuda" in calls[7]
-    assert calls[11].split()[1:6] == ["--engines", "torch", "deepspeed:1", "torch+compile",
-                                      "deepspeed:1+compile"] and "--image-size 224" in calls[11]
-    assert all(f"--out {tmp_path / 'out'}" in call
-               for call in calls[3:] if "--write-tree" not in call)
-    summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
-    assert "FAILED:\n  kernels (exit 3)\n" in summary and "bench_224_compile" in summary
-    assert (tmp_path / "out" / "kernels.log").is_file()
-
-
-def test_gpu_check_ends_within_its_budget_when_a_part_hangs(tmp_path):
-    started = time.perf_counter()
-    result, calls = run_gpu_check(tmp_path, GPU_CHECK_BUDGET_S="2", INSTALL_SLEEP="30")
-    assert time.perf_counter() - started < 20
-    assert result.returncode == 1 and len(calls) == 1
-    summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
-    assert "install (timed out after 2s)" in summary
-    assert "pytest_gpu (skipped: the 2s budget is spent)" in summary
-
-
-def run_bench_script(script: str, *args: str, hide: str | None = None,
-                     check: bool = True) -> subprocess.CompletedProcess:
-    """bench/SCRIPT as users run it, with the top-level package `hide` as if not installed."""
-    hidden = f"sys.modules[{hide!r}] = None; " if hide else ""
-    code = f"import runpy, sys; {hidden}runpy.run_path('bench/{script}', run_name='__main__')"
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def run_data_bench(*args: str, hide_dali: bool = False) -> subprocess.CompletedProcess:
-    return run_bench_script("data.py", *args, hide="nvidia" if hide_dali else None)
-
-
-def test_data_bench_writes_a_tree_the_trainer_reads(tmp_path):
-    from cocord_fast.data.sources import open_source
-
-    run_data_bench("--write-tree", str(tmp_path / "jpegs"), "--images", "6", "--classes", "3",
-                   "--source-size", "64", "48")
-    train = open_source("imagefolder", tmp_path / "jpegs", train=True)
-    assert len(train) == 6 and train.num_classes == 3
-    assert len(open_source("imagefolder", tmp_path / "jpegs", train=False)) == 3
-
-
-def test_data_bench_without_dali_times_torchvision_and_says_why(tmp_path):
-    result = run_data_bench("--images", "8", "--classes", "2", "--source-size", "64", "48",
-                            "--image-size", "32", "--batch-size", "4", "--threads", "0",
-                            "--epochs", "1", "--repeats", "1", "--views", "1",
-                            "--out", str(tmp_path), hide_dali=True)
-    assert "DALI is not installed" in result.stdout
-    (path,) = tmp_path.glob("data_*.json")
-    report = json.loads(path.read_text())
-    assert [row["backend"] for row in report["rows"]] == ["torch"]
-    assert report["skipped"]["dali"] == "DALI is not installed"
-
-
-ENGINES_TINY = ["--teacher", "resnet8", "--student", "resnet8", "--image-size", "32",
-                "--batch-size", "4", "--warmup", "1", "--steps", "1", "--rounds", "1"]
-
-
-def test_engines_bench_without_deepspeed_times_torch_and_says_why(tmp_path):
-    result = run_bench_script("engines.py", "--engines", "torch", "deepspeed:1+compile",
-                              *ENGINES_TINY, "--out", str(tmp_path), hide="deepspeed")
-    assert "deepspeed:1+compile" in result.stdout and "DeepSpeed is not installed" in result.stdout
-    (path,) = tmp_path.glob("engines_*.json")
-    report = json.loads(path.read_text())
-    assert [row["engine"] for row in report["rows"]] == ["torch"]
-    assert report["rows"][0]["img_per_s"] > 0
-    assert "DeepSpeed is not installed" in report["skipped"]["deepspeed:1+compile"]
-
-
-@pytest.mark.parametrize("engine", ["torch:1", "deepspeed:1+fast", "zero:1"])
-def test_engines_bench_names_a_misspelt_engine_before_any_work(engine, tmp_path):
-    result = run_bench_script("engines.py", "--engines", "torch", engine, *ENGINES_TINY,
-                              "--out", str(tmp_path), check=False)
-    assert result.returncode != 0 and f"--engines: {engine!r}" in result.stderr
-    assert not list(tmp_path.iterdir())

@@ -3,6 +3,7 @@ a short run through the Trainer."""
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from cocord_fast.training.resume import config_for_resume
 from cocord_fast.training.trainer import Trainer, train
 
 from formulas import reference_nce, reference_step
+from launch import train_losses
 from markers import BACKENDS
 
 N_DATA, K, E, B, D_S, D_T, TAU, MOMENTUM = 50, 7, 8, 4, 5, 6, 0.07, 0.5
@@ -207,26 +209,43 @@ def test_sampler_rejects_more_negatives_than_the_pool():
 
 
 # ------------------------------------------------------ the method
-def make_crd(loss_kd: float = 0.0, num_data: int = 32) -> CRD:
+NUM_DATA = 32
+SYNTHETIC_TARGETS = np.arange(NUM_DATA) % 4
+
+
+def make_crd(loss_kd: float = 0.0) -> CRD:
     torch.manual_seed(0)
-    cfg = load_config(overrides=["method.name=crd", f"crd.loss_kd={loss_kd}", "crd.embed_dim=16"])
+    cfg = load_config(overrides=["method.name=crd", f"crd.loss_kd={loss_kd}", "crd.embed_dim=16",
+                                 "crd.num_negatives=10"])
     student, teacher = build_model("resnet8", 10), build_model("wrn_16_2", 10)  # d_s 64, d_t 128
-    return build_method("crd", cfg, student, teacher, num_data)
+    return build_method("crd", cfg, student, teacher, SYNTHETIC_TARGETS)
 
 
-def synthetic_batch(step: int, num_data: int = 32, batch: int = 8) -> Batch:
+def synthetic_batch(batch: int = 8) -> Batch:
     g = torch.Generator().manual_seed(100)
-    images = torch.randn(num_data, 3, 16, 16, generator=g)
-    targets = torch.arange(num_data) % 4
+    images = torch.randn(NUM_DATA, 3, 16, 16, generator=g)
     index = torch.arange(batch)
-    contrast = NegativeSampler(targets, 10, seed=0).sample(index, step)
-    return Batch([images[index]], targets[index], index, contrast)
+    return Batch([images[index]], torch.as_tensor(SYNTHETIC_TARGETS)[index], index)
 
 
 def test_registry_and_declarations():
     assert METHODS["crd"] is CRD and CRD.needs_teacher and CRD.num_views == 1
-    cfg = load_config(overrides=["crd.num_negatives=99"])
-    assert CRD.contrast_negatives(cfg) == 99 and METHODS["kd"].contrast_negatives(cfg) == 0
+    assert CRD.run_label(load_config()) == "CRD"
+    assert CRD.run_label(load_config(overrides=["crd.loss_kd=0.5"])) == "CRD+KD"
+
+
+def test_the_method_draws_its_negatives_from_the_seed_and_the_micro_batch_number():
+    method, seen = make_crd(), []
+    sample = method.negatives.sample
+    method.negatives.sample = lambda index, draw: seen.append(sample(index, draw)) or seen[-1]
+    batch = synthetic_batch()
+    for number in (0, 5, 5):
+        method.begin_micro_batch(number)
+        method(batch)
+    expected = NegativeSampler(SYNTHETIC_TARGETS, 10, seed=0).sample(batch.index, 5)
+    assert torch.equal(seen[1], expected) and torch.equal(seen[2], expected)
+    assert not torch.equal(seen[0], seen[1])
+    assert seen[1].shape == (8, 11) and torch.equal(seen[1][:, 0], batch.index)
 
 
 def test_trainable_module_is_student_and_heads():
@@ -246,7 +265,7 @@ def test_steps_lower_the_loss_and_leave_the_teacher_alone():
     assert not method.teacher_encoder.training
     teacher_before = {k: v.clone() for k, v in method.teacher_encoder.state_dict().items()}
     optimizer = torch.optim.SGD(method.trainable_module().parameters(), lr=0.05, momentum=0.9)
-    batch, losses = synthetic_batch(0), []
+    batch, losses = synthetic_batch(), []
     for _ in range(6):
         out = method(batch)
         assert set(out.metrics) == {"loss_cls", "loss_crd", "loss_kd"}
@@ -262,7 +281,7 @@ def test_steps_lower_the_loss_and_leave_the_teacher_alone():
 
 def test_runs_in_float64_and_under_bf16_autocast():
     method = make_crd().double()
-    batch = synthetic_batch(0)
+    batch = synthetic_batch()
     batch.views = [v.double() for v in batch.views]
     out = method(batch)
     assert out.loss.dtype == torch.float64 and set(out.metrics) == {"loss_cls", "loss_crd"}
@@ -270,7 +289,7 @@ def test_runs_in_float64_and_under_bf16_autocast():
 
     method = make_crd()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = method(synthetic_batch(0))
+        out = method(synthetic_batch())
     assert torch.isfinite(out.loss)
     assert method.crd.student_memory.dtype == torch.float32
     assert method.crd.teacher_normalizer.dtype == torch.float32
@@ -300,10 +319,8 @@ def test_trainer_runs_crd_and_resumes_with_the_same_negatives(crd_overrides, tmp
     torch.manual_seed(999)
     train(config_for_resume(tmp_path / "split", ["train.max_steps=3"]))
 
-    def losses(run):
-        return {r["step"]: r["loss"] for r in read_log(tmp_path / run) if r["kind"] == "train"}
 
-    assert losses("split") == losses("full")
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "full")
 
 
 def test_trainer_rejects_too_many_negatives(crd_overrides):

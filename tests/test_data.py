@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 from cocord_fast.config import DataConfig
 from cocord_fast.data import Batch, build_loaders
 from cocord_fast.data.order import derived_seed
-from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
 from cocord_fast.data.sources import CIFAR100, open_source
+from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
 from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, build_recipe
 from cocord_fast.errors import UserError
 
@@ -173,9 +173,10 @@ def test_loaders_yield_batches_with_normalised_views(tiny_demo_root):
 
 
 def test_batch_moves_every_tensor():
-    batch = Batch([torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long), torch.arange(2), None)
+    batch = Batch([torch.zeros(2, 3)], torch.zeros(2, dtype=torch.long), torch.arange(2),
+                  replaced=torch.tensor([False, True]))
     moved = batch.to(torch.device("cpu"))
-    assert moved.contrast_index is None and torch.equal(moved.index, batch.index)
+    assert torch.equal(moved.index, batch.index) and torch.equal(moved.replaced, batch.replaced)
     assert len(moved) == 2
 
 

@@ -1,15 +1,22 @@
-"""The torch engine in one process (gradient accumulation, clipping), what a rank is given
-(its evaluation shard, its own CRD negatives) and checkpoints of the single-process layout."""
+"""The torch engine in one process (gradient accumulation, clipping), what each engine answers
+for itself (layout, group of one), what a rank is given (its evaluation shard, its own CRD
+negatives) and checkpoints of the single-process layout."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from cocord_fast import distributed
 from cocord_fast.checkpoints.files import FORMAT, load_checkpoint
 from cocord_fast.config import load_config
-from cocord_fast.data import build_loaders
+from cocord_fast.data import IMAGE_LAYOUT, build_loaders
+from cocord_fast.engines import ENGINES, join_processes
 from cocord_fast.errors import UserError
+from cocord_fast.methods import build_method
 from cocord_fast.methods.crd_negatives import NegativeSampler
+from cocord_fast.models import build_model
+from cocord_fast.training.acceleration import prepare
 from cocord_fast.training.metrics import MetricAccumulator
 from cocord_fast.training.trainer import Trainer
 
@@ -100,3 +107,28 @@ def test_metric_totals_are_summed_beside_the_means():
     acc.add({"loss": torch.tensor(1.0)})
     acc.add({"loss": torch.tensor(2.0)})
     assert acc.pop(totals={"skipped_files": 3}) == {"loss": 1.5, "skipped_files": 3}
+
+
+def test_the_layout_and_the_group_of_one_are_each_engines_own_answers(monkeypatch):
+    assert ENGINES["torch"].holds_channels_last and not ENGINES["deepspeed"].holds_channels_last
+    assert ENGINES["deepspeed"].needs_group_of_one and not ENGINES["torch"].needs_group_of_one
+
+    def conv_layouts(holds_channels_last: bool) -> tuple[bool, bool]:
+        """(student's, teacher's) first conv weight channels-last after `prepare`."""
+        engine = type("Engine", (), {"holds_channels_last": holds_channels_last})
+        method = build_method("kd", load_config(), build_model("resnet8", 10),
+                              build_model("resnet8", 10), np.zeros(0))
+        prepare(method, torch.device("cpu"), False, engine)
+        return tuple(next(p for p in module.parameters() if p.dim() == 4)
+                     .is_contiguous(memory_format=IMAGE_LAYOUT)
+                     for module in (method.student_encoder, method.teacher_encoder))
+
+    assert conv_layouts(True) == (True, True)
+    assert conv_layouts(False) == (False, True)  # the frozen teacher only
+
+    asked = []
+    monkeypatch.setattr(distributed, "init",
+                        lambda device, timeout_s, group_of_one: asked.append(group_of_one))
+    monkeypatch.setitem(ENGINES, "torch", type("Engine", (), {"needs_group_of_one": True}))
+    join_processes(load_config(), torch.device("cpu"))
+    assert asked == [True]

@@ -78,10 +78,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_overrides, tmp_
     torch.manual_seed(999)  # a resumed process starts with other RNG state
     train(config_for_resume(tmp_path / "split", ["train.max_steps=0"]))
 
-    def losses(run):
-        return {r["step"]: r["loss"] for r in read_log(tmp_path / run) if r["kind"] == "train"}
 
-    assert losses("split") == losses("full")  # bit-identical, steps 1..14
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "full")  # bit-identical
     a, b = (load_checkpoint(tmp_path / run / "last.pt")["method"] for run in ("full", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The eval at step 5 (the stop) is kept; the log has no duplicate train records.
@@ -158,10 +156,8 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tiny_overrides, 
     assert f"corrupt or truncated checkpoint {run / 'last.pt'}" in out
     assert "resuming from" in out and "step_00000008.pt (step 8)" in out
 
-    def losses(name):
-        return {r["step"]: r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"}
 
-    assert losses("run") == losses("full")
+    assert train_losses(tmp_path / "run") == train_losses(tmp_path / "full")
 
 
 def test_a_run_whose_checkpoints_are_all_damaged_is_not_restarted(tiny_overrides, tmp_path):
@@ -212,8 +208,6 @@ def test_every_method_resumes_exactly_mid_epoch_and_at_an_epoch_boundary(tiny_ov
         "cocord.proj_hidden_dim=16", "cocord.pred_hidden_dim=8", "crd.num_negatives=16",
         "crd.embed_dim=16"]
 
-    def losses(name):
-        return {r["step"]: r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"}
 
     train(load_config(overrides=overrides + [f"train.output_dir={tmp_path / 'full'}"]))
     full = load_checkpoint(tmp_path / "full" / "last.pt")["method"]
@@ -223,7 +217,8 @@ def test_every_method_resumes_exactly_mid_epoch_and_at_an_epoch_boundary(tiny_ov
                                                  f"train.max_steps={stop}"]))
         torch.manual_seed(999)  # a resumed process starts with other RNG state
         train(config_for_resume(run, ["train.max_steps=0"]))
-        assert losses(run.name) == losses("full") and len(losses("full")) == 14
+        full_losses = train_losses(tmp_path / "full")
+        assert train_losses(run) == full_losses and len(full_losses) == 14
         resumed = load_checkpoint(run / "last.pt")["method"]
         assert all(torch.equal(resumed[k], full[k]) for k in full), stop
 

@@ -19,11 +19,12 @@ from ..config import load_config
 from ..data import Batch
 from ..data.build import resolve_root
 from ..data.sources import open_source
-from ..engines.base import autocast
+from ..engines import autocast
+from ..methods import EncoderPasses
 from ..training.acceleration import compiled_graphs
 from ..training.trainer import Trainer
 from .clock import StepClock, synchronize
-from .floor import FLOORS, FloorRecipe, floor_networks, floor_step
+from .floor import floor_networks, floor_step
 from .settings import BenchSettings
 from .synthetic import CIFAR_CLASSES, resident_batch, write_random_teacher, write_synthetic_cifar
 from .telemetry import Telemetry
@@ -99,7 +100,7 @@ def build_entries(settings: BenchSettings, device: torch.device, work: Path) -> 
     teacher = work / "teacher.pth"
     write_random_teacher(settings.teacher, num_classes, teacher)
     entries: list[Entry] = []
-    floors: dict[FloorRecipe, Entry] = {}
+    floors: dict[EncoderPasses, Entry] = {}
     for number, name in enumerate(settings.methods, 1):
         started = time.perf_counter()
         trainer = Trainer(load_config(overrides=settings.trainer_overrides(
@@ -112,24 +113,24 @@ def build_entries(settings: BenchSettings, device: torch.device, work: Path) -> 
                                trainer.loaders.num_train, device)
         batches = (itertools.repeat(batch) if settings.data == "resident"
                    else loader_batches(trainer))
-        recipe = FLOORS[name]
-        new_floor = recipe not in floors
+        passes = type(trainer.method).encoder_passes
+        new_floor = passes not in floors
         if new_floor:  # on this method's networks and batch
-            networks = floor_networks(trainer.method, recipe)
-            floors[recipe] = Entry(
-                recipe.name,
-                partial(floor_step, recipe, networks, batch.views,
+            networks = floor_networks(trainer.method, passes)
+            floors[passes] = Entry(
+                passes.name,
+                partial(floor_step, passes, networks, batch.views,
                         partial(autocast, trainer.cfg, device)),
                 settings.batch_size,
                 held=partial(tensor_bytes, [t for network in networks.values()
                                             for t in network.state_dict(keep_vars=True).values()]))
-        floors[recipe].floor_of.append(name)
+        floors[passes].floor_of.append(name)
         images = settings.batch_size * trainer.accumulation
         entries.append(Entry(name, partial(method_step, trainer, batches), images, trainer,
-                             recipe.name, held=partial(trainer_held_bytes, trainer),
+                             passes.name, held=partial(trainer_held_bytes, trainer),
                              build_s=build_s))
         if new_floor:
-            entries.append(floors[recipe])
+            entries.append(floors[passes])
     return entries
 
 

@@ -8,7 +8,7 @@ import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -168,18 +168,26 @@ def load_model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def fit_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                 shown_as: Callable[[str], str] = str) -> list[str]:
+    """What keeps `state` from loading strictly into a module whose state dict is `own`:
+    missing, unexpected and mis-shaped keys, each named by `shown_as` (the file's naming)."""
+    missing = [shown_as(k) for k in own if k not in state]
+    unexpected = [shown_as(k) for k in state if k not in own]
+    mismatched = [f"{shown_as(k)} {tuple(state[k].shape)} (the model's: {tuple(own[k].shape)})"
+                  for k in own if k in state and own[k].shape != state[k].shape]
+    return [f"{label}: {_some(keys)}" for label, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("shape mismatch", mismatched)) if keys]
+
+
+def _some(keys: list[str], shown: int = 8) -> str:
+    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+
+
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """`load_state_dict(strict=True)` with an error that names the file and the keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        def some(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        problems = [f"{label}: {some(keys)}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected),
-                     ("shape mismatch", mismatched)) if keys]
+    if problems := fit_problems(model.state_dict(), state):
         raise UserError(f"weights in {source} do not fit {type(model).__name__}: "
                         + "; ".join(problems))
     model.load_state_dict(state, strict=True)

@@ -7,10 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-
-# The memory layout of image batches and conv weights, on every device: cuDNN's convolutions
-# ran a bf16 ResNet-18/34 step about 2x faster in it on an H100, and oneDNN's every CIFAR zoo
-# model's fp32 step 1.04x (ShuffleV2) to 1.5x (MobileNetV2) faster on 2 CPU cores.
+# The memory layout of image batches and conv weights, on every device: cuDNN's and oneDNN's
+# convolutions ran every model measured faster in it (README, "Speed").
 IMAGE_LAYOUT = torch.channels_last
 
 
@@ -20,8 +18,7 @@ class Batch:
 
     views: `num_views` tensors of shape (B, C, H, W): independent augmentations of the same images.
     labels: (B,) class indices of the images. index: (B,) the dataset indices the rows stand
-    for in the epoch's order. contrast_index: (B, K+1) CRD's positive-then-negative dataset
-    indices, when the loader samples them.
+    for in the epoch's order.
     skipped: unreadable files the loader replaced (training) or dropped (evaluation) in this
     batch, with `data.skip_corrupt=true`. replaced: (B,) bool, training only, True where the
     image (and label) is the next readable file's, standing in for the unreadable file at
@@ -31,7 +28,6 @@ class Batch:
     views: list[Tensor]
     labels: Tensor
     index: Tensor | None = None
-    contrast_index: Tensor | None = None
     skipped: tuple[str, ...] = ()
     replaced: Tensor | None = None
 
@@ -50,4 +46,4 @@ class Batch:
             return None if t is None else move(t)
 
         return Batch([move(v) for v in self.views], move(self.labels), maybe(self.index),
-                     maybe(self.contrast_index), self.skipped, maybe(self.replaced))
+                     self.skipped, maybe(self.replaced))

@@ -1,9 +1,10 @@
-"""The contract between the training loop and a method (DESIGN.md, "Data flow of one run")."""
+"""The contract between the training loop and a method (docs/DESIGN.md, "One training step")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import Tensor, nn
 
 from ..config import Config
@@ -18,25 +19,47 @@ class StepOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EncoderPasses:
+    """The passes one step of a method makes through its encoders (METHOD.md): what the bench
+    times alone as the method's floor."""
+
+    student: int  # forward and backward
+    slow_student: int = 0  # forward, no gradient (CoCoRD's momentum copy, training mode)
+    teacher: int = 0  # forward, no gradient (eval mode)
+
+    @property
+    def name(self) -> str:
+        parts = [f"student fwd+bwd x{self.student}"]
+        if self.slow_student:
+            parts.append(f"slow student fwd x{self.slow_student}")
+        if self.teacher:
+            parts.append(f"teacher fwd x{self.teacher}")
+        return ", ".join(parts)
+
+
 class Method(nn.Module):
     """A training method. The loop never branches on which one it runs.
 
-    Declarations the loop reads before building anything: `num_views` (augmented views per
-    image) and `needs_teacher`.
+    Declarations read before anything is built: `num_views` (augmented views per image),
+    `needs_teacher`, `label` (its name in tables) and `encoder_passes`.
     """
 
     num_views: int = 1
     needs_teacher: bool = False
+    label: str = ""
+    encoder_passes = EncoderPasses(student=1)
 
     @classmethod
     def from_config(cls, cfg: Config, student: nn.Module, teacher: nn.Module | None,
-                    num_data: int) -> Method:
+                    train_targets: np.ndarray) -> Method:
+        """`train_targets`: (N,) the class of every training sample."""
         raise NotImplementedError
 
     @classmethod
-    def contrast_negatives(cls, cfg: Config) -> int:
-        """Negatives per sample the loop must draw into `batch.contrast_index` (CRD); 0: none."""
-        return 0
+    def run_label(cls, cfg: Config) -> str:
+        """The method's name in tables, with what `cfg` adds to it (e.g. CoCoRD+KD)."""
+        return cls.label
 
     def trainable_module(self) -> nn.Module:
         """The only parameters the optimizer (and any wrapping engine) sees."""
@@ -55,6 +78,11 @@ class Method(nn.Module):
         """Modules neither the optimizer nor a momentum update writes (the teacher): free to
         take a layout the engine cannot give the trainable part."""
         return []
+
+    def begin_micro_batch(self, number: int) -> None:
+        """Runs before each micro-batch's forward. `number` counts the run's micro-batches
+        (step x optim.grad_accum_steps + i), the same after a resume: what a method draws
+        from it is drawn again identically."""
 
     def forward(self, batch: Batch) -> StepOutput:
         raise NotImplementedError

@@ -1,27 +1,23 @@
-"""CoCoRD (Fu, Yang, Yang): contrastive consistent representation distillation, METHOD.md §1.
-
-Also the import of checkpoints written by the reference implementation (ShipengFu/CoCoRD).
-"""
+"""CoCoRD (Fu, Yang, Yang): contrastive consistent representation distillation, METHOD.md §1."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import CoCoRDConfig, Config, merge
+from ..config import CoCoRDConfig, Config
 from ..data import Batch
 from ..errors import UserError
 from ..kernels import momentum_update_, queue_infonce
-from ..models import build_model
-from .base import StepOutput
+from .base import EncoderPasses, StepOutput
 from .distiller import Distiller
 from .heads import build_predictor, build_projector
-from .losses import kd_loss
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -77,6 +73,10 @@ class CoCoRD(Distiller):
     """
 
     num_views = 3
+    label = "CoCoRD"
+    # x_s and x'_s through the student and, swapped, through its slow copy; x_t (and x_s
+    # for KD, in the same batched forward) through the teacher.
+    encoder_passes = EncoderPasses(student=2, slow_student=2, teacher=1)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, config: CoCoRDConfig,
                  kernels: str = "auto"):
@@ -112,10 +112,14 @@ class CoCoRD(Distiller):
 
     @classmethod
     def from_config(cls, cfg: Config, student: nn.Module, teacher: nn.Module | None,
-                    num_data: int) -> CoCoRD:
+                    train_targets: np.ndarray) -> CoCoRD:
         if teacher is None:
             raise UserError("method.name=cocord needs model.teacher and model.teacher_checkpoint")
         return cls(student, teacher, cfg.cocord, cfg.train.kernels)
+
+    @classmethod
+    def run_label(cls, cfg: Config) -> str:
+        return cls.label + "+KD" * (cfg.cocord.loss_kd > 0)
 
     def trainable_module(self) -> nn.Module:
         return self._trainable
@@ -156,14 +160,12 @@ class CoCoRD(Distiller):
         loss_pred = (prediction_loss(p, t) + prediction_loss(p2, t2)).mean()
         loss_cls = F.cross_entropy(logits, batch.labels)
         loss = c.loss_ctr * loss_ctr + c.loss_cls * loss_cls + c.loss_pred * loss_pred
-        metrics = {"loss_cls": loss_cls.detach(), "loss_ctr": loss_ctr.detach(),
-                   "loss_pred": loss_pred.detach(), "ctr_top1": ctr_top1}
+        out = StepOutput(loss, {"loss_cls": loss_cls.detach(), "loss_ctr": loss_ctr.detach(),
+                                "loss_pred": loss_pred.detach(), "ctr_top1": ctr_top1})
         if use_kd:
-            teacher_logits = self.teacher_encoder.forward_head(teacher_features[len(x_t):])
-            loss_kd = kd_loss(logits, teacher_logits, c.kd_temperature)
-            loss = loss + c.loss_kd * loss_kd
-            metrics["loss_kd"] = loss_kd.detach()
-        return StepOutput(loss, metrics)
+            out = self.with_kd(out, logits, teacher_features[len(x_t):], c.loss_kd,
+                               c.kd_temperature)
+        return out
 
     @torch.no_grad()
     def enqueue_(self, keys: Tensor) -> None:
@@ -187,7 +189,7 @@ class CoCoRD(Distiller):
     def momentum_pairs(self) -> tuple[list[Tensor], list[Tensor], list[float]]:
         """(targets, sources, momenta) of every EMA pair: parameters only, never BN buffers.
 
-        Listed once: walking the modules costs ~0.3 ms a step for ResNet-50. The parameter
+        Listed once: walking the modules cost ~0.3 ms a step for ResNet-50 (2026-11-26, 52df6b6). The parameter
         objects stay; engines and layouts that move their storage move it under them."""
         if self._momentum_pairs is None:
             self._momentum_pairs = self._list_momentum_pairs()
@@ -220,112 +222,3 @@ class CoCoRD(Distiller):
         # the student's weights as they are now (METHOD.md, step 3; also correct under
         # gradient accumulation). The first call after init changes nothing: copies == sources.
         momentum_update_(*self.momentum_pairs(), impl=self.kernels)
-
-
-# Reference module name -> ours; the heads share the inner layout (Sequential 0, 1, 3).
-REFERENCE_PREFIXES = {
-    "s_q_encoder.": "student_encoder.",
-    "s_q_proj.": "student_projector.",
-    "s_q_pred.": "predictor.",
-    "s_k_encoder.": "slow_encoder.",
-    "s_k_proj.": "slow_projector.",
-    "t_k_encoder.": "teacher_encoder.",
-    "t_k_proj.": "teacher_projector.",
-}
-
-
-def unwrap_reference_checkpoint(obj: Any,
-                                source: str = "reference checkpoint") -> dict[str, Tensor]:
-    """The model state dict inside a reference checkpoint.
-
-    The reference's main.py saves `{'epoch', 's_model_dict', 'state_dict', 'best_acc1'}` with
-    the whole CoCoRD module's state dict under 'state_dict'; 'model' and a bare state dict are
-    accepted too, and a DataParallel 'module.' prefix is removed.
-    """
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise UserError(f"{source} holds no state dict (expected {{'state_dict': ...}}, "
-                        f"{{'model': ...}} or a state dict of tensors)")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _reference_shapes(state: dict[str, Tensor]) -> dict[str, int]:
-    """The settings a reference state dict fixes by its shapes (queue is (E, N))."""
-    found = {}
-    if "queue" in state and state["queue"].ndim == 2:
-        found["embed_dim"], found["queue_size"] = state["queue"].shape
-    if "s_q_proj.0.weight" in state:
-        found["proj_hidden_dim"] = state["s_q_proj.0.weight"].shape[0]
-    if "s_q_pred.0.weight" in state:
-        found["pred_hidden_dim"] = state["s_q_pred.0.weight"].shape[0]
-    return {k: int(v) for k, v in found.items()}
-
-
-def _to_reference_name(key: str) -> str:
-    for theirs, ours in REFERENCE_PREFIXES.items():
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return key
-
-
-def from_reference(ref_state_dict: dict[str, Any], student: str, teacher: str, num_classes: int,
-                   **config_overrides: Any) -> CoCoRD:
-    """A CoCoRD whose weights, slow copies, teacher, teacher head, queue and pointer are those
-    of a reference-implementation checkpoint.
-
-    The cocord settings are the defaults, then what the reference tensors' shapes fix
-    (queue_size, embed_dim, proj_hidden_dim, pred_hidden_dim), then `config_overrides` (cocord
-    key names; the reference's T, momentum, b_momentum, loss_* are not in its checkpoint).
-    """
-    state = unwrap_reference_checkpoint(ref_state_dict)
-    cfg = Config()
-    merge(cfg, {"cocord": {**_reference_shapes(state), **config_overrides}}, "reference import")
-    method = CoCoRD(build_model(student, num_classes), build_model(teacher, num_classes),
-                    cfg.cocord)
-    converted, origin, unexpected = {}, {}, []
-    for key, value in state.items():
-        if key == "queue" and value.ndim == 2:
-            ours, value = key, value.T.contiguous()  # reference (E, N) -> ours (N, E)
-        elif key == "queue_ptr" and value.numel() == 1:
-            ours, value = key, value.reshape(())  # reference (1,) -> ours ()
-        elif prefix := next((p for p in REFERENCE_PREFIXES if key.startswith(p)), None):
-            ours = REFERENCE_PREFIXES[prefix] + key[len(prefix):]
-        else:
-            unexpected.append(key)
-            continue
-        converted[ours], origin[ours] = value, key
-    own = method.state_dict()
-    unexpected += [origin[k] for k in converted if k not in own]
-    missing = [_to_reference_name(k) for k in own if k not in converted]
-    mismatched = [f"{origin[k]} {tuple(state[origin[k]].shape)}"
-                  for k in own if k in converted and converted[k].shape != own[k].shape]
-    problems = [f"{label}: {_some(keys)}" for label, keys in (
-        ("missing keys", missing), ("unexpected keys", unexpected),
-        ("keys whose shape does not fit", mismatched)) if keys]
-    if problems:
-        raise UserError(f"reference checkpoint does not fit CoCoRD({student} <- {teacher}, "
-                        f"{num_classes} classes, {_describe(method.config)}): "
-                        + "; ".join(problems))
-    pointer = int(converted["queue_ptr"])
-    if not 0 <= pointer < method.config.queue_size:
-        raise UserError(f"reference checkpoint: queue_ptr {pointer} is outside the queue "
-                        f"(size {method.config.queue_size})")
-    method.load_state_dict(converted, strict=True)
-    return method
-
-
-def _describe(config: CoCoRDConfig) -> str:
-    return (f"queue_size={config.queue_size}, embed_dim={config.embed_dim}, "
-            f"proj_hidden_dim={config.proj_hidden_dim}, pred_hidden_dim={config.pred_hidden_dim}")
-
-
-def _some(keys: list[str], shown: int = 8) -> str:
-    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more

@@ -90,9 +90,12 @@ class NegativeSampler:
         return self._generator.manual_seed(derived_seed(self.seed, _STREAM + self.rank, draw))
 
     def sample(self, index: Tensor, draw: int) -> Tensor:
-        """(B,) dataset indices -> (B, K+1) int64 contrast indices on the sampler's device;
-        `draw` numbers the call (the micro-batch) within the run."""
-        index = index.to(self.targets.device, torch.long)
+        """(B,) dataset indices -> (B, K+1) int64 contrast indices, drawn on the indices'
+        device (the sampler moves there once); `draw` numbers the call (the micro-batch)
+        within the run."""
+        if index.device != self.targets.device:
+            self.to(index.device)
+        index = index.long()
         labels = self.targets[index]  # (B,)
         generator = self._seeded(draw)
         if self.with_replacement(len(index)):

@@ -1,9 +1,12 @@
-"""What every distillation method shares: a frozen teacher that always runs in eval mode."""
+"""What every distillation method shares: a frozen teacher that always runs in eval mode, and
+the KD term on its logits."""
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .base import Method
+from .base import Method, StepOutput
+from .losses import kd_loss
 
 
 class Distiller(Method):
@@ -27,3 +30,12 @@ class Distiller(Method):
         super().train(mode)
         self.teacher_encoder.eval()  # BatchNorm keeps the teacher's running statistics
         return self
+
+    def with_kd(self, out: StepOutput, logits: Tensor, teacher_features: Tensor, weight: float,
+                temperature: float) -> StepOutput:
+        """`out` plus `weight` x the KD term between the student's `logits` and the teacher's
+        logits on its pooled `teacher_features` (of the same images)."""
+        with torch.no_grad():
+            teacher_logits = self.teacher_encoder.forward_head(teacher_features)
+        loss_kd = kd_loss(logits, teacher_logits, temperature)
+        return StepOutput(out.loss + weight * loss_kd, {**out.metrics, "loss_kd": loss_kd.detach()})

@@ -1,18 +1,22 @@
 """Knowledge distillation (Hinton et al.): cross-entropy plus KL to the teacher's soft labels."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
 from ..data import Batch
-from .base import StepOutput
+from .base import EncoderPasses, StepOutput
 from .distiller import Distiller
 from .losses import kd_loss
 
 
 class KD(Distiller):
+    label = "KD"
+    encoder_passes = EncoderPasses(student=1, teacher=1)
+
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float,
                  loss_cls: float, loss_kd: float):
         super().__init__(student, teacher)
@@ -20,7 +24,7 @@ class KD(Distiller):
 
     @classmethod
     def from_config(cls, cfg: Config, student: nn.Module, teacher: nn.Module | None,
-                    num_data: int) -> KD:
+                    train_targets: np.ndarray) -> KD:
         return cls(student, teacher, cfg.kd.temperature, cfg.kd.loss_cls, cfg.kd.loss_kd)
 
     def trainable_module(self) -> nn.Module:

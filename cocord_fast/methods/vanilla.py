@@ -1,6 +1,7 @@
 """Plain cross-entropy training: baseline students, and how teachers are trained."""
 from __future__ import annotations
 
+import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
@@ -10,13 +11,15 @@ from .base import Method, StepOutput
 
 
 class Vanilla(Method):
+    label = "vanilla"
+
     def __init__(self, student: nn.Module):
         super().__init__()
         self.student_encoder = student
 
     @classmethod
     def from_config(cls, cfg: Config, student: nn.Module, teacher: nn.Module | None,
-                    num_data: int) -> Vanilla:
+                    train_targets: np.ndarray) -> Vanilla:
         return cls(student)
 
     def trainable_module(self) -> nn.Module:

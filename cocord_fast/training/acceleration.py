@@ -49,7 +49,7 @@ def compiled_graphs() -> int:
 def keep_freed_host_memory() -> None:
     """glibc hands blocks over 128 KiB (a CIFAR batch's activations are ~16 MiB) back to the
     system when freed, so every step faults their pages in again: ~20% of a resnet32x4 ->
-    resnet8x4 CoCoRD step on 2 cores. Raising the thresholds to glibc's largest keeps freed
+    resnet8x4 CoCoRD step on 2 cores (measured 2026-11-26 at 6b76c1d). Raising the thresholds to glibc's largest keeps freed
     blocks below 32 MiB for reuse; the process's memory stays at its peak, as a training
     process's does anyway. No effect with another C library."""
     libc = ctypes.util.find_library("c")

@@ -23,7 +23,6 @@ from ..engines import (autocast, build_engine, check_engine_config, engine_class
 from ..errors import UserError
 from ..kernels import implementations_used, triton_unavailable
 from ..methods import METHODS, Method, build_method
-from ..methods.crd_negatives import NegativeSampler
 from ..models import MODELS, build_model
 from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .evaluate import describe_samples, evaluate
@@ -112,10 +111,6 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"optim.grad_accum_steps={self.accumulation} is more than the "
                             f"{len(self.loaders.train)} batches of an epoch")
-        negatives = method_class.contrast_negatives(cfg)  # CRD's K; 0 for the other methods
-        self.negative_sampler = (NegativeSampler(self.loaders.train_targets, negatives,
-                                                 cfg.train.seed, self.device, rank=self.rank)
-                                 if negatives else None)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
@@ -123,7 +118,7 @@ class Trainer:
         teacher = (build_teacher(cfg, self.loaders.num_classes, resuming=checkpoint is not None)
                    if method_class.needs_teacher else None)
         self.method: Method = build_method(cfg.method.name, cfg, student, teacher,
-                                           self.loaders.num_train).to(self.device)
+                                           self.loaders.train_targets).to(self.device)
         if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
             self.method.load_state_dict(checkpoint["method"])
         # What no engine wraps (slow copies, random teacher head, queue, banks) must be equal
@@ -219,11 +214,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             self._report_skipped(batch)
             batch = batch.to(self.device, non_blocking=True)
-            if self.negative_sampler is not None:
-                # Drawn on the device from (seed, rank, micro-batch number): a resumed run
-                # draws the same negatives.
-                batch.contrast_index = self.negative_sampler.sample(
-                    batch.index, self.step * self.accumulation + i)
+            self.method.begin_micro_batch(self.step * self.accumulation + i)
             mark_step_begin(self.cfg.train.compile)
             out = self.engine.micro_step(batch, boundary=i == len(micro_batches) - 1)
             self.metrics.add({"loss": out.loss.detach(), **out.metrics})

@@ -1,4 +1,5 @@
 """CoCoRD with `train.kernels=triton` takes the same step as with the torch ops."""
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,8 @@ def one_step(kernels: str):
                                  "cocord.pred_hidden_dim=16", "cocord.student_momentum=0.5",
                                  "cocord.teacher_head_momentum=0.75"])
     torch.manual_seed(0)
-    method = build_method("cocord", cfg, build_model("resnet8", 10), build_model("resnet8", 10), 0)
+    method = build_method("cocord", cfg, build_model("resnet8", 10), build_model("resnet8", 10),
+                          np.zeros(0))
     method.train()
     g = torch.Generator().manual_seed(1)
     batch = Batch([torch.randn(6, 3, 16, 16, generator=g) for _ in range(3)],
