@@ -17,7 +17,7 @@ from cocord_fast.training.resume import config_for_resume
 from cocord_fast.training.trainer import Trainer, train
 
 from data_trees import write_identity_tree
-from test_cocord import reference_state
+from test_cocord_reference import reference_state
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_the_readme_import_recipe_runs_end_to_end(tmp_path, capsys):
     from cocord_fast.config import CoCoRDConfig
     from cocord_fast.methods.cocord import CoCoRD
 
-    from test_cocord import OURS
+    from test_cocord_reference import OURS
 
     heads = CoCoRDConfig(queue_size=32, embed_dim=16, proj_hidden_dim=16, pred_hidden_dim=8)
     ours = CoCoRD(build_model("resnet8", 100), build_model("resnet14", 100), heads).state_dict()
