@@ -88,6 +88,26 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(ns: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .data.sources import ImageFolder
+
+    root = Path(ns.root).expanduser()
+    splits = [split for split in ("train", "val") if (root / split).is_dir()]
+    if not splits:
+        raise UserError(f"{root} has no train/ or val/ folder (expected ROOT/train/<class>/... "
+                        f"and ROOT/val/<class>/...)")
+    for split in splits:
+        started = time.perf_counter()
+        source = ImageFolder(root / split)
+        where = source.measure_sizes(ns.threads)
+        print(f"{split}: {len(source)} images in {source.num_classes} classes, every size "
+              f"read, in {time.perf_counter() - started:.1f} s; index: {where}")
+    return 0
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .training.evaluate import describe_samples
     from .training.evaluate_checkpoint import evaluate_checkpoint
@@ -264,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="applied to every stage (e.g. data.backend=torch)")
     demo.set_defaults(func=cmd_demo)
+
+    index = sub.add_parser(
+        "index", help="index an ImageFolder data root ahead of a job (files, labels, sizes)",
+        description="Lists ROOT/train and ROOT/val once and reads every image's size from its "
+                    "header; runs then read the index instead of listing every file. It is "
+                    "written beside the data, or under the cache directory where that folder is "
+                    "not writable, and rebuilt by a run when a folder changed.")
+    index.add_argument("root", metavar="ROOT", help="the data root (data.root)")
+    index.add_argument("--threads", type=int, default=16,
+                       help="header reads in flight (default 16: file systems over a network "
+                            "want many)")
+    index.set_defaults(func=cmd_index)
 
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's student")
     evaluate.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")

@@ -1,5 +1,5 @@
 """The scripts in bench/ as users run them: gpu_check.sh's control flow and budget, data.py and
-engines.py (with and without DALI and DeepSpeed)."""
+engines.py (with and without DALI and DeepSpeed), index.py."""
 import json
 import os
 import subprocess
@@ -101,6 +101,15 @@ def test_data_bench_writes_a_tree_the_trainer_reads(tmp_path):
     train = open_source("imagefolder", tmp_path / "jpegs", train=True)
     assert len(train) == 6 and train.num_classes == 3
     assert len(open_source("imagefolder", tmp_path / "jpegs", train=False)) == 3
+
+
+def test_index_bench_times_the_listing_and_the_index_read(tmp_path):
+    run_bench_script("index.py", "--files", "300", "--classes", "3", "--repeats", "1",
+                     "--out", str(tmp_path))
+    report = json.loads(next(tmp_path.glob("index_*.json")).read_text())
+    assert report["files"] == 300 and report["index_bytes_per_file"] > 0
+    assert all(report[f"{row}_s"] > 0 and report[f"{row}_s_per_million"] > 0
+               for row in ("pathlib_listing", "scan", "index_read"))
 
 
 def test_data_bench_without_dali_times_torchvision_and_says_why(tmp_path):

@@ -337,7 +337,7 @@ def test_skip_corrupt_never_writes_a_row_twice_nor_the_unreadable_files_row(
     shutil.copytree(tiny_demo_root, root)
     orders = [set(epoch_order(120, 16, seed=0, epoch=e)[0].tolist()) for e in (0, 1)]
     bad_index = min(orders[0] & orders[1])  # trained in both epochs
-    bad = open_source("demo", root, train=True).files[bad_index]
+    bad = open_source("demo", root, train=True).path(bad_index)
     bad.write_bytes(bad.read_bytes()[:200])
     written = []
     refresh = CRDLoss._refresh_

@@ -153,7 +153,7 @@ def test_one_pipeline_serves_every_epoch_in_the_per_epoch_order_of_each_rank(ide
             assert [b.index.tolist() for b in batches] == expected.tolist()
             for batch in batches:  # the views are of the files the indices name
                 ids, _ = decode_identity(torch.cat(batch.views), *IMAGENET)
-                assert ids.tolist() == [file_id(source.files[i]) for i in batch.index] * 2
+                assert ids.tolist() == [file_id(source.path(i)) for i in batch.index] * 2
         for _ in range(2):
             assert sum(len(b) for b in loaders.val) == 3  # rank's half of the 6 images
     assert pipeline_builds == {"training": 2, "eval": 2}  # one of each per loader
@@ -190,7 +190,7 @@ def test_a_corrupt_file_rebuilds_the_pipeline_once_and_its_epoch_still_resumes_e
     root = tmp_path / "data"
     shutil.copytree(identity_tree, root)
     source = open_source("imagefolder", root, train=True)
-    bad = source.files[int(epoch_order(12, 2, seed=5, epoch=0)[0, 7])]  # in batch 3 of 6
+    bad = source.path(int(epoch_order(12, 2, seed=5, epoch=0)[0, 7]))  # in batch 3 of 6
     bad.write_bytes(bad.read_bytes()[:300])
     loaders = identity_loaders(root, skip_corrupt=True)
     full = []

@@ -67,7 +67,7 @@ def test_image_folder_labels_follow_sorted_class_folders(tmp_path):
     make_tree(tmp_path / "val", classes=("zebra", "ant"))
     source = open_source("imagefolder", tmp_path, train=True)
     assert source.classes == ["ant", "zebra"]
-    labels = {source.files[i].parent.name: source.load(i)[1] for i in range(len(source))}
+    labels = {source.path(i).parent.name: source.load(i)[1] for i in range(len(source))}
     assert labels == {"ant": 0, "zebra": 1}
 
 
@@ -192,7 +192,7 @@ def test_an_io_error_is_named_as_such_and_never_skipped_as_a_damaged_image(tiny_
         raise OSError(errno.EIO, "Input/output error", str(path))
 
     monkeypatch.setattr(sources.Image, "open", failing_disk)
-    for read in (lambda: source.load(0), lambda: sources.decode_error(source.files[0])):
+    for read in (lambda: source.load(0), lambda: sources.decode_error(source.path(0))):
         with pytest.raises(UserError, match=r"cannot read .*: Input/output error \(an I/O "
                                             r"error, not a damaged image") as caught:
             read()

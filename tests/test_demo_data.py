@@ -13,7 +13,7 @@ def test_demo_tree_has_every_class_in_both_splits(tiny_demo_root):
     assert np.bincount(train.targets).tolist() == [12] * 10
     assert np.bincount(val.targets).tolist() == [4] * 10
     image, _ = train.load(0)
-    assert image.size == (32, 32) and train.files[0].suffix == ".jpg"
+    assert image.size == (32, 32) and train.path(0).suffix == ".jpg"
 
 
 def test_generation_is_deterministic_and_classes_differ():

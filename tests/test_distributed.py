@@ -219,7 +219,7 @@ def test_a_file_one_rank_cannot_read_stops_every_rank_after_the_last_step_all_ca
     data = work / "damaged_data"
     shutil.copytree(ddp["root"], data)
     rank1_step3 = epoch_order(120, PER_RANK_BATCH, 0, 0, world_size=2)[1][2 * PER_RANK_BATCH]
-    damaged = open_source("demo", data, train=True).files[int(rank1_step3)]
+    damaged = open_source("demo", data, train=True).path(int(rank1_step3))
     intact = damaged.read_bytes()
     damaged.write_bytes(b"not a jpeg")
     run = work / "failing"

@@ -233,8 +233,8 @@ def test_an_unreadable_file_mid_run_saves_the_last_step_and_the_fixed_run_resume
     shutil.copytree(tiny_demo_root, root)
     overrides = tiny_overrides + [f"data.root={root}", f"data.backend={backend}"]
     train(load_config(overrides=overrides + [f"train.output_dir={tmp_path / 'full'}"]))
-    bad = open_source("demo", root, train=True).files[int(epoch_order(120, 16, seed=0,
-                                                                      epoch=0)[0][3 * 16])]
+    bad = open_source("demo", root, train=True).path(int(epoch_order(120, 16, seed=0,
+                                                                     epoch=0)[0][3 * 16]))
     intact = bad.read_bytes()
     bad.write_bytes(intact[:200])
     run = tmp_path / "stopped"

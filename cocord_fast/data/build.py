@@ -13,10 +13,12 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import DataConfig
 from ..errors import UserError
 from .batch import Batch
 from .demo import ensure_demo_dataset
+from .folder_index import open_index
 from .sources import open_source
 from .transforms import build_recipe
 
@@ -64,6 +66,19 @@ def resolve_backend(backend: str) -> str:
         raise UserError("data.backend=dali, but NVIDIA DALI is not installed (pip install "
                         "'cocord_fast[dali]'), or set data.backend=torch")
     return backend
+
+
+def prepare_sources(cfg: DataConfig) -> Path:
+    """Makes the demo data set if it is missing, and the index of each ImageFolder split
+    (folder_index.py) if it is missing or stale; returns the data root. Under a launcher rank
+    0 does it while the others wait: they then read its index instead of listing every file."""
+    with distributed.main_first():
+        root = resolve_root(cfg)
+        if cfg.dataset != "cifar100":
+            for split in ("train", "val"):
+                if (root / split).is_dir():
+                    open_index(root / split)
+    return root
 
 
 def resolve_root(cfg: DataConfig) -> Path:

@@ -17,14 +17,15 @@ decoded with nothing to overlap it (DALI stops prefetching at an epoch's end: th
 `start` is not known yet).
 
 Why this design: a file-reader pipeline built per epoch (as before) paid a build and a cold
-queue at every epoch (measured 2026-11-26 at 09f19d1): on an H100 any throughput window holding an epoch boundary fell to ~350
-img/s; on 2 CPU threads (`bench/data.py`) `start(epoch)` to the first batch took 0.105 s (1
-view) and 0.21-0.24 s (3 views) against 0.041 s and 0.07-0.09 s now, and the steady rate over
-8-batch epochs rose from ~780 to ~1,010 img/s (1 view). Keeping DALI's random operators in one
-pipeline would have tied an epoch's crops to every batch drawn before it, so that a resume at
-an epoch boundary would need a DALI checkpoint there too. The host pays for reading the
-files' bytes (in parallel, `DaliFeed.images`), each header once (`DaliFeed.image_sizes`) and
-a few vectorised numpy draws per batch.
+queue at every epoch. Measured 2026-11-26 at 09f19d1: on an H100 any throughput window holding
+an epoch boundary fell to ~350 img/s; on 2 CPU threads (`bench/data.py`) `start(epoch)` to the
+first batch took 0.105 s (1 view) and 0.21-0.24 s (3 views) against 0.041 s and 0.07-0.09 s
+after, and the steady rate over 8-batch epochs rose from ~780 to ~1,010 img/s (1 view).
+Keeping DALI's random operators in one pipeline would have tied an epoch's crops to every batch
+drawn before it, so that a resume at an epoch boundary would need a DALI checkpoint there too.
+The host pays for reading the files' bytes (in parallel, `DaliFeed.images`), each header once
+unless the folder's index holds the sizes (`DaliFeed.image_sizes`, `cocord-fast index`) and a
+few vectorised numpy draws per batch.
 
 A pipeline is rebuilt only when it cannot be reset: after a decode failure (DALI's pipeline is
 then invalid), and when an iteration was left unfinished (its prefetched batches are still
@@ -37,7 +38,6 @@ pipeline is rebuilt from that batch on.
 """
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Iterator
@@ -45,13 +45,12 @@ from typing import Iterator
 import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image
 
 from ..errors import UserError
 from .batch import Batch
 from .dali_pipeline import DaliRecipe, eval_pipeline, training_pipeline
 from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
-from .sources import CIFAR100, DECODE_ERRORS, decode_error, io_failure
+from .sources import CIFAR100, decode_error, header_size, io_failure
 
 # How many batches past the failing one DALI may have been working on: its prefetch queue
 # (depth 2), and one more for safety.
@@ -68,38 +67,36 @@ class DaliFeed:
         self.dtype = dtype if self.gpu else torch.float32
         self.recipe = DaliRecipe(dataset, image_size)
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
-        self.files = None if isinstance(source, CIFAR100) else [str(f) for f in source.files]
-        if self.files is not None:
+        self.encoded = not isinstance(source, CIFAR100)  # files to decode, or pixel arrays
+        if self.encoded:
             # File reads release the GIL: a batch's files are read in parallel, while the
             # training thread (which runs DALI's external source) waits.
             self.reader = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-read")
-            # (height, width) from each file's header, read once (-1: not yet).
-            self.sizes = np.full((len(self.files), 2), -1, np.int64)
+            # (height, width) of each image: the index's (`cocord-fast index` measures them
+            # all), else read from each file's header once (-1: not yet).
+            self.sizes = source.sizes.copy()
+
+    def file(self, index: int) -> str:
+        return str(self.source.path(index))
 
     def images(self, indices: list[int]) -> np.ndarray | list[np.ndarray]:
         """(B, H, W, 3) uint8 arrays (CIFAR), or the B files' bytes."""
-        if self.files is None:
+        if not self.encoded:
             return np.ascontiguousarray(self.source.images[indices])
         return list(self.reader.map(self._read, indices))
 
     def _read(self, index: int) -> np.ndarray:
-        path = self.files[index]
+        path = self.file(index)
         try:
             return np.fromfile(path, dtype=np.uint8)
         except OSError as err:
             raise io_failure(path, err) or UserError(f"cannot read {path}: {err}") from None
 
     def image_sizes(self, indices: list[int], encoded: list[np.ndarray]) -> np.ndarray:
-        """(B, 2) (height, width) of the decoded images, from the files' headers. A header PIL
-        cannot read counts as 1x1 (a whole-image crop): DALI's decoder then names the file,
-        or decodes a format PIL does not know."""
+        """(B, 2) (height, width) of the decoded images (`sources.header_size`)."""
         for index, data in zip(indices, encoded):
             if self.sizes[index, 0] < 0:
-                try:
-                    with Image.open(io.BytesIO(data)) as image:
-                        self.sizes[index] = image.size[1], image.size[0]
-                except (Image.DecompressionBombError, *DECODE_ERRORS):
-                    self.sizes[index] = 1, 1
+                self.sizes[index] = header_size(data)
         return self.sizes[indices]
 
     def iterator(self, pipeline, outputs: list[str]) -> DALIGenericIterator:
@@ -109,7 +106,7 @@ class DaliFeed:
 
     def pipeline_args(self, batch_size: int) -> dict:
         return dict(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id,
-                    encoded=self.files is not None, gpu=self.gpu)
+                    encoded=self.encoded, gpu=self.gpu)
 
     @property
     def device_id(self) -> int | None:
@@ -221,7 +218,7 @@ class _Resilient:
                 self.in_flight = False
                 return
             except RuntimeError as err:
-                if self.feed.files is None or not _is_decode_failure(err):
+                if not self.feed.encoded or not _is_decode_failure(err):
                     raise
                 self.iterator = None  # DALI's pipeline is no longer valid after an error
                 rest = piece[position * self.batch_size:]
@@ -245,15 +242,15 @@ class _Resilient:
         window = [i for i in piece[:self.batch_size * (1 + PREFETCH_DEPTH)]
                   if i not in self.unreadable]  # those were not read: their substitutes were
         bad = {i: reason for i in dict.fromkeys(window)
-               if (reason := decode_error(self.feed.source.files[i])) is not None}
+               if (reason := decode_error(self.feed.source.path(i))) is not None}
         if not bad:
-            files = ", ".join(self.feed.files[i] for i in window[:self.batch_size])
+            files = ", ".join(self.feed.file(i) for i in window[:self.batch_size])
             raise UserError(f"DALI could not decode a batch of these files, which PIL reads: "
                             f"{files}: {_decoder_message(err)} (data.backend=torch decodes "
                             f"with PIL)")
         if not self.skip_corrupt:
             index, reason = next(iter(bad.items()))
-            raise UserError(f"cannot decode image {self.feed.files[index]}: {reason} "
+            raise UserError(f"cannot decode image {self.feed.file(index)}: {reason} "
                             f"(set data.skip_corrupt=true to skip unreadable files)")
         for index in bad:
             # Training replaces (batches keep their size); evaluation drops (a substitute
@@ -266,14 +263,14 @@ class _Resilient:
         found = [i for i in piece if i in self.unreadable]
         if found and not self.training:
             piece[:] = [i for i in piece if i not in self.unreadable]
-        return [self.feed.files[i] for i in found]
+        return [self.feed.file(i) for i in found]
 
     def _next_readable(self, index: int, bad: dict[int, str]) -> int:
-        n = len(self.feed.files)
+        n = len(self.feed.source)
         for offset in range(1, n):
             candidate = (index + offset) % n
             if (candidate not in bad and candidate not in self.unreadable
-                    and decode_error(self.feed.source.files[candidate]) is None):
+                    and decode_error(self.feed.source.path(candidate)) is None):
                 return candidate
         raise UserError("no readable image is left in the data set")
 

@@ -6,15 +6,19 @@ opened, before training starts; an unreadable image names its file.
 """
 from __future__ import annotations
 
+import io
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from ..errors import UserError
+from .folder_index import open_index, write_index
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
@@ -107,39 +111,57 @@ class CIFAR100:
 
 
 class ImageFolder:
-    """`root/<class name>/<image file>`; classes are the sorted folder names."""
+    """`root/<class name>/.../<image file>`; classes are the sorted folder names. Listed through
+    its index (folder_index.py): a start reads one file instead of testing every image."""
 
-    def __init__(self, root: str | Path):
-        root = Path(root)
-        if not root.is_dir():
-            raise UserError(f"image directory {root} does not exist")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise UserError(f"image directory {root} has no class folders")
-        self.files: list[Path] = []
-        targets: list[int] = []
-        for label, name in enumerate(self.classes):
-            files = sorted(p for p in (root / name).rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not files:
-                raise UserError(f"class folder {root / name} has no images "
-                                f"(extensions: {' '.join(IMAGE_EXTENSIONS)})")
-            self.files += files
-            targets += [label] * len(files)
-        self.targets = np.asarray(targets, dtype=np.int64)
+    def __init__(self, root: str | Path, say: Callable[[str], None] = print):
+        self.index = open_index(Path(root), say)
+        self.classes, self.targets = self.index.classes, self.index.targets
         self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.index)
+
+    def path(self, index: int) -> Path:
+        return self.index.path(index)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2) every image's (height, width) as the index holds it; -1 where not measured."""
+        return self.index.sizes
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        path = self.files[index]
+        path = self.path(index)
         try:
             with Image.open(path) as image:
                 return image.convert("RGB"), int(self.targets[index])
         except DECODE_ERRORS as err:
             raise io_failure(path, err) or CorruptImage(path, str(err) or type(err).__name__) \
                 from None
+
+    def measure_sizes(self, threads: int = 8, progress: bool = True) -> Path:
+        """Reads every image's size from its header into the index (what DALI's crops need:
+        the feed then reads no header at all) and writes it; returns where."""
+        def size(index: int) -> tuple[int, int]:
+            return header_size(self.path(index).read_bytes())
+
+        with ThreadPoolExecutor(threads) as pool:
+            sizes = list(tqdm(pool.map(size, range(len(self))), total=len(self),
+                              desc=f"sizes of {self.index.root}", unit="image",
+                              disable=not progress, leave=False))
+        self.index.sizes[:] = np.asarray(sizes, np.int64).reshape(-1, 2)
+        return write_index(self.index)
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image from its header. A header PIL cannot read counts as
+    1x1 (a whole-image crop): DALI's decoder then names the file, or decodes a format PIL does
+    not know."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[1], image.size[0]
+    except (Image.DecompressionBombError, *DECODE_ERRORS):
+        return 1, 1
 
 
 def open_source(dataset: str, root: str | Path, train: bool, download: bool = False):

@@ -17,7 +17,7 @@ from ..checkpoints.files import (load_model_weights, load_strict, remove_old_per
                                  training_checkpoint)
 from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
-from ..data.build import resolve_root
+from ..data.build import prepare_sources
 from ..engines import (autocast, build_engine, check_engine_config, engine_class, join_processes,
                        optimizer_settings)
 from ..errors import UserError
@@ -97,8 +97,7 @@ class Trainer:
         method_class = METHODS[cfg.method.name]
         check_model_names(cfg, method_class.needs_teacher)
         torch.manual_seed(cfg.train.seed)
-        with distributed.main_first():
-            resolve_root(cfg.data)  # rank 0 makes the demo data set, if it is missing
+        prepare_sources(cfg.data)  # rank 0 first: the demo data set, the folders' indexes
         self.loaders: Loaders = build_loaders(
             cfg.data, method_class.num_views, cfg.train.seed, self.device,
             torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,

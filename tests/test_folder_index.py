@@ -1,0 +1,189 @@
+"""The index of an ImageFolder split (data/folder_index.py): the same files, labels and order
+as a scan, read without one, rebuilt when a folder changed, written where it can be, made by
+one process of a launch while the others wait, and `cocord-fast index`."""
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cocord_fast.cli import main
+from cocord_fast.data import folder_index
+from cocord_fast.data.folder_index import INDEX_NAME, open_index, scan
+from cocord_fast.data.sources import ImageFolder
+
+from data_trees import write_identity_tree
+from launch import launch
+
+
+def pathlib_listing(root: Path) -> tuple[list[Path], list[int]]:
+    """What ImageFolder listed before the index: sorted rglob of image files per class."""
+    files, labels = [], []
+    for label, name in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
+        found = sorted(p for p in (root / name).rglob("*")
+                       if p.suffix.lower() in folder_index.IMAGE_EXTENSIONS and p.is_file())
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def awkward_tree(root: Path) -> Path:
+    """Names whose pathlib order is not their string order ('a/...' before 'a.x/...'), nested
+    folders, an upper-case extension, a link to a file, and files that are no images."""
+    for relative in ["cat/a/1.jpg", "cat/a.x/0.jpg", "cat/b.JPEG", "cat/a-/2.png",
+                     "dog/0.jpg", "dog/deep/er/3.webp", "dog/notes.txt", "dog/.hidden.jpg"]:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    (root / "dog" / "link.jpg").symlink_to(root / "dog" / "0.jpg")
+    (root / "dog" / "dir_link").symlink_to(root / "dog" / "deep", target_is_directory=True)
+    return root
+
+
+def listing(index) -> list[Path]:
+    return [index.path(i) for i in range(len(index))]
+
+
+def test_the_index_lists_what_pathlib_listed_in_the_same_order(tmp_path):
+    root = awkward_tree(tmp_path / "train")
+    files, labels = pathlib_listing(root)
+    index = scan(root)
+    assert listing(index) == files and index.targets.tolist() == labels
+    assert index.classes == ["cat", "dog"] and (index.sizes == -1).all()
+
+
+def test_a_second_open_reads_the_index_without_a_scan(tmp_path, monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    first = open_index(root)
+    assert (root / INDEX_NAME).is_file()
+    monkeypatch.setattr(folder_index, "scan", lambda root: pytest.fail("scanned again"))
+    again = open_index(root)
+    assert listing(again) == listing(first) and again.classes == first.classes
+    assert np.array_equal(again.targets, first.targets)
+
+
+def touch_later(folder: Path) -> None:
+    """A folder's mtime moved on, whatever the file system's timestamp resolution."""
+    stamp = os.stat(folder).st_mtime_ns + 10 ** 9
+    os.utime(folder, ns=(stamp, stamp))
+
+
+@pytest.mark.parametrize("change", ["add a file", "remove a file", "add a class",
+                                    "add to a nested folder"])
+def test_a_changed_folder_rebuilds_the_index_and_says_so(change, tmp_path, monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    open_index(root)
+    if change == "add a file":
+        (root / "cat" / "9.jpg").write_bytes(b"")
+        touch_later(root / "cat")
+    elif change == "remove a file":
+        (root / "cat" / "b.JPEG").unlink()
+        touch_later(root / "cat")
+    elif change == "add a class":
+        (root / "emu").mkdir()
+        (root / "emu" / "0.jpg").write_bytes(b"")
+    else:
+        (root / "dog" / "deep" / "er" / "4.jpg").write_bytes(b"")
+        touch_later(root / "dog" / "deep" / "er")
+    said = []
+    index = open_index(root, say=said.append)
+    assert len(said) == 1 and "changed since" in said[0] and "listing" in said[0]
+    assert listing(index) == pathlib_listing(root)[0]
+    open_index(root, say=said.append)
+    assert len(said) == 1  # current again: nothing more said
+
+
+def test_where_the_data_folder_cannot_take_it_the_index_goes_to_the_cache(tmp_path,
+                                                                          monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    replace = os.replace
+
+    def read_only_data(source, target):  # as a read-only mount answers (even for root)
+        if Path(target).parent == root:
+            raise OSError(30, "Read-only file system")
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", read_only_data)
+    index = open_index(root)
+    assert not (root / INDEX_NAME).exists() and not list(root.glob("*.partial-*"))
+    cached = folder_index.index_locations(root)[1]
+    assert cached.is_file() and str(cached).startswith(os.environ["COCORD_FAST_CACHE"])
+    said = []
+    assert listing(open_index(root, say=said.append)) == listing(index) and not said
+
+
+def test_a_damaged_index_is_listed_again(tmp_path):
+    root = awkward_tree(tmp_path / "train")
+    open_index(root)
+    (root / INDEX_NAME).write_bytes(b"not an index")
+    assert listing(open_index(root)) == pathlib_listing(root)[0]
+    assert folder_index.read_index(root / INDEX_NAME, root) is not None  # rewritten
+
+
+def test_image_folder_reads_images_through_the_index(tmp_path):
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    source = ImageFolder(root / "train")
+    assert len(source) == 12 and source.classes == sorted(source.classes)
+    image, label = source.load(5)
+    assert label == source.targets[5] and image.mode == "RGB"
+    assert source.path(5) == pathlib_listing(root / "train")[0][5]
+
+
+def test_cli_index_measures_every_image_size(tmp_path, capsys):
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    assert main(["index", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train: 12 images" in out and "val:" in out
+    for split in ("train", "val"):
+        index = open_index(root / split)
+        assert (index.sizes > 0).all()
+        assert index.sizes.tolist() == [list(reversed(ImageFolder(root / split).load(i)[0].size))
+                                        for i in range(len(index))]
+
+
+def test_the_dali_feed_takes_the_sizes_the_index_measured(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from cocord_fast.data.dali_loader import DaliFeed
+
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    assert main(["index", str(root)]) == 0
+    source = ImageFolder(root / "train")
+    feed = DaliFeed(source, "imagefolder", 32, 1, torch.device("cpu"), torch.float32)
+    assert (feed.sizes > 0).all() and np.array_equal(feed.sizes, source.sizes)
+    assert feed.file(3) == str(source.path(3))
+
+
+def test_cli_index_names_a_missing_root(tmp_path, capsys):
+    assert main(["index", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+WORKER = textwrap.dedent("""
+    import os, sys, torch
+    from cocord_fast import distributed
+    from cocord_fast.config import load_config
+    from cocord_fast.data import folder_index
+    from cocord_fast.data.build import prepare_sources
+
+    scan = folder_index.scan
+    def counted(root):
+        open(f"scanned_{os.environ['RANK']}_{root.name}", "w").close()
+        return scan(root)
+    folder_index.scan = counted
+    distributed.init(torch.device("cpu"), 60)
+    cfg = load_config(overrides=["data.dataset=imagefolder", f"data.root={sys.argv[1]}"])
+    prepare_sources(cfg.data)
+    distributed.finish(0)
+""")
+
+
+def test_one_process_of_a_launch_lists_the_folders_and_the_others_read_its_index(tmp_path):
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launch("torchrun", [script, root], cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("scanned_*")) == ["scanned_0_train",
+                                                                  "scanned_0_val"]
+    assert (root / "train" / INDEX_NAME).is_file() and (root / "val" / INDEX_NAME).is_file()
