@@ -14,6 +14,9 @@ cost (each the median of `--repeats` interleaved runs, the machine's load record
   (a reset, or whatever else a backend does at a boundary) inside the timing;
 - and, to see that boundary alone, `epoch_start_s`: the mean wait from `start(epoch)` to the
   epoch's first batch (a pipeline reset or build, and a batch decoded with nothing to overlap).
+- `training_wait` (DALI's CPU feed, 1 view): the training thread's mean wait per batch when a
+  step of `--step-ms` runs between batches, with `data.read_ahead` on and off (off: each batch's
+  files are read while the training thread waits).
 
     python bench/data.py --threads 2
     python bench/data.py --write-tree DIR --images 2048   # only write the JPEG tree, to DIR
@@ -101,6 +104,31 @@ def measure(root: Path, backend: str, views: int, args: argparse.Namespace) -> d
             "epochs": args.epochs, "batches_per_epoch": len(loaders.train)}
 
 
+def training_wait(root: Path, read_ahead: bool, args: argparse.Namespace) -> dict:
+    """The DALI CPU feed with a step between batches (`--step-ms` of sleep, which releases the
+    GIL as a GPU step's kernel launches mostly do): the training thread's mean wait in the
+    loader per batch, with the feed's read-ahead on or off."""
+    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=args.image_size,
+                     batch_size=args.batch_size, num_workers=args.threads, backend="dali",
+                     read_ahead=read_ahead)
+    loaders = build_loaders(cfg, num_views=1, seed=0, device=torch.device("cpu"))
+    loaders.train.start(0)
+    for _ in loaders.train:  # epoch 0: the pipeline's build and first fill, not timed
+        pass
+    waits = []
+    for epoch in range(1, 1 + args.epochs):
+        loaders.train.start(epoch)
+        batches = iter(loaders.train)
+        for _ in range(len(loaders.train)):
+            started = time.perf_counter()
+            next(batches)
+            waits.append(time.perf_counter() - started)
+            time.sleep(args.step_ms / 1e3)
+        next(batches, None)  # the epoch's end
+    return {"backend": "dali", "read_ahead": read_ahead, "step_ms": args.step_ms,
+            "wait_ms_per_batch": 1e3 * float(np.mean(waits)), "batches": len(waits)}
+
+
 def median_row(runs: list[dict]) -> dict:
     """The median of each timing over repeated runs of one row; every run's rate kept."""
     timings = ("startup_s", "img_per_s", "epoch_start_s")
@@ -147,6 +175,9 @@ def main() -> None:
                         help="timed epochs, after an untimed epoch 0 that holds the start-up")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row (median)")
+    parser.add_argument("--step-ms", type=float, default=100.0,
+                        help="the step simulated between batches for the training-thread wait "
+                             "of the DALI CPU feed, with its read-ahead on and off")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--write-tree", type=Path, metavar="DIR",
                         help="write the generated ImageFolder tree to DIR and stop (a data set "
@@ -177,23 +208,33 @@ def main() -> None:
         # loaders' start-up.
         for backend in backends:
             measure(root, backend, 1, argparse.Namespace(**{**vars(args), "epochs": 0}))
+        waits: dict[bool, list[dict]] = {}
         for _ in range(args.repeats):
             for views in args.views:
                 for backend in backends:
                     samples.setdefault((backend, views), []).append(
                         measure(root, backend, views, args))
+            if "dali" in backends:
+                for read_ahead in (True, False):
+                    waits.setdefault(read_ahead, []).append(training_wait(root, read_ahead, args))
     rows = [median_row(runs) for runs in samples.values()]
+    wait_rows = [{**runs[0], "wait_ms_per_batch": float(np.median(
+        [r["wait_ms_per_batch"] for r in runs]))} for runs in waits.values()]
     for row in rows:
         print(f"{row['backend']:8s} {row['views']} view(s) {row['img_per_s']:8.1f} img/s "
               f"steady, start-up {row['startup_s']:.2f} s, epoch start "
               f"{row['epoch_start_s']:.3f} s (medians of {args.repeats})", flush=True)
+    for row in wait_rows:
+        print(f"dali read-ahead {'on ' if row['read_ahead'] else 'off'}: the training thread "
+              f"waits {row['wait_ms_per_batch']:.1f} ms a batch beside a "
+              f"{args.step_ms:.0f} ms step (median of {args.repeats})", flush=True)
 
     device = device_name("cuda" if torch.cuda.is_available() else "cpu")
     report = {**provenance(device), "source_size": args.source_size,
               "mean_jpeg_kb": round(kilobytes, 1), "image_size": args.image_size,
               "batch_size": args.batch_size, "threads": args.threads, "images": args.images,
               "repeats": args.repeats, "load_average_1min": load, "skipped": skipped,
-              "rows": rows}
+              "rows": rows, "training_wait": wait_rows}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"data_{slug(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -93,6 +93,14 @@ part bench_224_pipeline 70 "$PYTHON" -m cocord_fast bench --teacher resnet34 \
     --methods cocord --data pipeline --override data.dataset=imagefolder \
     --override "data.root=$JPEGS" --override data.num_workers=8 --warmup 3 --steps 10 \
     --rounds 2 --out "$OUT"
+# The same with the DALI feed's read-ahead off: each batch's file reads then wait on the
+# training thread (its own folder: the report's name does not carry overrides).
+part bench_224_pipeline_no_read_ahead 70 "$PYTHON" -m cocord_fast bench --teacher resnet34 \
+    --student resnet18 --image-size 224 --batch-size 256 --precision bf16 --compile off \
+    --methods cocord --data pipeline --override data.dataset=imagefolder \
+    --override "data.root=$JPEGS" --override data.num_workers=8 \
+    --override data.read_ahead=false --warmup 3 --steps 10 --rounds 2 \
+    --out "$OUT/no_read_ahead"
 # CoCoRD's step under the torch engine and DeepSpeed ZeRO-1 (the ImageNet recipes' engine, whose
 # student weights keep the flat buffers' layout), eager and compiled; DeepSpeed's rows are
 # skipped, with the reason, where GPU_CHECK_WHEELS brought no DeepSpeed.

@@ -101,7 +101,7 @@ def cmd_index(ns: argparse.Namespace) -> int:
                         f"and ROOT/val/<class>/...)")
     for split in splits:
         started = time.perf_counter()
-        source = ImageFolder(root / split)
+        source = ImageFolder(root / split, rescan=True)
         where = source.measure_sizes(ns.threads)
         print(f"{split}: {len(source)} images in {source.num_classes} classes, every size "
               f"read, in {time.perf_counter() - started:.1f} s; index: {where}")
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser(
         "index", help="index an ImageFolder data root ahead of a job (files, labels, sizes)",
-        description="Lists ROOT/train and ROOT/val once and reads every image's size from its "
+        description="Lists ROOT/train and ROOT/val anew and reads every image's size from its "
                     "header; runs then read the index instead of listing every file. It is "
                     "written beside the data, or under the cache directory where that folder is "
                     "not writable, and rebuilt by a run when a folder changed.")

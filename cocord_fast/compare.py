@@ -3,7 +3,8 @@
 One table per student and data set (runs of other students or data sets form their own
 table, said so), the first run given of each being the baseline the others are measured
 against; a JSON of every row and, where matplotlib is installed, PNG plots: top-1 against
-epoch and against wall-clock, and each loss term against step.
+epoch and against wall-clock, each loss term against step, and images/s and the share of time
+spent waiting for data against wall-clock.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ COLUMNS = [  # (key, header, format)
     ("steps", "steps", "{}"), ("state", "state", "{}"), ("top1", "top-1", "{:.2f}"),
     ("best_top1", "best", "{:.2f}"), ("top5", "top-5", "{:.2f}"),
     ("delta_top1", "Δ top-1", "{:+.2f}"), ("img_per_s", "img/s", "{:.0f}"),
+    ("slowest_rank_img_per_s", "slowest rank", "{:.0f}"),
+    ("data_wait_share", "data wait", "{:.0%}"),
     ("wall_s", "wall s", "{:.1f}"), ("peak_memory_mb", "peak MB", "{:.0f}"),
     ("bank_mb", "bank MB", "{:.3g}"),
 ]
@@ -44,20 +47,28 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     finished = bool(evals) and evals[-1]["step"] == stop
     last = evals[-1] if evals else {}
     return {
-        "run": run_dir.name, "path": str(run_dir), "method": METHODS[cfg.method.name].run_label(cfg),
-        "student": cfg.model.student,
+        "run": run_dir.name, "path": str(run_dir),
+        "method": METHODS[cfg.method.name].run_label(cfg), "student": cfg.model.student,
         "teacher": cfg.model.teacher if METHODS[cfg.method.name].needs_teacher else "-",
         "dataset": cfg.data.dataset, "steps": f"{step}/{stop or '?'}",
         "state": "finished" if finished else "in progress or stopped",
         "top1": last.get("top1"), "top5": last.get("top5"),
         "best_top1": max((r["top1"] for r in evals), default=None),
-        "img_per_s": statistics.median(r["img_per_s"] for r in train) if train else None,
+        "img_per_s": _median(train, "img_per_s"),
+        # Logs of older versions have neither: None ("-" in the table).
+        "slowest_rank_img_per_s": _median(train, "slowest_rank_img_per_s"),
+        "data_wait_share": _median(train, "data_wait_share"),
         "wall_s": records[-1].get("wall_s") if records else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in train
                                if r.get("peak_memory_mb") is not None), default=None),
         "bank_mb": starts[-1]["bank_mb"] if starts else None,
         "curves": {"eval": evals, "train": train},
     }
+
+
+def _median(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def group(rows: list[dict]) -> dict[str, list[dict]]:
@@ -87,7 +98,8 @@ def aligned(cells: list[list[str]]) -> str:
 
 
 def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
-    """top-1 against epoch and wall-clock, and every loss term against step."""
+    """top-1 against epoch and wall-clock, every loss term against step, and images/s and
+    data wait against wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +136,24 @@ def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
     losses = stem.with_name(stem.name + "_losses.png")
     fig.savefig(losses, dpi=120)
     plt.close(fig)
-    return [accuracy, losses]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for color, row in enumerate(rows):
+        for ax, key in zip(axes, ("img_per_s", "data_wait_share")):
+            points = [(r["wall_s"], r[key]) for r in row["curves"]["train"]
+                      if r.get(key) is not None and r.get("wall_s") is not None]
+            if points:
+                ax.plot(*zip(*points), color=f"C{color}", label=row["run"])
+    for ax, label in zip(axes, ("images/s (all ranks)", "share of time waiting for data")):
+        ax.set_xlabel("wall-clock (s)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    speed = stem.with_name(stem.name + "_speed.png")
+    fig.savefig(speed, dpi=120)
+    plt.close(fig)
+    return [accuracy, losses, speed]
 
 
 def seed_summary(rows_by_seed: dict[int, list[dict]]) -> list[dict[str, Any]]:

@@ -50,6 +50,8 @@ class DataConfig:
     backend: Literal["auto", "dali", "torch"] = _field(
         "auto", "data pipeline: dali (GPU decode on CUDA, CPU-only pipeline otherwise), torch "
         "(torchvision + DataLoader), auto (dali where installed)")
+    read_ahead: bool = _field(True, "dali only: read the next batch's files while this one "
+                              "trains (off: the training thread waits for each batch's reads)")
     skip_corrupt: bool = _field(False, "replace an unreadable image by the next readable one "
                                 "(evaluation: drop it) and count it, instead of stopping")
 

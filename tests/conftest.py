@@ -1,4 +1,5 @@
 import os
+import signal
 
 import torch
 
@@ -14,11 +15,31 @@ import pytest  # noqa: E402
 
 from cocord_fast.data import demo  # noqa: E402
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """No test touches the user's cache: the demo data set and indexes go to a per-session
+    folder. Session-wide, so that it holds for module fixtures too (they are set up before
+    any function-scoped one): a module fixture once copied the tiny demo set into ~/.cache."""
+    found = os.environ.get("COCORD_FAST_CACHE")
+    os.environ["COCORD_FAST_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if found is None:
+        os.environ.pop("COCORD_FAST_CACHE")
+    else:
+        os.environ["COCORD_FAST_CACHE"] = found
+
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """No test touches the user's cache: the demo data set goes to a per-session folder."""
-    monkeypatch.setenv("COCORD_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+def _signal_handlers_restored():
+    """A run stopped by a signal leaves its stop signals ignored (its process is on the way
+    out): the next test finds the handlers this one found."""
+    found = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in found.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")

@@ -49,17 +49,18 @@ def test_gpu_check_runs_every_part_past_a_failure_and_names_it(tmp_path):
         ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"],
         ["bench/versus_reference.py", "--reference", str(tmp_path / "CoCoRD")],
         ["bench/data.py", "--threads", "8"], ["bench/data.py", "--write-tree", jpegs],
-        ["-m", "cocord_fast", "bench"], ["bench/engines.py", "--engines", "torch"],
-        ["-m", "cocord_fast", "bench"]]
+        ["-m", "cocord_fast", "bench"], ["-m", "cocord_fast", "bench"],
+        ["bench/engines.py", "--engines", "torch"], ["-m", "cocord_fast", "bench"]]
     assert str(wheels / "nvidia_dali.whl") in calls[1] and "-m gpu" in calls[2]
     benches = [call for call in calls if "cocord_fast bench" in call]
     assert [("--image-size 32" in c, c.split("--compile ")[1].split()[0]) for c in benches] == [
-        (True, "off"), (True, "reduce-overhead"), (False, "off"), (False, "off"),
+        (True, "off"), (True, "reduce-overhead"), (False, "off"), (False, "off"), (False, "off"),
         (False, "default")]
-    assert "--data pipeline" in benches[3] and f"data.root={jpegs}" in benches[3]
+    assert all("--data pipeline" in b and f"data.root={jpegs}" in b for b in benches[3:5])
+    assert "data.read_ahead" not in benches[3] and "data.read_ahead=false" in benches[4]
     assert "--device cuda" in calls[7]
-    assert calls[11].split()[1:6] == ["--engines", "torch", "deepspeed:1", "torch+compile",
-                                      "deepspeed:1+compile"] and "--image-size 224" in calls[11]
+    assert calls[12].split()[1:6] == ["--engines", "torch", "deepspeed:1", "torch+compile",
+                                      "deepspeed:1+compile"] and "--image-size 224" in calls[12]
     assert all(f"--out {tmp_path / 'out'}" in call
                for call in calls[3:] if "--write-tree" not in call)
     summary = (tmp_path / "out" / "gpu_check_summary.txt").read_text()
@@ -122,6 +123,18 @@ def test_data_bench_without_dali_times_torchvision_and_says_why(tmp_path):
     report = json.loads(path.read_text())
     assert [row["backend"] for row in report["rows"]] == ["torch"]
     assert report["skipped"]["dali"] == "DALI is not installed"
+    assert report["training_wait"] == []
+
+
+def test_data_bench_times_the_training_threads_wait_with_the_read_ahead_on_and_off(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    run_data_bench("--images", "8", "--classes", "2", "--source-size", "64", "48",
+                   "--image-size", "32", "--batch-size", "4", "--threads", "1", "--epochs", "1",
+                   "--repeats", "1", "--views", "1", "--step-ms", "1", "--out", str(tmp_path))
+    report = json.loads(next(tmp_path.glob("data_*.json")).read_text())
+    assert [row["read_ahead"] for row in report["training_wait"]] == [True, False]
+    assert all(row["wait_ms_per_batch"] > 0 and row["batches"] == 2
+               for row in report["training_wait"])
 
 
 ENGINES_TINY = ["--teacher", "resnet8", "--student", "resnet8", "--image-size", "32",

@@ -17,11 +17,11 @@ from cocord_fast.bench.floor import floor_networks, floor_step
 from cocord_fast.bench.report import report_stem
 from cocord_fast.bench.runner import Entry, build_entries, run_rounds, warm_up
 from cocord_fast.bench.settings import BenchSettings
-from cocord_fast.bench.telemetry import Telemetry, open_nvml
 from cocord_fast.cli import main
 from cocord_fast.config import Config, merge
 from cocord_fast.methods import build_method
 from cocord_fast.models import build_model
+from cocord_fast.training.telemetry import Telemetry, open_nvml
 
 from markers import on_gpu
 

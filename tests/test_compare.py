@@ -42,8 +42,8 @@ def test_compare_prints_one_table_against_the_first_run_and_writes_json_and_plot
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("run "))
     assert header.split() == ["run", "method", "teacher", "steps", "state", "top-1", "best",
-                              "top-5", "Δ", "top-1", "img/s", "wall", "s", "peak", "MB", "bank",
-                              "MB"]
+                              "top-5", "Δ", "top-1", "img/s", "slowest", "rank", "data", "wait",
+                              "wall", "s", "peak", "MB", "bank", "MB"]
     rows = {row["run"]: row for row in json.loads((out / "compare.json").read_text())}
     assert [rows[r]["method"] for r in ("alone", "cocord", "crd")] == ["vanilla", "CoCoRD", "CRD"]
     assert rows["alone"]["delta_top1"] == 0
@@ -54,8 +54,12 @@ def test_compare_prints_one_table_against_the_first_run_and_writes_json_and_plot
     assert rows["cocord"]["bank_mb"] == pytest.approx(40 * 16 * 4 / 2 ** 20)
     assert rows["crd"]["bank_mb"] == pytest.approx(2 * 120 * 16 * 4 / 2 ** 20)
     assert all(rows[r]["wall_s"] > 0 and rows[r]["img_per_s"] > 0 for r in rows)
+    # One process: the slowest rank is the run itself.
+    assert all(rows[r]["slowest_rank_img_per_s"] == rows[r]["img_per_s"] for r in rows)
+    assert all(0 <= rows[r]["data_wait_share"] <= 1 for r in rows)
     assert {p.name for p in out.glob("*.png")} == {"resnet8_on_demo_top1.png",
-                                                   "resnet8_on_demo_losses.png"}
+                                                   "resnet8_on_demo_losses.png",
+                                                   "resnet8_on_demo_speed.png"}
 
 
 def test_runs_of_other_students_form_their_own_table(runs, tiny_overrides, tmp_path, capsys):

@@ -2,7 +2,7 @@
 order on every rank, rebuilt only after a decode failure; resume from (epoch, skip) alone, the
 random views included; the CIFAR recipe on python-format arrays, exact against the formulas;
 random-resized crops against torchvision's distribution; the GPU output layout and decoder; and
-a CoCoRD run fed by DALI end to end."""
+a CoCoRD run fed by DALI end to end; the feed reading the next batch ahead."""
 import math
 import pickle
 import shutil
@@ -331,3 +331,23 @@ def test_gpu_pipeline_decodes_on_the_device_into_channels_last_bf16(tiny_demo_ro
         for gpu_batch, cpu_batch in zip(loaders.val, cpu.val, strict=True):
             assert torch.equal(gpu_batch.index.cpu(), cpu_batch.index)
             assert_decoders_agree(gpu_batch.views[0], cpu_batch.views[0])
+
+
+@needs_dali
+def test_the_feed_reads_the_next_batch_before_it_is_asked_for(identity_tree, monkeypatch):
+    from cocord_fast.data.dali_loader import DaliFeed
+
+    source = open_source("imagefolder", identity_tree, train=True)
+    feed = DaliFeed(source, "imagefolder", 32, 2, torch.device("cpu"), torch.float32)
+    read, reads = feed._read, []
+    monkeypatch.setattr(feed, "_read", lambda index: reads.append(index) or read(index))
+    first = feed.images([0, 1, 2], next_indices=[3, 4, 5])
+    assert all(r.result() is not None for r in feed.ahead[1])  # started before it was asked
+    assert sorted(reads) == [0, 1, 2, 3, 4, 5]
+    second = feed.images([3, 4, 5])
+    assert sorted(reads) == [0, 1, 2, 3, 4, 5]  # taken from the read-ahead, not read again
+    assert feed.ahead is None
+    feed.images([9, 8])  # not the batch expected: read now
+    assert sorted(reads[6:]) == [8, 9]
+    for index, data in zip([0, 1, 2, 3, 4, 5], first + second):
+        assert np.array_equal(data, np.fromfile(source.path(index), np.uint8))

@@ -197,3 +197,10 @@ def test_an_io_error_is_named_as_such_and_never_skipped_as_a_damaged_image(tiny_
                                             r"error, not a damaged image") as caught:
             read()
         assert not isinstance(caught.value, sources.CorruptImage)
+
+
+def test_read_ahead_off_is_refused_where_the_torch_loader_reads(tmp_path):
+    cfg = DataConfig(dataset="demo", root=str(tmp_path / "demo"), backend="torch",
+                     read_ahead=False)
+    with pytest.raises(UserError, match="data.read_ahead=false is for data.backend=dali"):
+        build_loaders(cfg, num_views=1, seed=0)

@@ -150,6 +150,18 @@ def test_batchnorm_statistics_are_averaged_for_evaluation_and_checkpoints(ddp):
     assert [r["num_samples"] for r in evals] == [40, 40]  # the val set once, over both ranks
 
 
+def test_rank_zero_logs_every_ranks_rate_and_names_the_slowest(ddp):
+    records = [r for r in read_log(ddp["work"] / "cocord_dali") if r["kind"] == "train"]
+    assert records
+    for r in records:  # gathered at log steps: the run's rate is the ranks' together
+        assert r["slowest_rank"] in (0, 1)
+        assert 0 <= r["data_wait_share"] <= r["data_wait_share_max"] <= 1
+        assert 0 < r["slowest_rank_img_per_s"] <= r["rank_img_per_s"] < r["img_per_s"]
+        if r["slowest_rank"] == 1:  # rank 0's rate is the other one
+            assert r["img_per_s"] == pytest.approx(r["rank_img_per_s"]
+                                                   + r["slowest_rank_img_per_s"])
+
+
 def test_only_rank_zero_reports(ddp):
     specs = runs(ddp["root"], ddp["teacher"]).values()
     launched = sum(not spec.get("setup_only") for spec in specs)

@@ -143,6 +143,19 @@ def test_cli_index_measures_every_image_size(tmp_path, capsys):
                                         for i in range(len(index))]
 
 
+def test_cli_index_lists_anew_what_a_copy_keeping_folder_times_hides(tmp_path):
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    train = root / "train"
+    open_index(train)
+    folder = next(p for p in sorted(train.iterdir()) if p.is_dir())
+    stamp = os.stat(folder).st_mtime_ns
+    (folder / "copied.jpg").write_bytes(next(folder.glob("*.jpg")).read_bytes())
+    os.utime(folder, ns=(stamp, stamp))  # as `cp -a` or `rsync -a` leave it
+    assert len(open_index(train)) == 12  # the folder's time says nothing changed
+    assert main(["index", str(root)]) == 0
+    assert len(open_index(train)) == 13
+
+
 def test_the_dali_feed_takes_the_sizes_the_index_measured(tmp_path):
     pytest.importorskip("nvidia.dali")
     from cocord_fast.data.dali_loader import DaliFeed

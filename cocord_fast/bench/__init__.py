@@ -3,7 +3,6 @@
 settings.py  what to measure (`BenchSettings`) and the checks on it
 clock.py     per-step times: CUDA events on the GPU (no host sync in the timed loop)
 floor.py     the networks' forward/backward alone, per method
-telemetry.py NVML samples (utilisation, memory, power, SM clock) while steps are timed
 synthetic.py random data set, teacher and resident batch (when no data is given)
 runner.py    builds the trainers, interleaves the rounds, summarises
 report.py    the JSON, the console table and the PNG

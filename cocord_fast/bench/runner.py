@@ -22,12 +22,12 @@ from ..data.sources import open_source
 from ..engines import autocast
 from ..methods import EncoderPasses
 from ..training.acceleration import compiled_graphs
+from ..training.telemetry import Telemetry
 from ..training.trainer import Trainer
 from .clock import StepClock, synchronize
 from .floor import floor_networks, floor_step
 from .settings import BenchSettings
 from .synthetic import CIFAR_CLASSES, resident_batch, write_random_teacher, write_synthetic_cifar
-from .telemetry import Telemetry
 
 
 @dataclass

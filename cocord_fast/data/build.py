@@ -98,17 +98,21 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     `device` the DALI backend decodes and augments on that GPU and yields them in `dtype`,
     the torch backend pinned float32 CPU batches; elsewhere, float32 batches on the CPU."""
     device = torch.device("cpu") if device is None else device
+    backend = resolve_backend(cfg.backend)
+    if backend == "torch" and not cfg.read_ahead:
+        raise UserError("data.read_ahead=false is for data.backend=dali: the torch DataLoader's "
+                        "workers read ahead (data.num_workers=0 reads on the training thread)")
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)
     val_source = open_source(cfg.dataset, root, train=False, download=cfg.download)
     if getattr(train_source, "classes", None) != getattr(val_source, "classes", None):
         raise UserError(f"the class folders of {root}/train and {root}/val differ")
-    backend = resolve_backend(cfg.backend)
     if backend == "dali":
         from .dali_loader import DaliEvalLoader, DaliFeed, DaliTrainLoader
 
         def feed(source):
-            return DaliFeed(source, cfg.dataset, cfg.image_size, cfg.num_workers, device, dtype)
+            return DaliFeed(source, cfg.dataset, cfg.image_size, cfg.num_workers, device, dtype,
+                            cfg.read_ahead)
         train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
                                 world_size, cfg.skip_corrupt)
         val = DaliEvalLoader(feed(val_source), cfg.eval_batch_size, cfg.skip_corrupt, rank,

@@ -38,7 +38,7 @@ pipeline is rebuilt from that batch on.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Iterator
 
@@ -61,17 +61,20 @@ class DaliFeed:
     """What one pipeline reads and how it is decoded and laid out, for one device."""
 
     def __init__(self, source, dataset: str, image_size: int, threads: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, read_ahead: bool = True):
         self.source, self.device, self.threads = source, device, max(1, threads)
+        self.read_ahead = read_ahead  # `data.read_ahead`
         self.gpu = device.type == "cuda"
         self.dtype = dtype if self.gpu else torch.float32
         self.recipe = DaliRecipe(dataset, image_size)
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.encoded = not isinstance(source, CIFAR100)  # files to decode, or pixel arrays
         if self.encoded:
-            # File reads release the GIL: a batch's files are read in parallel, while the
-            # training thread (which runs DALI's external source) waits.
+            # File reads release the GIL: a batch's files are read in parallel by these
+            # threads, and the next batch's are started before this one is handed over, so
+            # the training thread (which runs DALI's external source) finds them read.
             self.reader = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-read")
+            self.ahead: tuple[list[int], list[Future]] | None = None  # the next batch's reads
             # (height, width) of each image: the index's (`cocord-fast index` measures them
             # all), else read from each file's header once (-1: not yet).
             self.sizes = source.sizes.copy()
@@ -79,11 +82,20 @@ class DaliFeed:
     def file(self, index: int) -> str:
         return str(self.source.path(index))
 
-    def images(self, indices: list[int]) -> np.ndarray | list[np.ndarray]:
-        """(B, H, W, 3) uint8 arrays (CIFAR), or the B files' bytes."""
+    def images(self, indices: list[int],
+               next_indices: list[int] | None = None) -> np.ndarray | list[np.ndarray]:
+        """(B, H, W, 3) uint8 arrays (CIFAR), or the B files' bytes. Files: the reads of
+        `next_indices` (the batch expected next) start before this returns; a batch asked
+        for that was not expected (a new epoch, a rebuilt pipeline) is read now."""
         if not self.encoded:
             return np.ascontiguousarray(self.source.images[indices])
-        return list(self.reader.map(self._read, indices))
+        if self.ahead is not None and self.ahead[0] == indices:
+            reads = self.ahead[1]
+        else:
+            reads = [self.reader.submit(self._read, i) for i in indices]
+        self.ahead = (None if not next_indices else
+                      (next_indices, [self.reader.submit(self._read, i) for i in next_indices]))
+        return [read.result() for read in reads]
 
     def _read(self, index: int) -> np.ndarray:
         path = self.file(index)
@@ -157,8 +169,10 @@ class _Batches:
         indices = self.piece[start:start + self.batch_size]
         if not indices:
             raise StopIteration
-        read = [self.substitutes.get(i, i) for i in indices] if self.substitutes else indices
-        images = self.feed.images(read)
+        read = self._read_in_place_of(indices)
+        upcoming = (self.piece[start + self.batch_size:start + 2 * self.batch_size]
+                    if self.feed.read_ahead else [])
+        images = self.feed.images(read, self._read_in_place_of(upcoming))
         out = [images, np.asarray(indices, np.int32)]
         if self.key is not None:
             recipe = self.feed.recipe
@@ -167,6 +181,10 @@ class _Batches:
             out += recipe.draw_views(rng, self.num_views, len(indices), sizes)
         self.position += 1
         return out
+
+    def _read_in_place_of(self, indices: list[int]) -> list[int]:
+        """The files read for `indices`: a substitute's in an unreadable file's place."""
+        return [self.substitutes.get(i, i) for i in indices] if self.substitutes else indices
 
 
 def _is_decode_failure(err: RuntimeError) -> bool:

@@ -5,7 +5,9 @@ A scan lists every directory of every class; on a network file system that is a 
 per file, repeated by every process at every start. The index is written once (next to the
 data when that folder is writable, else in the cache directory) and read in well under a
 second per million files. It holds every directory's modification time: a file added to or
-removed from a folder changes that folder's, and the index is then rebuilt, saying so.
+removed from a folder changes that folder's, and the index is then rebuilt, saying so. A copy
+that sets folders' times (`cp -a`, `rsync -a` over an older tree) can hide a change:
+`cocord-fast index ROOT` always lists anew.
 """
 from __future__ import annotations
 
@@ -149,12 +151,12 @@ def read_index(path: Path, root: Path) -> FolderIndex | None:
         return None
 
 
-def open_index(root: Path, say=print) -> FolderIndex:
-    """The index of `root`: the first current one stored, else a new scan, written (`say`
-    tells why a stored one was not used)."""
+def open_index(root: Path, say=print, rescan: bool = False) -> FolderIndex:
+    """The index of `root`: the first current one stored (unless `rescan`), else a new scan,
+    written (`say` tells why a stored one was not used)."""
     root = Path(root)
     stale = []
-    for path in index_locations(root):
+    for path in [] if rescan else index_locations(root):
         index = read_index(path, root) if path.is_file() else None
         if index is None:
             continue

@@ -114,8 +114,9 @@ class ImageFolder:
     """`root/<class name>/.../<image file>`; classes are the sorted folder names. Listed through
     its index (folder_index.py): a start reads one file instead of testing every image."""
 
-    def __init__(self, root: str | Path, say: Callable[[str], None] = print):
-        self.index = open_index(Path(root), say)
+    def __init__(self, root: str | Path, say: Callable[[str], None] = print,
+                 rescan: bool = False):
+        self.index = open_index(Path(root), say, rescan)
         self.classes, self.targets = self.index.classes, self.index.targets
         self.num_classes = len(self.classes)
 

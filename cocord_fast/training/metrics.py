@@ -87,21 +87,26 @@ def resident_peak_mb() -> float | None:
 
 
 class ThroughputWindow:
-    """Images per second since the last `rate()` or `restart()`."""
+    """This process's images, and its time blocked on the data, since the last `read()` or
+    `restart()`."""
 
     def __init__(self) -> None:
         self.restart()
 
     def restart(self) -> None:
-        self.images, self.started = 0, time.perf_counter()
+        self.images, self.data_wait_s, self.started = 0, 0.0, time.perf_counter()
 
-    def count(self, images: int) -> None:
+    def count(self, images: int, data_wait_s: float = 0.0) -> None:
         self.images += images
+        self.data_wait_s += data_wait_s
 
-    def rate(self) -> float:
-        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+    def read(self) -> dict[str, float]:
+        """`rank_img_per_s`, `data_wait_s`, and `data_wait_share` of the window's time."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        reading = {"rank_img_per_s": self.images / elapsed, "data_wait_s": self.data_wait_s,
+                   "data_wait_share": min(self.data_wait_s / elapsed, 1.0)}
         self.restart()
-        return rate
+        return reading
 
 
 class RunLog:

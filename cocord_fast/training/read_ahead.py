@@ -10,6 +10,7 @@ where the vote has no lag); the first steps of an epoch are agreed on before it 
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -22,25 +23,36 @@ class ReadAhead:
     dropped) of `batches`, each read `depth` steps before it is handed out. A step that
     cannot be read (a UserError: an unreadable file, not skipped) ends the reading:
     `failure` holds the error from then on, and the steps read before it are still handed
-    out; asking for the failed step raises it."""
+    out; asking for the failed step raises it.
+
+    Reading happens on the calling thread: `take_waited()` is the time it spent blocked on
+    the loader since it was last asked (the data wait a step sees)."""
 
     def __init__(self, batches: Iterable[Batch], accumulation: int, depth: int):
         self.steps: Iterator[tuple[Batch, ...]] = zip(*[iter(batches)] * accumulation)
         self.ready: deque[tuple[Batch, ...]] = deque()
         self.failure: UserError | None = None
+        self.waited_s = 0.0
         for _ in range(depth):
             self._read()
 
     def _read(self) -> None:
         if self.failure is not None:
             return
+        started = time.perf_counter()
         try:
             step = next(self.steps, None)
         except UserError as err:
             self.failure = err
             return
+        finally:
+            self.waited_s += time.perf_counter() - started
         if step is not None:
             self.ready.append(step)
+
+    def take_waited(self) -> float:
+        waited, self.waited_s = self.waited_s, 0.0
+        return waited
 
     def __iter__(self) -> ReadAhead:
         return self

@@ -31,6 +31,7 @@ from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
 from .read_ahead import ReadAhead
 from .resume import check_resumable, resume_point
 from .schedule import lr_factor
+from .telemetry import Telemetry
 
 
 @dataclass
@@ -239,10 +240,12 @@ class Trainer:
 
     def run_eval(self) -> None:
         self.eval_pending = False
+        self.telemetry.label = None  # the GPU while it evaluates is not the GPU training
         # Sharded over the ranks, which hold the same student once BatchNorm is averaged.
         with distributed.averaged_batchnorm_statistics(self.method), autocast(self.cfg,
                                                                                self.device):
             result = evaluate(self.method.student(), self.loaders.val, self.device)
+        self.telemetry.label = "train"
         self.last_top1, self.last_eval = result["top1"], result
         is_best = self.last_top1 >= self.best_top1
         self.best_top1 = max(self.best_top1, self.last_top1)
@@ -311,7 +314,9 @@ class Trainer:
                 key: {"saved": old, "now": new} for key, (old, new) in self.resume_changes.items()}})
         self.window.restart()
         try:
-            with self.stop_requests:
+            # NVML samples (on CUDA) are filed under "train" while the run trains.
+            with self.stop_requests, Telemetry(self.device, interval_s=0.5) as self.telemetry:
+                self.telemetry.label = "train"
                 if self.eval_pending:  # as the uninterrupted run did before its next epoch
                     self.run_eval()
                 self._train_until_stop()
@@ -341,7 +346,7 @@ class Trainer:
                 self.train_step(micro_batches)
                 self.step += 1
                 distributed.heartbeat(f"step {self.step}")
-                self.window.count(sum(map(len, micro_batches)) * self.world_size)
+                self.window.count(sum(map(len, micro_batches)), steps.take_waited())
                 if self.bar is not None:
                     self.bar.update(1)
                 epoch_end = self.step % self.steps_per_epoch == 0
@@ -400,18 +405,33 @@ class Trainer:
             raise UserError(
                 f"training diverged: non-finite metrics at step {self.step}: {means}; the last "
                 f"checkpoint in {self.run_dir} is from before this point (lower optim.lr?)")
-        img_per_s = self.window.rate()
+        speed = self._speed()
         # With train.compile, a count that grows after the first steps means recompilation.
         graphs = {"compiled_graphs": compiled_graphs()} if self.cfg.train.compile else {}
+        gpu = {name if name.startswith("gpu_") else f"gpu_{name}": value
+               for name, value in (self.telemetry.pop("train") or {}).items()}
         self._record("train", {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                               "lr": lr, **means, "img_per_s": img_per_s,
-                               "peak_memory_mb": self.peak_memory.read_mb(), **graphs})
+                               "lr": lr, **means, **speed,
+                               "peak_memory_mb": self.peak_memory.read_mb(), **graphs, **gpu})
+        img_per_s, waiting = speed["img_per_s"], f"{speed['data_wait_share']:.0%}"
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.3g}",
-                                 img_s=f"{img_per_s:.0f}")
+                                 img_s=f"{img_per_s:.0f}", data=waiting)
         else:
             self._print(f"step {self.step}/{self.stop_step} loss {means['loss']:.4f} "
-                        f"lr {lr:.4g} {img_per_s:.0f} img/s")
+                        f"lr {lr:.4g} {img_per_s:.0f} img/s, data wait {waiting}")
+
+    def _speed(self) -> dict[str, float | int]:
+        """The window's images/s (all ranks), this rank's rate and data wait, and the slowest
+        rank: gathered at log steps only (a slow node holds every rank back in the
+        collectives, so the run's rate is its)."""
+        window = self.window.read()
+        ranks = distributed.all_gather_objects(window)
+        slowest = min(range(len(ranks)), key=lambda r: ranks[r]["rank_img_per_s"])
+        return {"img_per_s": sum(r["rank_img_per_s"] for r in ranks), **window,
+                "slowest_rank": slowest,
+                "slowest_rank_img_per_s": ranks[slowest]["rank_img_per_s"],
+                "data_wait_share_max": max(r["data_wait_share"] for r in ranks)}
 
 
 def train(cfg: Config) -> RunResult:

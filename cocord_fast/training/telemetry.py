@@ -1,8 +1,10 @@
-"""NVML telemetry while steps are timed: GPU utilisation, memory used, power and SM clock.
+"""NVML telemetry while steps run: GPU utilisation, memory used, power, temperature and SM
+clock, sampled off the training thread.
 
-A thread samples every `interval_s` and files each sample under the label the bench sets for
-the entry it is running (None between entries). Without a CUDA device, or without pynvml
-(package nvidia-ml-py) or a working NVML, there is no telemetry and `reason` says why.
+A thread samples every `interval_s` and files each sample under the label its user sets (the
+bench: the entry it is timing; the trainer: "train" while it trains; None in between). Without
+a CUDA device, or without pynvml (package nvidia-ml-py) or a working NVML, there is no
+telemetry and `reason` says why.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-FIELDS = ("gpu_util_percent", "memory_used_mb", "power_w", "sm_clock_mhz")
+FIELDS = ("gpu_util_percent", "memory_used_mb", "power_w", "temperature_c", "sm_clock_mhz")
 
 
 def open_nvml(device: torch.device) -> tuple[Any, Any, str | None]:
@@ -48,6 +50,8 @@ def read_sample(pynvml: Any, handle: Any) -> dict[str, float | None]:
         "gpu_util_percent": lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
         "memory_used_mb": lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2 ** 20,
         "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+        "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(handle,
+                                                                 pynvml.NVML_TEMPERATURE_GPU),
         "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
     }
     sample: dict[str, float | None] = {}
@@ -105,6 +109,12 @@ class Telemetry:
             result[name] = ((max(values) if name == "memory_used_mb" else statistics.fmean(values))
                             if values else None)
         return result
+
+    def pop(self, label: str) -> dict[str, Any] | None:
+        """`summary(label)`, then forgets `label`'s samples (the next summary starts anew)."""
+        summary = self.summary(label)
+        self.samples.pop(label, None)
+        return summary
 
     def describe(self) -> dict[str, Any]:
         return {"available": self.available, "reason": self.reason,
