@@ -115,11 +115,7 @@ def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    accuracy = stem.with_name(stem.name + "_top1.png")
-    fig.savefig(accuracy, dpi=120)
-    plt.close(fig)
+    accuracy = _saved(fig, stem.with_name(stem.name + "_top1.png"), title)
 
     terms = sorted({k for row in rows for r in row["curves"]["train"] for k in r
                     if k.startswith("loss")})
@@ -132,10 +128,7 @@ def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    losses = stem.with_name(stem.name + "_losses.png")
-    fig.savefig(losses, dpi=120)
-    plt.close(fig)
+    losses = _saved(fig, stem.with_name(stem.name + "_losses.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for color, row in enumerate(rows):
@@ -148,12 +141,18 @@ def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
         ax.set_xlabel("wall-clock (s)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    return [accuracy, losses, _saved(fig, stem.with_name(stem.name + "_speed.png"), title)]
+
+
+def _saved(fig, path: Path, title: str | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    speed = stem.with_name(stem.name + "_speed.png")
-    fig.savefig(speed, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [accuracy, losses, speed]
+    return path
 
 
 def seed_summary(rows_by_seed: dict[int, list[dict]]) -> list[dict[str, Any]]:
