@@ -1,10 +1,12 @@
-"""Data-pipeline throughput (images/s): DALI against torchvision's DataLoader, 1 and 3 views.
+"""Data-pipeline throughput (images/s): DALI against torchvision's DataLoader, 1 and 3 views,
+on an ImageFolder tree and on tar shards of the same JPEGs.
 
 Both backends run through `build_loaders`, the path training takes, over a generated
 ImageFolder tree of ImageNet-like JPEGs (500x375 by default) cropped to 224, at equal CPU
-parallelism (`--threads`: DALI threads, DataLoader worker processes). On a CUDA machine a third
-backend, `dali-gpu`, decodes with nvJPEG (`mixed`) and augments on the GPU; the CPU backends'
-batches are then copied to that GPU too, as training would.
+parallelism (`--threads`: DALI threads, DataLoader worker processes), and over the same tree
+written as tar shards by `cocord-fast convert` (`--data`; `convert_s` is that one-off cost).
+On a CUDA machine a third backend, `dali-gpu`, decodes with nvJPEG (`mixed`) and augments on
+the GPU; the CPU backends' batches are then copied to that GPU too, as training would.
 
 Start-up and steady state apart, so that short runs cannot rank the backends by their start-up
 cost (each the median of `--repeats` interleaved runs, the machine's load recorded):
@@ -44,6 +46,7 @@ from cocord_fast.bench.settings import RESULTS
 from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
 from cocord_fast.data.build import dali_installed
+from cocord_fast.data.shard_writer import convert
 
 
 def write_jpeg_tree(root: Path, images: int, classes: int, size: tuple[int, int]) -> float:
@@ -64,12 +67,13 @@ def write_jpeg_tree(root: Path, images: int, classes: int, size: tuple[int, int]
     return sum(f.stat().st_size for f in files) / len(files) / 1e3
 
 
-def measure(root: Path, backend: str, views: int, args: argparse.Namespace) -> dict:
+def measure(root: Path, dataset: str, backend: str, views: int,
+            args: argparse.Namespace) -> dict:
     target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The loaders' device: DALI's GPU pipeline, or pinned host memory for the torch path; the
     # CPU-only DALI pipeline is asked for with the CPU.
     device = torch.device("cpu") if backend == "dali" else target
-    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=args.image_size,
+    cfg = DataConfig(dataset=dataset, root=str(root), image_size=args.image_size,
                      batch_size=args.batch_size, num_workers=args.threads,
                      backend="dali" if backend.startswith("dali") else "torch")
 
@@ -98,7 +102,7 @@ def measure(root: Path, backend: str, views: int, args: argparse.Namespace) -> d
                 epoch_starts.append(time.perf_counter() - epoch_started)
     seconds = time.perf_counter() - started
     images = args.epochs * len(loaders.train) * args.batch_size
-    return {"backend": backend, "views": views, "startup_s": startup,
+    return {"data": dataset, "backend": backend, "views": views, "startup_s": startup,
             "img_per_s": images / max(seconds, 1e-9),
             "epoch_start_s": float(np.mean(epoch_starts)) if epoch_starts else None,
             "epochs": args.epochs, "batches_per_epoch": len(loaders.train)}
@@ -142,7 +146,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    backends = list(dict.fromkeys((r["backend"], r["data"]) for r in rows))
     views = sorted({r["views"] for r in rows})
     width = 0.8 / len(backends)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -151,9 +155,10 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     for ax, key, label, unit in panels:
         for b, backend in enumerate(backends):
             for v, count in enumerate(views):
-                value = next(r[key] for r in rows if (r["backend"], r["views"]) == (backend, count))
+                value = next(r[key] for r in rows
+                             if (r["backend"], r["data"], r["views"]) == (*backend, count))
                 x = v + (b - (len(backends) - 1) / 2) * width
-                ax.bar(x, value, width, color=f"C{b}", label=backend if v == 0 else None)
+                ax.bar(x, value, width, color=f"C{b}", label=" ".join(backend) if v == 0 else None)
                 ax.text(x, value, unit.format(value), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(views)), [f"{v} view{'s' * (v > 1)}" for v in views])
         ax.set_ylabel(label)
@@ -174,6 +179,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5,
                         help="timed epochs, after an untimed epoch 0 that holds the start-up")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--data", nargs="+", default=["imagefolder", "shards"],
+                        choices=["imagefolder", "shards"],
+                        help="the tree as it is, and written as tar shards")
+    parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="measurements per row (median)")
     parser.add_argument("--step-ms", type=float, default=100.0,
                         help="the step simulated between batches for the training-thread wait "
@@ -199,21 +208,28 @@ def main() -> None:
     # Other work on the machine slows the backends unevenly: the load says how quiet it was,
     # and each row is the median of `--repeats` interleaved measurements.
     load = os.getloadavg()[0]
-    samples: dict[tuple[str, int], list[dict]] = {}
+    samples: dict[tuple[str, str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         kilobytes = write_jpeg_tree(root, args.images, args.classes, tuple(args.source_size))
+        started = time.perf_counter()
+        convert(root, Path(tmp) / "shards", args.samples_per_shard, max(1, args.threads),
+                progress=False, say=lambda _: None)
+        convert_s = time.perf_counter() - started
+        roots = {"imagefolder": root, "shards": Path(tmp) / "shards"}
         # The process's first DALI pipeline loads DALI's libraries, and the first DataLoader
         # imports what its workers need: one untimed epoch per backend keeps that out of the
         # loaders' start-up.
         for backend in backends:
-            measure(root, backend, 1, argparse.Namespace(**{**vars(args), "epochs": 0}))
+            measure(root, "imagefolder", backend, 1,
+                    argparse.Namespace(**{**vars(args), "epochs": 0}))
         waits: dict[bool, list[dict]] = {}
         for _ in range(args.repeats):
             for views in args.views:
                 for backend in backends:
-                    samples.setdefault((backend, views), []).append(
-                        measure(root, backend, views, args))
+                    for dataset in args.data:
+                        samples.setdefault((dataset, backend, views), []).append(
+                            measure(roots[dataset], dataset, backend, views, args))
             if "dali" in backends:
                 for read_ahead in (True, False):
                     waits.setdefault(read_ahead, []).append(training_wait(root, read_ahead, args))
@@ -221,9 +237,12 @@ def main() -> None:
     wait_rows = [{**runs[0], "wait_ms_per_batch": float(np.median(
         [r["wait_ms_per_batch"] for r in runs]))} for runs in waits.values()]
     for row in rows:
-        print(f"{row['backend']:8s} {row['views']} view(s) {row['img_per_s']:8.1f} img/s "
+        print(f"{row['backend']:8s} {row['data']:11s} {row['views']} view(s) "
+              f"{row['img_per_s']:8.1f} img/s "
               f"steady, start-up {row['startup_s']:.2f} s, epoch start "
               f"{row['epoch_start_s']:.3f} s (medians of {args.repeats})", flush=True)
+    print(f"convert: {args.images + args.classes} JPEGs into shards of "
+          f"{args.samples_per_shard} in {convert_s:.2f} s (once)", flush=True)
     for row in wait_rows:
         print(f"dali read-ahead {'on ' if row['read_ahead'] else 'off'}: the training thread "
               f"waits {row['wait_ms_per_batch']:.1f} ms a batch beside a "
@@ -233,6 +252,7 @@ def main() -> None:
     report = {**provenance(device), "source_size": args.source_size,
               "mean_jpeg_kb": round(kilobytes, 1), "image_size": args.image_size,
               "batch_size": args.batch_size, "threads": args.threads, "images": args.images,
+              "samples_per_shard": args.samples_per_shard, "convert_s": convert_s,
               "repeats": args.repeats, "load_average_1min": load, "skipped": skipped,
               "rows": rows, "training_wait": wait_rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,16 @@ examples:
 """
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def seed_list(text: str) -> tuple[int, ...]:
     """--seeds 0,1,2: distinct non-negative integers."""
     try:
@@ -92,19 +102,30 @@ def cmd_index(ns: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .data.sources import ImageFolder
+    from .data.sources import ImageFolder, TarShards
 
     root = Path(ns.root).expanduser()
     splits = [split for split in ("train", "val") if (root / split).is_dir()]
     if not splits:
         raise UserError(f"{root} has no train/ or val/ folder (expected ROOT/train/<class>/... "
-                        f"and ROOT/val/<class>/...)")
+                        f"and ROOT/val/<class>/..., or ROOT/train/*.tar and ROOT/val/*.tar)")
     for split in splits:
         started = time.perf_counter()
-        source = ImageFolder(root / split, rescan=True)
+        kind = TarShards if any((root / split).glob("*.tar")) else ImageFolder
+        source = kind(root / split, rescan=True)
         where = source.measure_sizes(ns.threads)
         print(f"{split}: {len(source)} images in {source.num_classes} classes, every size "
               f"read, in {time.perf_counter() - started:.1f} s; index: {where}")
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.shard_writer import convert
+
+    convert(Path(ns.source).expanduser(), Path(ns.target).expanduser(), ns.samples_per_shard,
+            ns.threads)
     return 0
 
 
@@ -286,21 +307,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     index = sub.add_parser(
-        "index", help="index an ImageFolder data root ahead of a job (files, labels, sizes)",
-        description="Lists ROOT/train and ROOT/val anew and reads every image's size from its "
-                    "header; runs then read the index instead of listing every file. It is "
-                    "written beside the data, or under the cache directory where that folder is "
-                    "not writable, and rebuilt by a run when a folder changed.")
+        "index", help="index a data root ahead of a job (files or shards, labels, sizes)",
+        description="Lists ROOT/train and ROOT/val anew (class folders of images, or tar "
+                    "shards) and reads every image's size from its header; runs then read the "
+                    "index instead of listing every file or reading every shard. It is written "
+                    "beside the data, or under the cache directory where that folder is not "
+                    "writable, and rebuilt by a run when a folder or shard changed.")
     index.add_argument("root", metavar="ROOT", help="the data root (data.root)")
-    index.add_argument("--threads", type=int, default=16,
+    index.add_argument("--threads", type=positive_int, default=16,
                        help="header reads in flight (default 16: file systems over a network "
                             "want many)")
     index.set_defaults(func=cmd_index)
 
+    convert = sub.add_parser(
+        "convert", help="write an ImageFolder data root as tar shards (WebDataset layout)",
+        description="Writes SOURCE/train and SOURCE/val (class folders of images) as "
+                    "TARGET/train/shard-NNNNNN.tar and TARGET/val/shard-NNNNNN.tar, each sample "
+                    "an image member and a .cls member holding its class number, in the "
+                    "ImageFolder's order; the class names go to TARGET/classes.txt. Train on "
+                    "them with data.dataset=shards data.root=TARGET.")
+    convert.add_argument("source", metavar="SOURCE", help="the ImageFolder data root")
+    convert.add_argument("target", metavar="TARGET", help="where the shards go")
+    convert.add_argument("--samples-per-shard", type=positive_int, default=1000,
+                         help="images per shard (default 1000: ~110 MB of ImageNet JPEGs)")
+    convert.add_argument("--threads", type=positive_int, default=16,
+                         help="image reads in flight (default 16)")
+    convert.set_defaults(func=cmd_convert)
+
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's student")
     evaluate.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")
     evaluate.add_argument("--data", help="data root (default: the one the run trained on)")
-    evaluate.add_argument("--dataset", choices=["demo", "cifar100", "imagefolder"])
+    evaluate.add_argument("--dataset", choices=["demo", "cifar100", "imagefolder", "shards"])
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--workers", type=int)
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

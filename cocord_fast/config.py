@@ -38,11 +38,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["demo", "cifar100", "imagefolder"] = _field(
-        "demo", "demo (made offline), cifar100 (cifar-100-python folder) or imagefolder (train/ and val/)")
+    dataset: Literal["demo", "cifar100", "imagefolder", "shards"] = _field(
+        "demo", "demo (made offline), cifar100 (cifar-100-python folder), imagefolder "
+        "(train/<class>/ and val/<class>/) or shards (train/*.tar and val/*.tar, WebDataset)")
     root: str = _field("", "data directory; for demo, empty means the cache directory")
     download: bool = _field(False, "cifar100 only: download into root if it is missing")
-    image_size: int = _field(224, "imagefolder only: training crop and evaluation size", min=8)
+    image_size: int = _field(224, "imagefolder and shards: training crop and evaluation size",
+                             min=8)
     batch_size: int = _field(64, "training batch size (per process)", min=1)
     eval_batch_size: int = _field(256, "evaluation batch size", min=1)
     num_workers: int = _field(

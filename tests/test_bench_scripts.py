@@ -121,7 +121,9 @@ def test_data_bench_without_dali_times_torchvision_and_says_why(tmp_path):
     assert "DALI is not installed" in result.stdout
     (path,) = tmp_path.glob("data_*.json")
     report = json.loads(path.read_text())
-    assert [row["backend"] for row in report["rows"]] == ["torch"]
+    assert [(row["backend"], row["data"]) for row in report["rows"]] == [
+        ("torch", "imagefolder"), ("torch", "shards")]
+    assert all(row["img_per_s"] > 0 for row in report["rows"]) and report["convert_s"] > 0
     assert report["skipped"]["dali"] == "DALI is not installed"
     assert report["training_wait"] == []
 

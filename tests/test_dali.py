@@ -339,8 +339,8 @@ def test_the_feed_reads_the_next_batch_before_it_is_asked_for(identity_tree, mon
 
     source = open_source("imagefolder", identity_tree, train=True)
     feed = DaliFeed(source, "imagefolder", 32, 2, torch.device("cpu"), torch.float32)
-    read, reads = feed._read, []
-    monkeypatch.setattr(feed, "_read", lambda index: reads.append(index) or read(index))
+    read, reads = source.read, []
+    monkeypatch.setattr(source, "read", lambda index: reads.append(index) or read(index))
     first = feed.images([0, 1, 2], next_indices=[3, 4, 5])
     assert all(r.result() is not None for r in feed.ahead[1])  # started before it was asked
     assert sorted(reads) == [0, 1, 2, 3, 4, 5]

@@ -188,11 +188,11 @@ def test_an_io_error_is_named_as_such_and_never_skipped_as_a_damaged_image(tiny_
 
     source = sources.open_source("demo", tiny_demo_root, train=True)
 
-    def failing_disk(path):
+    def failing_disk(path, dtype):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(sources.Image, "open", failing_disk)
-    for read in (lambda: source.load(0), lambda: sources.decode_error(source.path(0))):
+    monkeypatch.setattr(sources.np, "fromfile", failing_disk)
+    for read in (lambda: source.load(0), lambda: source.decode_error(0)):
         with pytest.raises(UserError, match=r"cannot read .*: Input/output error \(an I/O "
                                             r"error, not a damaged image") as caught:
             read()

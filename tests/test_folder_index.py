@@ -1,6 +1,7 @@
 """The index of an ImageFolder split (data/folder_index.py): the same files, labels and order
 as a scan, read without one, rebuilt when a folder changed, written where it can be, made by
-one process of a launch while the others wait, and `cocord-fast index`."""
+one process of a launch while the others wait (that of tar shards too), and
+`cocord-fast index`."""
 import os
 import textwrap
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from cocord_fast.cli import main
-from cocord_fast.data import folder_index
+from cocord_fast.data import folder_index, shards
 from cocord_fast.data.folder_index import INDEX_NAME, open_index, scan
+from cocord_fast.data.shard_writer import convert
 from cocord_fast.data.sources import ImageFolder
 
 from data_trees import write_identity_tree
@@ -174,29 +176,39 @@ def test_cli_index_names_a_missing_root(tmp_path, capsys):
 
 
 WORKER = textwrap.dedent("""
-    import os, sys, torch
+    import importlib, os, sys, torch
     from cocord_fast import distributed
     from cocord_fast.config import load_config
-    from cocord_fast.data import folder_index
     from cocord_fast.data.build import prepare_sources
 
-    scan = folder_index.scan
+    dataset, module = sys.argv[2], importlib.import_module(sys.argv[3])
+    scan = module.scan
     def counted(root):
         open(f"scanned_{os.environ['RANK']}_{root.name}", "w").close()
         return scan(root)
-    folder_index.scan = counted
+    module.scan = counted
     distributed.init(torch.device("cpu"), 60)
-    cfg = load_config(overrides=["data.dataset=imagefolder", f"data.root={sys.argv[1]}"])
+    cfg = load_config(overrides=[f"data.dataset={dataset}", f"data.root={sys.argv[1]}"])
     prepare_sources(cfg.data)
     distributed.finish(0)
 """)
 
 
-def test_one_process_of_a_launch_lists_the_folders_and_the_others_read_its_index(tmp_path):
+@pytest.mark.parametrize("dataset", ["imagefolder", "shards"])
+def test_one_process_of_a_launch_indexes_the_data_and_the_others_read_its_index(tmp_path,
+                                                                                dataset):
+    """An ImageFolder's folders are listed, or the shards' headers read, once."""
     root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    module, name = folder_index, INDEX_NAME
+    if dataset == "shards":
+        convert(root, tmp_path / "shards", progress=False, say=lambda _: None)
+        root = tmp_path / "shards"
+        for split in ("train", "val"):
+            (root / split / shards.SHARD_INDEX_NAME).unlink()  # the one `convert` wrote
+        module, name = shards, shards.SHARD_INDEX_NAME
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    launch("torchrun", [script, root], cwd=tmp_path)
+    launch("torchrun", [script, root, dataset, module.__name__], cwd=tmp_path)
     assert sorted(p.name for p in tmp_path.glob("scanned_*")) == ["scanned_0_train",
                                                                   "scanned_0_val"]
-    assert (root / "train" / INDEX_NAME).is_file() and (root / "val" / INDEX_NAME).is_file()
+    assert (root / "train" / name).is_file() and (root / "val" / name).is_file()

@@ -18,7 +18,6 @@ from ..config import DataConfig
 from ..errors import UserError
 from .batch import Batch
 from .demo import ensure_demo_dataset
-from .folder_index import open_index
 from .sources import open_source
 from .transforms import build_recipe
 
@@ -69,15 +68,15 @@ def resolve_backend(backend: str) -> str:
 
 
 def prepare_sources(cfg: DataConfig) -> Path:
-    """Makes the demo data set if it is missing, and the index of each ImageFolder split
-    (folder_index.py) if it is missing or stale; returns the data root. Under a launcher rank
-    0 does it while the others wait: they then read its index instead of listing every file."""
+    """Makes the demo data set if it is missing, and the index of each split of image files or
+    shards (`index_files.py`) if it is missing or stale; returns the data root. Under a
+    launcher rank 0 does it while the others wait: they then read its index instead of listing
+    every file or reading every shard's headers."""
     with distributed.main_first():
         root = resolve_root(cfg)
         if cfg.dataset != "cifar100":
-            for split in ("train", "val"):
-                if (root / split).is_dir():
-                    open_index(root / split)
+            for train in (True, False):
+                open_source(cfg.dataset, root, train)
     return root
 
 
@@ -107,6 +106,9 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     val_source = open_source(cfg.dataset, root, train=False, download=cfg.download)
     if getattr(train_source, "classes", None) != getattr(val_source, "classes", None):
         raise UserError(f"the class folders of {root}/train and {root}/val differ")
+    if val_source.num_classes > train_source.num_classes:
+        raise UserError(f"{root}/val has class {val_source.num_classes - 1}, but {root}/train "
+                        f"only {train_source.num_classes} classes")
     if backend == "dali":
         from .dali_loader import DaliEvalLoader, DaliFeed, DaliTrainLoader
 

@@ -50,7 +50,7 @@ from ..errors import UserError
 from .batch import Batch
 from .dali_pipeline import DaliRecipe, eval_pipeline, training_pipeline
 from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
-from .sources import CIFAR100, decode_error, header_size, io_failure
+from .sources import CIFAR100, header_size
 
 # How many batches past the failing one DALI may have been working on: its prefetch queue
 # (depth 2), and one more for safety.
@@ -80,7 +80,7 @@ class DaliFeed:
             self.sizes = source.sizes.copy()
 
     def file(self, index: int) -> str:
-        return str(self.source.path(index))
+        return self.source.name(index)
 
     def images(self, indices: list[int],
                next_indices: list[int] | None = None) -> np.ndarray | list[np.ndarray]:
@@ -92,17 +92,11 @@ class DaliFeed:
         if self.ahead is not None and self.ahead[0] == indices:
             reads = self.ahead[1]
         else:
-            reads = [self.reader.submit(self._read, i) for i in indices]
+            reads = [self.reader.submit(self.source.read, i) for i in indices]
         self.ahead = (None if not next_indices else
-                      (next_indices, [self.reader.submit(self._read, i) for i in next_indices]))
+                      (next_indices, [self.reader.submit(self.source.read, i)
+                                      for i in next_indices]))
         return [read.result() for read in reads]
-
-    def _read(self, index: int) -> np.ndarray:
-        path = self.file(index)
-        try:
-            return np.fromfile(path, dtype=np.uint8)
-        except OSError as err:
-            raise io_failure(path, err) or UserError(f"cannot read {path}: {err}") from None
 
     def image_sizes(self, indices: list[int], encoded: list[np.ndarray]) -> np.ndarray:
         """(B, 2) (height, width) of the decoded images (`sources.header_size`)."""
@@ -260,7 +254,7 @@ class _Resilient:
         window = [i for i in piece[:self.batch_size * (1 + PREFETCH_DEPTH)]
                   if i not in self.unreadable]  # those were not read: their substitutes were
         bad = {i: reason for i in dict.fromkeys(window)
-               if (reason := decode_error(self.feed.source.path(i))) is not None}
+               if (reason := self.feed.source.decode_error(i)) is not None}
         if not bad:
             files = ", ".join(self.feed.file(i) for i in window[:self.batch_size])
             raise UserError(f"DALI could not decode a batch of these files, which PIL reads: "
@@ -288,7 +282,7 @@ class _Resilient:
         for offset in range(1, n):
             candidate = (index + offset) % n
             if (candidate not in bad and candidate not in self.unreadable
-                    and decode_error(self.feed.source.path(candidate)) is None):
+                    and self.feed.source.decode_error(candidate) is None):
                 return candidate
         raise UserError("no readable image is left in the data set")
 

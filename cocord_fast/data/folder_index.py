@@ -11,20 +11,19 @@ that sets folders' times (`cp -a`, `rsync -a` over an older tree) can hide a cha
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from .demo import default_cache_dir
+from . import index_files
+from .index_files import (IMAGE_EXTENSIONS, open_or_build, pack_strings, read_arrays,
+                          unpack_string, write_arrays)
 
 INDEX_NAME = ".cocord_fast-index.npz"
 INDEX_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -45,10 +44,16 @@ class FolderIndex:
         return len(self.targets)
 
     def path(self, index: int) -> Path:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        return self.root / self.names[start:end].tobytes().decode()
+        return self.root / unpack_string(self.names, self.offsets, index)
 
-    def stale_directory(self) -> str | None:
+    def write(self) -> Path:
+        """Writes the index where it can (`index_files.write_arrays`); returns where."""
+        return write_arrays(self.root, INDEX_NAME, dict(
+            version=np.int64(INDEX_VERSION), classes=np.asarray(self.classes), names=self.names,
+            offsets=self.offsets, targets=self.targets, sizes=self.sizes,
+            directories=np.asarray(self.directories), directory_mtimes=self.directory_mtimes))
+
+    def changed(self) -> str | None:
         """A directory that changed since the index was written (or the first class folder
         added or removed), or None. One stat per directory, none per file."""
         if _class_folders(self.root) != self.classes:
@@ -103,68 +108,23 @@ def scan(root: Path) -> FolderIndex:
                             f"(extensions: {' '.join(IMAGE_EXTENSIONS)})")
         files += sorted(found, key=lambda path: path.split("/"))
         targets += [label] * len(found)
-    encoded = [name.encode() for name in files]
-    offsets = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(name) for name in encoded], out=offsets[1:])
-    return FolderIndex(root, classes, np.frombuffer(b"".join(encoded), np.uint8).copy(),
-                       offsets, np.asarray(targets, np.int64), np.full((len(files), 2), -1),
-                       directories, np.asarray(mtimes, np.int64))
+    return FolderIndex(root, classes, *pack_strings(files), np.asarray(targets, np.int64),
+                       np.full((len(files), 2), -1), directories, np.asarray(mtimes, np.int64))
 
 
 def index_locations(root: Path) -> list[Path]:
-    """Where the index of `root` may be: beside the data, then in the cache directory."""
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
-    return [root / INDEX_NAME, default_cache_dir() / "index" / f"{digest}.npz"]
-
-
-def write_index(index: FolderIndex) -> Path:
-    """Writes `index` where it can (atomically: a reader sees the old file or the new one)."""
-    arrays = dict(version=np.int64(INDEX_VERSION), classes=np.asarray(index.classes),
-                  names=index.names, offsets=index.offsets, targets=index.targets,
-                  sizes=index.sizes, directories=np.asarray(index.directories),
-                  directory_mtimes=index.directory_mtimes)
-    for path in index_locations(index.root):
-        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(partial, path)
-            return path
-        except OSError:
-            partial.unlink(missing_ok=True)
-    raise UserError(f"cannot write the index of {index.root} beside it or under "
-                    f"{index_locations(index.root)[1].parent} (set COCORD_FAST_CACHE to a "
-                    f"writable folder)")
+    return index_files.index_locations(root, INDEX_NAME)
 
 
 def read_index(path: Path, root: Path) -> FolderIndex | None:
     """The index of `root` stored at `path`, or None (missing, damaged or of another version)."""
-    try:
-        with np.load(path) as stored:
-            if int(stored["version"]) != INDEX_VERSION:
-                return None
-            return FolderIndex(root, stored["classes"].tolist(), stored["names"],
-                               stored["offsets"], stored["targets"], stored["sizes"],
-                               stored["directories"].tolist(), stored["directory_mtimes"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    if (stored := read_arrays(path, INDEX_VERSION)) is None:
         return None
+    return FolderIndex(root, stored["classes"].tolist(), stored["names"], stored["offsets"],
+                       stored["targets"], stored["sizes"], stored["directories"].tolist(),
+                       stored["directory_mtimes"])
 
 
 def open_index(root: Path, say=print, rescan: bool = False) -> FolderIndex:
-    """The index of `root`: the first current one stored (unless `rescan`), else a new scan,
-    written (`say` tells why a stored one was not used)."""
-    root = Path(root)
-    stale = []
-    for path in [] if rescan else index_locations(root):
-        index = read_index(path, root) if path.is_file() else None
-        if index is None:
-            continue
-        if (changed := index.stale_directory()) is None:
-            return index
-        stale.append(f"{changed} changed since {path} was written")
-    if stale:
-        say(f"{stale[0]}: listing {root} again")
-    index = scan(root)
-    write_index(index)
-    return index
+    """The index of `root`: the stored one if current (unless `rescan`), else a new scan."""
+    return open_or_build(Path(root), INDEX_NAME, read_index, scan, "listing", say, rescan)

@@ -1,4 +1,5 @@
-"""Where samples come from: CIFAR-100's python arrays or an ImageFolder tree of image files.
+"""Where samples come from: CIFAR-100's python arrays, an ImageFolder tree of image files, or
+tar shards in the WebDataset layout.
 
 A source maps a dataset index to a decoded RGB image and its label. Every problem a user can
 cause (missing directory, wrong format, empty class) is a UserError raised when the source is
@@ -17,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import UserError
-from .folder_index import open_index, write_index
+from . import folder_index, shards
 
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
@@ -33,29 +34,6 @@ class CorruptImage(UserError):
         super().__init__(f"cannot decode image {path}: {reason} (set data.skip_corrupt=true to "
                          f"skip unreadable files)")
         self.path = path
-
-
-def io_failure(path: Path, err: Exception) -> UserError | None:
-    """The error to raise when `err` is the file system failing (permissions, a failing disk:
-    an OSError with an errno), not the image: those are never skipped as damaged images.
-    PIL's own decode errors carry no errno."""
-    if isinstance(err, OSError) and err.errno is not None:
-        return UserError(f"cannot read {path}: {err.strerror or err} (an I/O error, not a "
-                         f"damaged image: data.skip_corrupt does not skip it)")
-    return None
-
-
-def decode_error(path: Path) -> str | None:
-    """Why `path` cannot be fully decoded, or None if it can (a whole decode, not a header
-    check: a truncated JPEG has a valid header)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except DECODE_ERRORS as err:
-        if (failure := io_failure(path, err)) is not None:
-            raise failure from None
-        return str(err) or type(err).__name__
-    return None
 
 
 class CIFAR100:
@@ -110,21 +88,34 @@ class CIFAR100:
         return Image.fromarray(self.images[index]), int(self.targets[index])
 
 
-class ImageFolder:
-    """`root/<class name>/.../<image file>`; classes are the sorted folder names. Listed through
-    its index (folder_index.py): a start reads one file instead of testing every image."""
+class EncodedImages:
+    """A split of encoded image files with an index (labels, classes, image sizes): what an
+    ImageFolder and tar shards share. A subclass gives `name(i)`, how messages call sample i,
+    and `_read(i)`, its bytes."""
 
-    def __init__(self, root: str | Path, say: Callable[[str], None] = print,
-                 rescan: bool = False):
-        self.index = open_index(Path(root), say, rescan)
-        self.classes, self.targets = self.index.classes, self.index.targets
-        self.num_classes = len(self.classes)
+    index = None  # a FolderIndex or a ShardIndex
+    classes: list[str] | None
+    targets: np.ndarray
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def path(self, index: int) -> Path:
-        return self.index.path(index)
+    def name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _read(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self, index: int) -> np.ndarray:
+        """The encoded bytes of image `index` (uint8). The file system failing (permissions, a
+        failing disk) is a UserError, never skipped as a damaged image: only decoding, which
+        reads from memory, finds those."""
+        try:
+            return self._read(index)
+        except OSError as err:
+            raise UserError(f"cannot read {self.name(index)}: {err.strerror or err} (an I/O "
+                            f"error, not a damaged image: data.skip_corrupt does not skip it)") \
+                from None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -132,26 +123,84 @@ class ImageFolder:
         return self.index.sizes
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        path = self.path(index)
+        data = self.read(index)
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB"), int(self.targets[index])
         except DECODE_ERRORS as err:
-            raise io_failure(path, err) or CorruptImage(path, str(err) or type(err).__name__) \
-                from None
+            raise CorruptImage(self.name(index), str(err) or type(err).__name__) from None
+
+    def decode_error(self, index: int) -> str | None:
+        """Why image `index` cannot be fully decoded, or None if it can (a whole decode, not a
+        header check: a truncated JPEG has a valid header)."""
+        try:
+            with Image.open(io.BytesIO(self.read(index))) as image:
+                image.load()
+        except DECODE_ERRORS as err:
+            return str(err) or type(err).__name__
+        return None
 
     def measure_sizes(self, threads: int = 8, progress: bool = True) -> Path:
         """Reads every image's size from its header into the index (what DALI's crops need:
         the feed then reads no header at all) and writes it; returns where."""
         def size(index: int) -> tuple[int, int]:
-            return header_size(self.path(index).read_bytes())
+            return header_size(self.read(index))
 
         with ThreadPoolExecutor(threads) as pool:
             sizes = list(tqdm(pool.map(size, range(len(self))), total=len(self),
                               desc=f"sizes of {self.index.root}", unit="image",
                               disable=not progress, leave=False))
         self.index.sizes[:] = np.asarray(sizes, np.int64).reshape(-1, 2)
-        return write_index(self.index)
+        return self.index.write()
+
+
+class ImageFolder(EncodedImages):
+    """`root/<class name>/.../<image file>`; classes are the sorted folder names. Listed through
+    its index (folder_index.py): a start reads one file instead of testing every image."""
+
+    def __init__(self, root: str | Path, say: Callable[[str], None] = print,
+                 rescan: bool = False):
+        self.index = folder_index.open_index(Path(root), say, rescan)
+        self.classes, self.targets = self.index.classes, self.index.targets
+        self.num_classes = len(self.classes)
+
+    def path(self, index: int) -> Path:
+        return self.index.path(index)
+
+    def name(self, index: int) -> str:
+        return str(self.index.path(index))
+
+    def _read(self, index: int) -> np.ndarray:
+        return np.fromfile(self.index.path(index), dtype=np.uint8)
+
+
+class TarShards(EncodedImages):
+    """Tar shards in the WebDataset layout (shards.py), read by offset through their index.
+    Class names, where known, are the lines of `classes.txt` beside the split folders (what
+    `cocord-fast convert` writes); without it the classes are numbered 0 to the largest label."""
+
+    CLASSES_FILE = "classes.txt"
+
+    def __init__(self, root: str | Path, say: Callable[[str], None] = print,
+                 rescan: bool = False):
+        self.index = shards.open_index(Path(root), say, rescan)
+        self.targets = self.index.targets
+        classes_file = Path(root).parent / self.CLASSES_FILE
+        self.classes = (classes_file.read_text().splitlines() if classes_file.is_file()
+                        else None)
+        self.num_classes = (len(self.classes) if self.classes is not None
+                            else int(self.targets.max()) + 1)
+        if (largest := int(self.targets.max())) >= self.num_classes:
+            raise UserError(f"{self.name(int(self.targets.argmax()))} has class {largest}, but "
+                            f"{classes_file} names {self.num_classes} classes")
+        self.files = shards.ShardFiles(self.index)
+
+    def name(self, index: int) -> str:
+        return self.index.name(index)
+
+    def _read(self, index: int) -> np.ndarray:
+        return self.files.read(int(self.index.shard_of[index]), int(self.index.starts[index]),
+                               int(self.index.lengths[index]))
 
 
 def header_size(data: bytes) -> tuple[int, int]:
@@ -170,9 +219,10 @@ def open_source(dataset: str, root: str | Path, train: bool, download: bool = Fa
     if dataset == "cifar100":
         return CIFAR100(root, train=train, download=download)
     split = Path(root) / ("train" if train else "val")
+    layout = ("<shard>.tar" if dataset == "shards" else "<class>/...")
     if not Path(root).is_dir():
         raise UserError(f"data.root={root} does not exist")
     if not split.is_dir():
         raise UserError(f"data.root={root} has no '{split.name}' folder (expected "
-                        f"{root}/train/<class>/... and {root}/val/<class>/...)")
-    return ImageFolder(split)
+                        f"{root}/train/{layout} and {root}/val/{layout})")
+    return TarShards(split) if dataset == "shards" else ImageFolder(split)
