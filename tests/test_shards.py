@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_backends import MEAN, STD
 
 from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.cli import _user_message, main
@@ -24,6 +23,7 @@ from cocord_fast.data import build_loaders, shards
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.shard_writer import convert, sample_key
 from cocord_fast.data.sources import open_source
+from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cocord_fast.errors import UserError
 from cocord_fast.training.resume import config_for_resume
 from cocord_fast.training.trainer import train
@@ -31,6 +31,8 @@ from cocord_fast.training.trainer import train
 from data_trees import decode_identity, file_id, write_identity_tree
 from launch import train_losses
 from markers import BACKENDS
+
+MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
 
 def quiet_convert(source: Path, target: Path, samples_per_shard: int = 5) -> Path:
