@@ -175,12 +175,35 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def cmd_models(ns: argparse.Namespace) -> int:
     from .models import MODELS, build_model
+    from .models.library import library_names
 
-    for name in MODELS:
-        model = build_model(name, ns.num_classes)
+    names = [] if ns.timm or ns.torchvision else list(MODELS)
+    for library, pattern in (("timm", ns.timm), ("torchvision", ns.torchvision)):
+        if pattern:
+            names += [f"{library}:{name}" for name in library_names(library, pattern)]
+    if not names:
+        raise UserError(f"no model matches {ns.timm or ns.torchvision!r}")
+    for name in names:
+        try:
+            model = shapes_only(build_model, name, ns.num_classes)
+        except UserError as err:
+            print(f"{name:34s} refused: {str(err).split(': ', 1)[-1]}")
+            continue
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name:12s} features {model.num_features:5d}  parameters {params / 1e6:7.2f}M")
+        print(f"{name:34s} features {model.num_features:5d}  parameters {params / 1e6:7.2f}M")
     return 0
+
+
+def shapes_only(build, *args):
+    """`build(*args)` on the meta device (shapes, no memory or initialisation), or on the CPU
+    where a model's constructor needs real values."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build(*args)
+    except (NotImplementedError, RuntimeError):
+        return build(*args)
 
 
 BENCH_EPILOG = """\
@@ -376,8 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
-    models = sub.add_parser("models", help="list the model zoo")
+    models = sub.add_parser(
+        "models", help="list the model zoo, or timm's and torchvision's models by pattern",
+        description="Each model's feature width (what the distillation heads read) and size. "
+                    "Without options the zoo; --timm and --torchvision list the libraries' "
+                    "classifiers whose names match a glob pattern, as model.student and "
+                    "model.teacher take them (timm:<name>, torchvision:<name>).")
     models.add_argument("--num-classes", type=int, default=100)
+    models.add_argument("--timm", nargs="?", const="*", metavar="PATTERN",
+                        help="timm's models matching PATTERN (e.g. 'convnext*'; all without)")
+    models.add_argument("--torchvision", nargs="?", const="*", metavar="PATTERN",
+                        help="torchvision's classifiers matching PATTERN (all without)")
     models.set_defaults(func=cmd_models)
     return parser
 

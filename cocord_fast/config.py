@@ -30,8 +30,10 @@ def _field(default: Any, help: str, *, min: float | None = None, max: float | No
 
 @dataclass
 class ModelConfig:
-    student: str = _field("resnet8", "student architecture (see `cocord-fast models`)")
-    teacher: str = _field("", "teacher architecture; empty for methods without a teacher")
+    student: str = _field("resnet8", "student architecture: a zoo name, timm:<name> or "
+                                     "torchvision:<name> (see `cocord-fast models`)")
+    teacher: str = _field("", "teacher architecture, named as the student; empty for methods "
+                              "without a teacher")
     teacher_checkpoint: str = _field("", "teacher weights: a cocord_fast checkpoint, a RepDistiller "
                                          "checkpoint ({'model': state_dict}) or a plain state dict")
 

@@ -1,7 +1,8 @@
-"""Every published CIFAR-100 pair with every distilling method, in float64 on one fixed batch:
-the loss and each logged term equal the terms written out from the formulas
-(tests/formulas.py) on the same networks' outputs, and the gradient autograd gives is the
-loss's slope, so one SGD step lowers that batch's loss."""
+"""Every published CIFAR-100 pair, and pairs of timm and torchvision models across families,
+with every distilling method, in float64 on one fixed batch: the loss and each logged term
+equal the terms written out from the formulas (tests/formulas.py) on the same networks'
+outputs, and the gradient autograd gives is the loss's slope, so one SGD step lowers that
+batch's loss."""
 import math
 
 import numpy as np
@@ -25,14 +26,18 @@ SETTINGS = ["cocord.embed_dim=32", "cocord.proj_hidden_dim=32", "cocord.pred_hid
             "crd.num_negatives=8", "crd.loss_cls=0.7", "crd.loss_crd=1.3", "crd.loss_kd=0.5",
             "kd.loss_cls=0.3", "kd.loss_kd=0.9"]
 NUM_DATA, BATCH, CLASSES = 40, 8, 100
+# (teacher, student, input size): a ViT teacher (224 px, its patch grid) for a torchvision
+# ResNet, and a torchvision ConvNeXt teacher for a timm ResNet.
+LIBRARY_PAIRS = [("timm:vit_tiny_patch16_224", "torchvision:resnet18", 224),
+                 ("torchvision:convnext_tiny", "timm:resnet18", 32)]
 
 
-def fixed_batch(num_views: int) -> Batch:
+def fixed_batch(num_views: int, size: int = 32) -> Batch:
     g = torch.Generator().manual_seed(1)
     index = torch.randperm(NUM_DATA, generator=g)[:BATCH]
     # CIFAR's 32 pixels and 8 samples: smaller inputs leave MobileNetV2 and ShuffleNet a 1x1
     # map normalised over a handful of values, a loss too curved for the slope check below.
-    views = [torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float64)
+    views = [torch.randn(BATCH, 3, size, size, generator=g, dtype=torch.float64)
              for _ in range(num_views)]
     return Batch(views, torch.randint(0, CLASSES, (BATCH,), generator=g), index)
 
@@ -72,12 +77,23 @@ def formula_terms(name: str, method, cfg, batch: Batch) -> tuple[dict, torch.Ten
 @pytest.mark.parametrize("method_name", ["kd", "crd", "cocord"])
 def test_loss_matches_the_formulas_and_its_gradient_is_its_slope(method_name, teacher_name,
                                                                   student_name):
+    check_step(method_name, teacher_name, student_name, size=32)
+
+
+@pytest.mark.parametrize("teacher_name, student_name, size", LIBRARY_PAIRS)
+@pytest.mark.parametrize("method_name", ["kd", "crd", "cocord"])
+def test_library_pairs_match_the_formulas_and_their_gradient_is_the_slope(
+        method_name, teacher_name, student_name, size):
+    check_step(method_name, teacher_name, student_name, size)
+
+
+def check_step(method_name: str, teacher_name: str, student_name: str, size: int) -> None:
     torch.manual_seed(0)
     cfg = load_config(overrides=[*SETTINGS, f"method.name={method_name}"])
     method = build_method(method_name, cfg, build_model(student_name, CLASSES),
                           build_model(teacher_name, CLASSES),
                           np.arange(NUM_DATA) % 4).double().train()
-    batch = fixed_batch(METHODS[method_name].num_views)
+    batch = fixed_batch(METHODS[method_name].num_views, size)
     if method_name == "crd":
         method(batch)  # a first step fixes the normalisers, which are constants from then on
     before = {key: value.clone() for key, value in method.state_dict().items()}

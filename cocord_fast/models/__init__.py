@@ -1,4 +1,5 @@
-"""Model zoo: RepDistiller's CIFAR architectures and torchvision's ImageNet ResNets.
+"""Model zoo: RepDistiller's CIFAR architectures and torchvision's ImageNet ResNets, and any
+timm or torchvision classifier by a prefixed name (`timm:convnext_tiny`, `library.py`).
 
 ``MODELS`` maps a model name (RepDistiller's ``model_dict`` spelling for the CIFAR models) to
 a builder taking only ``num_classes``. Every model has ``forward``, ``forward_features``
@@ -12,16 +13,8 @@ from typing import Callable
 from torch import nn
 
 from cocord_fast.errors import UserError
-from cocord_fast.models import (
-    mobilenetv2,
-    resnet50_cifar,
-    resnet_cifar,
-    resnet_imagenet,
-    shufflenetv1,
-    shufflenetv2,
-    vgg,
-    wrn,
-)
+from cocord_fast.models import (library, mobilenetv2, resnet50_cifar, resnet_cifar,
+                                resnet_imagenet, shufflenetv1, shufflenetv2, vgg, wrn)
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     # CIFAR (32x32), state dicts compatible with RepDistiller checkpoints
@@ -56,9 +49,24 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build the model registered as ``name`` with a ``num_classes``-way classifier."""
+    """Build the model registered as ``name`` (or a library's, ``timm:``/``torchvision:``) with
+    a ``num_classes``-way classifier."""
+    if library.split_name(name) is not None:
+        return library.build_library_model(name, num_classes)
     try:
         builder = MODELS[name]
     except KeyError:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, or "
+                        f"timm:<name> and torchvision:<name>") from None
     return builder(num_classes)
+
+
+def check_model_name(name: str) -> None:
+    """Fails on a name no builder knows, without building anything (a library's name is looked
+    up in its registry)."""
+    if (split := library.split_name(name)) is None:
+        if name not in MODELS:
+            raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, or "
+                            f"timm:<name> and torchvision:<name>")
+        return
+    library.check_library_name(*split)

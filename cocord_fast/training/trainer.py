@@ -23,7 +23,7 @@ from ..engines import (autocast, build_engine, check_engine_config, engine_class
 from ..errors import UserError
 from ..kernels import implementations_used, triton_unavailable
 from ..methods import METHODS, Method, build_method
-from ..models import MODELS, build_model
+from ..models import build_model, check_model_name
 from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log, rewrite_log
@@ -51,9 +51,10 @@ def check_model_names(cfg: Config, needs_teacher: bool) -> None:
                             f"model.teacher_checkpoint")
         fields.append(("model.teacher", cfg.model.teacher))
     for field_name, name in fields:
-        if name not in MODELS:
-            raise UserError(f"{field_name}: unknown model {name!r}; known models: "
-                            f"{', '.join(MODELS)}")
+        try:
+            check_model_name(name)
+        except UserError as err:
+            raise UserError(f"{field_name}: {err}") from None
 
 
 def build_teacher(cfg: Config, num_classes: int, resuming: bool) -> torch.nn.Module:
