@@ -36,6 +36,13 @@ class ModelConfig:
                               "without a teacher")
     teacher_checkpoint: str = _field("", "teacher weights: a cocord_fast checkpoint, a RepDistiller "
                                          "checkpoint ({'model': state_dict}) or a plain state dict")
+    teacher_weights: str = _field(
+        "", "instead of teacher_checkpoint, for a timm:/torchvision: teacher: pretrained (the "
+        "library's default), a torchvision weights name (IMAGENET1K_V1), a timm tag (a1_in1k) "
+        "or a weights file of the library")
+    student_weights: str = _field(
+        "", "the student's starting weights, in the forms of teacher_weights (a classifier for "
+        "other classes starts anew); empty: random")
 
 
 @dataclass

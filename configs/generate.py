@@ -144,8 +144,32 @@ def imagenet_recipes() -> dict[str, str]:
     return files
 
 
+# Pretrained teachers from the libraries for resnet18 (model.teacher_weights): torchvision's
+# official ResNet-34 (the paper's ImageNet pair), and a timm teacher of another family. Both
+# were trained on the data recipe's ImageNet mean and std.
+PRETRAINED_TEACHERS = {
+    "torchvision-resnet34": ("torchvision:resnet34", "IMAGENET1K_V1", "73.31",
+                             "evaluated as the data recipe does: resize 256, crop 224"),
+    "timm-convnext_tiny": ("timm:convnext_tiny", "fb_in1k", "82.07",
+                           "evaluated with bicubic resizing; the data recipe's is bilinear"),
+}
+
+
+def pretrained_teacher_recipes() -> dict[str, str]:
+    files = {}
+    for label, (teacher, weights, top1, preprocessing) in PRETRAINED_TEACHERS.items():
+        name = f"cocord_{label}_resnet18"
+        header = (f"CoCoRD: {teacher} -> resnet18 on ImageNet, the teacher with its library's "
+                  f"pretrained\nweights {weights} (top-1 {top1} as published, {preprocessing}),"
+                  f"\nfetched on the first start (README: Any teacher).\n{imagenet_launch(name)}")
+        values = recipe("cocord", "resnet18", None, imagenet_common(name), "imagenet")
+        values["model"].update(teacher=teacher, teacher_weights=weights)
+        files[f"imagenet/{name}.yaml"] = render(header, values)
+    return files
+
+
 def all_recipes() -> dict[str, str]:
-    return {**cifar_recipes(), **imagenet_recipes()}
+    return {**cifar_recipes(), **imagenet_recipes(), **pretrained_teacher_recipes()}
 
 
 if __name__ == "__main__":

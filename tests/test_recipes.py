@@ -33,6 +33,13 @@ def test_all_published_pairs_have_every_method_with_the_crd_learning_rates():
     assert load_config(ROOT / "imagenet" / "cocord_resnet101_resnet50.yaml").cocord.queue_size == 16384
 
 
+def test_the_pretrained_teacher_recipes_name_library_weights_instead_of_a_file():
+    for label, (teacher, weights, *_) in generate.PRETRAINED_TEACHERS.items():
+        cfg = load_config(ROOT / "imagenet" / f"cocord_{label}_resnet18.yaml")
+        assert (cfg.model.teacher, cfg.model.teacher_weights) == (teacher, weights)
+        assert cfg.model.teacher_checkpoint == "" and cfg.model.student == "resnet18"
+
+
 def test_the_default_job_runs_the_stages_the_readme_lists():
     """The README's table of the default job: stage, recipe, model and epochs, in order."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()

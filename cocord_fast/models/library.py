@@ -54,9 +54,11 @@ def import_library(library: str):
 
 class LibraryModel(Classifier):
     """A library's network (`net`) behind the zoo's contract. `renames` pairs each prefix of
-    the adapter's own state-dict names with the library's, e.g. ("net.", "")."""
+    the adapter's own state-dict names with the library's, e.g. ("net.", "");
+    `classifier_name` is the last layer's name among the library's."""
 
     renames: tuple[tuple[str, str], ...]
+    classifier_name: str
 
     def __init__(self, library: str, name: str):
         super().__init__()
@@ -123,6 +125,8 @@ class TimmModel(LibraryModel):
             raise UserError(f"timm:{name}: its classifier is a {type(classifier).__name__}, "
                             f"not one linear layer over pooled features")
         self.num_features = classifier.in_features
+        self.classifier_name = next(name for name, module in self.net.named_modules()
+                                    if module is classifier)
         self.renames = (("net.", ""),)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +147,7 @@ class TorchvisionModel(LibraryModel):
         setattr(net.get_submodule(parent), attribute, nn.Identity())
         self.net, self.head = net, head
         self.num_features = head.in_features
+        self.classifier_name = path
         self.renames = (("head.", f"{path}."), ("net.", ""))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,8 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
 # teacher's too: the checkpoint holds them, and a resumed run reads no teacher file), or what a
 # step is (the checkpoint's data position counts steps of this many images per process).
 FIXED = {
-    "model.student", "model.teacher", "model.teacher_checkpoint", "method.name",
+    "model.student", "model.teacher", "model.teacher_checkpoint", "model.teacher_weights",
+    "model.student_weights", "method.name",
     "data.dataset", "data.image_size", "cocord.embed_dim", "cocord.queue_size",
     "cocord.proj_hidden_dim", "cocord.pred_hidden_dim", "crd.embed_dim", "data.batch_size",
     "optim.grad_accum_steps", "engine.name", "engine.zero_stage",

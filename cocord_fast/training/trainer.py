@@ -12,9 +12,8 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
-from ..checkpoints.files import (load_model_weights, load_strict, remove_old_periodic,
-                                 remove_partial_saves, rng_state, save_atomic, set_rng_state,
-                                 training_checkpoint)
+from ..checkpoints.files import (remove_old_periodic, remove_partial_saves, rng_state, save_atomic,
+                                 set_rng_state, training_checkpoint)
 from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
 from ..data.build import prepare_sources
@@ -23,10 +22,10 @@ from ..engines import (autocast, build_engine, check_engine_config, engine_class
 from ..errors import UserError
 from ..kernels import implementations_used, triton_unavailable
 from ..methods import METHODS, Method, build_method
-from ..models import build_model, check_model_name
 from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log, rewrite_log
+from .networks import build_student, build_teacher, check_model_names
 from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
 from .read_ahead import ReadAhead
 from .resume import check_resumable, resume_point
@@ -40,32 +39,6 @@ class RunResult:
     step: int
     top1: float
     best_top1: float
-
-
-def check_model_names(cfg: Config, needs_teacher: bool) -> None:
-    """Fails on a misspelt architecture before any data is read or made."""
-    fields = [("model.student", cfg.model.student)]
-    if needs_teacher:
-        if not cfg.model.teacher or not cfg.model.teacher_checkpoint:
-            raise UserError(f"method.name={cfg.method.name} needs model.teacher and "
-                            f"model.teacher_checkpoint")
-        fields.append(("model.teacher", cfg.model.teacher))
-    for field_name, name in fields:
-        try:
-            check_model_name(name)
-        except UserError as err:
-            raise UserError(f"{field_name}: {err}") from None
-
-
-def build_teacher(cfg: Config, num_classes: int, resuming: bool) -> torch.nn.Module:
-    """The frozen teacher, with `model.teacher_checkpoint`'s weights; a resumed run takes them
-    from its own checkpoint instead, so the file need not be there any more."""
-    teacher = build_model(cfg.model.teacher, num_classes)
-    if not resuming:
-        load_strict(teacher, load_model_weights(cfg.model.teacher_checkpoint),
-                    cfg.model.teacher_checkpoint)
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 class Trainer:
@@ -99,6 +72,7 @@ class Trainer:
         method_class = METHODS[cfg.method.name]
         check_model_names(cfg, method_class.needs_teacher)
         torch.manual_seed(cfg.train.seed)
+        self.notes: list[str] = []  # said once the run starts (fit)
         prepare_sources(cfg.data)  # rank 0 first: the demo data set, the folders' indexes
         self.loaders: Loaders = build_loaders(
             cfg.data, method_class.num_views, cfg.train.seed, self.device,
@@ -115,7 +89,8 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
-        student = build_model(cfg.model.student, self.loaders.num_classes)
+        student = build_student(cfg, self.loaders.num_classes, checkpoint is not None,
+                                say=self.notes.append)
         teacher = (build_teacher(cfg, self.loaders.num_classes, resuming=checkpoint is not None)
                    if method_class.needs_teacher else None)
         self.method: Method = build_method(cfg.method.name, cfg, student, teacher,
@@ -301,6 +276,8 @@ class Trainer:
         self._record("start", {"step": self.step, "processes": self.world_size,
                                "device": str(self.device), "engine": self.engine.description,
                                "bank_mb": self.method.bank_bytes() / 2 ** 20})
+        for note in self.notes:
+            self._print(note)
         if self.imported_from is not None:
             self._print(f"{self.imported_from} was imported: it holds weights but no optimizer "
                         f"state or data position, so the schedule starts at step {self.step} "

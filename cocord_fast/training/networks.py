@@ -1,0 +1,89 @@
+"""The run's student and teacher: their names checked before any data is read, and their
+starting weights: a teacher's from a file (`model.teacher_checkpoint`) or its library's
+(`model.teacher_weights`), a student's from its library's if asked (`model.student_weights`).
+
+A resumed run takes both from its own checkpoint instead, so neither a file nor a download is
+needed then.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoints.files import load_model_weights, load_strict
+from ..config import Config
+from ..errors import UserError
+from ..models import build_model, check_model_name
+from ..models.weights import library_weights
+
+
+def check_model_names(cfg: Config, needs_teacher: bool) -> None:
+    """Fails on a misspelt architecture, or a teacher without weights, before any data is
+    read or made."""
+    fields = [("model.student", cfg.model.student)]
+    if needs_teacher:
+        if not cfg.model.teacher or not (cfg.model.teacher_checkpoint
+                                         or cfg.model.teacher_weights):
+            raise UserError(f"method.name={cfg.method.name} needs model.teacher and "
+                            f"model.teacher_checkpoint (or model.teacher_weights)")
+        if cfg.model.teacher_checkpoint and cfg.model.teacher_weights:
+            raise UserError("model.teacher_checkpoint and model.teacher_weights are both set: "
+                            "give the teacher's weights once")
+        fields.append(("model.teacher", cfg.model.teacher))
+    for field_name, name in fields:
+        try:
+            check_model_name(name)
+        except UserError as err:
+            raise UserError(f"{field_name}: {err}") from None
+
+
+def build_teacher(cfg: Config, num_classes: int, resuming: bool) -> torch.nn.Module:
+    """The frozen teacher with its weights. Library weights must predict the data's classes:
+    every method may read the teacher's logits (KD, and the +KD variants)."""
+    teacher = build_model(cfg.model.teacher, num_classes)
+    if not resuming:
+        load_strict(teacher, *teacher_weights(cfg, teacher, num_classes))
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def teacher_weights(cfg: Config, teacher: torch.nn.Module,
+                    num_classes: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The teacher's state dict, and where it came from."""
+    if not cfg.model.teacher_weights:
+        return load_model_weights(cfg.model.teacher_checkpoint), cfg.model.teacher_checkpoint
+    source = f"model.teacher_weights={cfg.model.teacher_weights}"
+    state = library_weights(cfg.model.teacher, cfg.model.teacher_weights, "model.teacher_weights")
+    if (rows := classifier_rows(teacher, state)) != num_classes:
+        raise UserError(f"{source}: {cfg.model.teacher} predicts {rows} classes with them, the "
+                        f"data has {num_classes}: fine-tune it on this data first "
+                        f"(method.name=vanilla model.student={cfg.model.teacher} "
+                        f"model.student_weights={cfg.model.teacher_weights}) and give that "
+                        f"run's last.pt as model.teacher_checkpoint")
+    return state, source
+
+
+def build_student(cfg: Config, num_classes: int, resuming: bool,
+                  say=print) -> torch.nn.Module:
+    """The student, from its library's weights with `model.student_weights`; a classifier
+    for another number of classes is left as built (a new head), and `say` tells so."""
+    student = build_model(cfg.model.student, num_classes)
+    if resuming or not cfg.model.student_weights:
+        return student
+    field, weights = "model.student_weights", cfg.model.student_weights
+    state = library_weights(cfg.model.student, weights, field)
+    if (rows := classifier_rows(student, state)) != num_classes:
+        head = f"{student.classifier_name}."
+        state = {key: value for key, value in state.items() if not key.startswith(head)}
+        state.update({key: value for key, value in student.state_dict().items()
+                      if key.startswith(head)})
+        say(f"{field}={weights}: the backbone of {cfg.model.student} starts from them; their "
+            f"{rows}-class classifier is replaced by a new {num_classes}-class one")
+    load_strict(student, state, f"{field}={weights}")
+    return student
+
+
+def classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """How many classes `state` predicts for an adapted library `model` (its classifier's
+    weight rows)."""
+    weight = state.get(f"{model.classifier_name}.weight")
+    return None if weight is None else weight.shape[0]
