@@ -65,6 +65,15 @@ class DataConfig:
                               "trains (off: the training thread waits for each batch's reads)")
     skip_corrupt: bool = _field(False, "replace an unreadable image by the next readable one "
                                 "(evaluation: drop it) and count it, instead of stopping")
+    mean: list[float] = _field([], "per-channel mean (red, green, blue) on the [0, 1] scale; "
+                               "empty: a pretrained teacher's (model.teacher_weights), else the "
+                               "data set's")
+    std: list[float] = _field([], "per-channel std, as data.mean", min=0.0)
+    interpolation: Literal["", "bilinear", "bicubic"] = _field(
+        "", "resize filter of crops and evaluation; empty: a pretrained teacher's, else bilinear")
+    crop_pct: float = _field(0.0, "evaluation keeps this share of its resize in the centre crop "
+                             "(0.875: resize 256, crop 224); 0: a pretrained teacher's, else "
+                             "0.875", min=0.0, max=1.0)
 
 
 @dataclass

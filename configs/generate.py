@@ -145,13 +145,13 @@ def imagenet_recipes() -> dict[str, str]:
 
 
 # Pretrained teachers from the libraries for resnet18 (model.teacher_weights): torchvision's
-# official ResNet-34 (the paper's ImageNet pair), and a timm teacher of another family. Both
-# were trained on the data recipe's ImageNet mean and std.
+# official ResNet-34 (the paper's ImageNet pair), and a timm teacher of another family, with
+# the preprocessing each was trained with (the run takes it from the library).
 PRETRAINED_TEACHERS = {
     "torchvision-resnet34": ("torchvision:resnet34", "IMAGENET1K_V1", "73.31",
-                             "evaluated as the data recipe does: resize 256, crop 224"),
+                             "bilinear, resize 256, crop 224"),
     "timm-convnext_tiny": ("timm:convnext_tiny", "fb_in1k", "82.07",
-                           "evaluated with bicubic resizing; the data recipe's is bilinear"),
+                           "bicubic, resize 256, crop 224"),
 }
 
 
@@ -160,8 +160,9 @@ def pretrained_teacher_recipes() -> dict[str, str]:
     for label, (teacher, weights, top1, preprocessing) in PRETRAINED_TEACHERS.items():
         name = f"cocord_{label}_resnet18"
         header = (f"CoCoRD: {teacher} -> resnet18 on ImageNet, the teacher with its library's "
-                  f"pretrained\nweights {weights} (top-1 {top1} as published, {preprocessing}),"
-                  f"\nfetched on the first start (README: Any teacher).\n{imagenet_launch(name)}")
+                  f"pretrained\nweights {weights} (top-1 {top1} as published), fetched on the "
+                  f"first start; the data takes\nthe teacher's preprocessing ({preprocessing}) "
+                  f"(README: Any teacher).\n{imagenet_launch(name)}")
         values = recipe("cocord", "resnet18", None, imagenet_common(name), "imagenet")
         values["model"].update(teacher=teacher, teacher_weights=weights)
         files[f"imagenet/{name}.yaml"] = render(header, values)

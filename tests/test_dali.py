@@ -17,7 +17,8 @@ from cocord_fast.config import DataConfig, load_config
 from cocord_fast.data import build_loaders
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
-from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from cocord_fast.data.transforms import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                         Preprocessing)
 from cocord_fast.models import build_model
 from cocord_fast.training.metrics import read_log
 from cocord_fast.training.trainer import train
@@ -336,9 +337,11 @@ def test_gpu_pipeline_decodes_on_the_device_into_channels_last_bf16(tiny_demo_ro
 @needs_dali
 def test_the_feed_reads_the_next_batch_before_it_is_asked_for(identity_tree, monkeypatch):
     from cocord_fast.data.dali_loader import DaliFeed
+    from cocord_fast.data.dali_pipeline import DaliRecipe
 
     source = open_source("imagefolder", identity_tree, train=True)
-    feed = DaliFeed(source, "imagefolder", 32, 2, torch.device("cpu"), torch.float32)
+    recipe = DaliRecipe("imagefolder", 32, Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+    feed = DaliFeed(source, recipe, 2, torch.device("cpu"), torch.float32)
     read, reads = source.read, []
     monkeypatch.setattr(source, "read", lambda index: reads.append(index) or read(index))
     first = feed.images([0, 1, 2], next_indices=[3, 4, 5])

@@ -11,7 +11,7 @@ from cocord_fast.data import Batch, build_loaders
 from cocord_fast.data.order import derived_seed
 from cocord_fast.data.sources import CIFAR100, open_source
 from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
-from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, build_recipe
+from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, Preprocessing, build_recipe
 from cocord_fast.errors import UserError
 
 
@@ -131,7 +131,8 @@ def test_sampler_rejects_batch_larger_than_data():
 
 def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root):
     source = open_source("demo", tiny_demo_root, train=True)
-    dataset = MultiViewDataset(source, build_recipe("demo", 32).train, num_views=3, seed=0)
+    recipe = build_recipe("demo", 32, Preprocessing.of(DataConfig(dataset="demo")))
+    dataset = MultiViewDataset(source, recipe.train, num_views=3, seed=0)
     views, label, index, skipped, replaced = dataset[(5, 0)]
     assert len(views) == 3 and label == source.load(5)[1] and index == 5 and skipped == []
     assert not replaced

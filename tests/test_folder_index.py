@@ -161,11 +161,14 @@ def test_cli_index_lists_anew_what_a_copy_keeping_folder_times_hides(tmp_path):
 def test_the_dali_feed_takes_the_sizes_the_index_measured(tmp_path):
     pytest.importorskip("nvidia.dali")
     from cocord_fast.data.dali_loader import DaliFeed
+    from cocord_fast.data.dali_pipeline import DaliRecipe
+    from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
     assert main(["index", str(root)]) == 0
     source = ImageFolder(root / "train")
-    feed = DaliFeed(source, "imagefolder", 32, 1, torch.device("cpu"), torch.float32)
+    recipe = DaliRecipe("imagefolder", 32, Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+    feed = DaliFeed(source, recipe, 1, torch.device("cpu"), torch.float32)
     assert (feed.sizes > 0).all() and np.array_equal(feed.sizes, source.sizes)
     assert feed.file(3) == str(source.path(3))
 

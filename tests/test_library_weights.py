@@ -1,18 +1,25 @@
 """Library weights (models/weights.py, training/networks.py): a pretrained teacher from the
 library's cache or a weights file, a student warm-started from one with a new head for other
 classes, and every way it cannot work named: a missing download with the file and where it
-goes, a tag or weights name the library lacks, a teacher for other classes, two sources."""
+goes, a tag or weights name the library lacks, a teacher for other classes, two sources. And
+the teacher's preprocessing (mean, std, filter, crop) taken by both data backends."""
 import os
 import urllib.error
 
 import pytest
 import torch
+from torchvision import transforms as T
 
 from cocord_fast.config import load_config
+from cocord_fast.data import build_loaders
+from cocord_fast.data.sources import open_source
 from cocord_fast.errors import UserError
+from cocord_fast.training.metrics import read_log
+from cocord_fast.training.networks import take_teacher_preprocessing
 from cocord_fast.training.trainer import Trainer
 
-from data_trees import write_identity_tree
+from data_trees import decode_identity, file_id, write_identity_tree
+from markers import BACKENDS
 from test_library_models import library_model
 
 timm = pytest.importorskip("timm", reason="needs timm (pip install 'cocord_fast[timm]')")
@@ -140,3 +147,80 @@ def test_a_student_starts_from_library_weights_with_a_new_head_for_other_classes
 def test_weights_that_cannot_be_had_are_named(tree, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         trainer(tree, tmp_path, "kd", *overrides)
+
+
+class FakePretrainedCfg:
+    """A timm pretrained_cfg with statistics no data set has."""
+    mean, std, interpolation, crop_pct, input_size = ((0.3, 0.4, 0.5), (0.2, 0.25, 0.3),
+                                                      "bicubic", 0.8, (3, 288, 288))
+
+
+def teacher_config(tree, *overrides):
+    return load_config(overrides=[
+        "data.dataset=imagefolder", f"data.root={tree}", "data.image_size=16",
+        "data.batch_size=4", "data.eval_batch_size=6", "data.num_workers=0", "method.name=kd",
+        "model.teacher=timm:resnet18", "model.teacher_weights=a1_in1k", *overrides])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_backends_take_a_pretrained_teachers_preprocessing(tree, backend, monkeypatch):
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: FakePretrainedCfg)
+    cfg = teacher_config(tree, f"data.backend={backend}")
+    notes = take_teacher_preprocessing(cfg, needs_teacher=True)
+    assert (cfg.data.mean, cfg.data.std, cfg.data.interpolation, cfg.data.crop_pct) == (
+        [0.3, 0.4, 0.5], [0.2, 0.25, 0.3], "bicubic", 0.8)
+    assert notes == ["data preprocessing from the teacher timm:resnet18 (a1_in1k): "
+                     "data.mean=[0.3, 0.4, 0.5], data.std=[0.2, 0.25, 0.3], "
+                     "data.interpolation=bicubic, data.crop_pct=0.8",
+                     "the teacher timm:resnet18 (a1_in1k) was trained at 288 px; "
+                     "data.image_size is 16"]
+    loaders = build_loaders(cfg.data, num_views=1, seed=0)
+    (batch,) = list(loaders.val)
+    mean, std = torch.tensor(FakePretrainedCfg.mean), torch.tensor(FakePretrainedCfg.std)
+    ids, labels = decode_identity(batch.views[0], mean, std)  # normalised with the teacher's
+    source = open_source("imagefolder", tree, train=False)
+    assert ids.tolist() == [file_id(source.path(i)) for i in range(6)]
+    assert labels.tolist() == source.targets.tolist()
+    if backend == "torch":  # resize 20 (16 / 0.8) with bicubic, then crop 16, exactly
+        expected = T.Compose([T.Resize(20, interpolation=T.InterpolationMode.BICUBIC),
+                              T.CenterCrop(16), T.ToTensor(), T.Normalize(mean, std)])
+        assert torch.allclose(batch.views[0], torch.stack([expected(source.load(i)[0])
+                                                           for i in range(6)]), atol=1e-6)
+    else:
+        from nvidia.dali import types
+
+        recipe = loaders.val.runner.feed.recipe
+        assert recipe.preprocessing.eval_resize(16) == 20
+        assert recipe.interp_type == types.INTERP_CUBIC
+
+
+def test_what_the_user_sets_wins_and_torchvision_weights_give_theirs(tree):
+    cfg = teacher_config(tree, "data.interpolation=bilinear", "data.crop_pct=0.9")
+    take_teacher_preprocessing(cfg, needs_teacher=True)
+    assert (cfg.data.interpolation, cfg.data.crop_pct, cfg.data.mean) == (
+        "bilinear", 0.9, list(timm.models.get_pretrained_cfg("resnet18.a1_in1k").mean))
+    cfg = teacher_config(tree, "model.teacher=torchvision:resnet34",
+                         "model.teacher_weights=IMAGENET1K_V1", "data.image_size=224")
+    assert take_teacher_preprocessing(cfg, needs_teacher=True) == [
+        "data preprocessing from the teacher torchvision:resnet34 (IMAGENET1K_V1): "
+        "data.mean=[0.485, 0.456, 0.406], data.std=[0.229, 0.224, 0.225], "
+        "data.interpolation=bilinear, data.crop_pct=0.875"]
+    plain = teacher_config(tree, "model.teacher_weights=", "model.teacher_checkpoint=t.pt")
+    assert take_teacher_preprocessing(plain, needs_teacher=True) == []
+    assert plain.data.mean == [] and plain.data.interpolation == ""
+
+
+def test_a_run_records_the_preprocessing_it_used(tree, tmp_path, empty_torch_hub, capsys):
+    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
+    empty_torch_hub.mkdir(parents=True)
+    saved(library_model("torchvision:mobilenet_v3_small", 3),
+          empty_torch_hub / os.path.basename(url))
+    run = trainer(tree, tmp_path, "kd", "model.teacher=torchvision:mobilenet_v3_small",
+                  "model.teacher_weights=pretrained", "train.max_steps=1")
+    run.fit()
+    (record,) = [r for r in read_log(tmp_path / "run") if r["kind"] == "preprocessing"]
+    assert (record["mean"], record["interpolation"], record["crop_pct"]) == (
+        [0.485, 0.456, 0.406], "bilinear", 0.875)
+    assert "data preprocessing from the teacher torchvision:mobilenet_v3_small" in \
+        capsys.readouterr().out
+    assert load_config(tmp_path / "run" / "config.yaml").data.std == [0.229, 0.224, 0.225]

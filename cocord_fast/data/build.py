@@ -19,7 +19,7 @@ from ..errors import UserError
 from .batch import Batch
 from .demo import ensure_demo_dataset
 from .sources import open_source
-from .transforms import build_recipe
+from .transforms import Preprocessing, build_recipe
 
 
 class TrainLoader(Protocol):
@@ -101,6 +101,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     if backend == "torch" and not cfg.read_ahead:
         raise UserError("data.read_ahead=false is for data.backend=dali: the torch DataLoader's "
                         "workers read ahead (data.num_workers=0 reads on the training thread)")
+    preprocessing = Preprocessing.of(cfg)
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)
     val_source = open_source(cfg.dataset, root, train=False, download=cfg.download)
@@ -111,10 +112,11 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
                         f"only {train_source.num_classes} classes")
     if backend == "dali":
         from .dali_loader import DaliEvalLoader, DaliFeed, DaliTrainLoader
+        from .dali_pipeline import DaliRecipe
 
         def feed(source):
-            return DaliFeed(source, cfg.dataset, cfg.image_size, cfg.num_workers, device, dtype,
-                            cfg.read_ahead)
+            return DaliFeed(source, DaliRecipe(cfg.dataset, cfg.image_size, preprocessing),
+                            cfg.num_workers, device, dtype, cfg.read_ahead)
         train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
                                 world_size, cfg.skip_corrupt)
         val = DaliEvalLoader(feed(val_source), cfg.eval_batch_size, cfg.skip_corrupt, rank,
@@ -123,7 +125,8 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
         from .torch_loader import build_torch_loaders
 
         train, val = build_torch_loaders(cfg, train_source, val_source,
-                                         build_recipe(cfg.dataset, cfg.image_size), num_views,
+                                         build_recipe(cfg.dataset, cfg.image_size,
+                                                      preprocessing), num_views,
                                          seed, device, rank, world_size)
     return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,
                    backend)

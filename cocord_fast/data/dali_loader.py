@@ -60,13 +60,13 @@ PREFETCH_DEPTH = 3
 class DaliFeed:
     """What one pipeline reads and how it is decoded and laid out, for one device."""
 
-    def __init__(self, source, dataset: str, image_size: int, threads: int, device: torch.device,
+    def __init__(self, source, recipe: DaliRecipe, threads: int, device: torch.device,
                  dtype: torch.dtype, read_ahead: bool = True):
         self.source, self.device, self.threads = source, device, max(1, threads)
         self.read_ahead = read_ahead  # `data.read_ahead`
         self.gpu = device.type == "cuda"
         self.dtype = dtype if self.gpu else torch.float32
-        self.recipe = DaliRecipe(dataset, image_size)
+        self.recipe = recipe
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
         self.encoded = not isinstance(source, CIFAR100)  # files to decode, or pixel arrays
         if self.encoded:

@@ -4,7 +4,8 @@ The recipes are those of `transforms.py` (METHOD.md, "Views") expressed as DALI 
 - small images (CIFAR-100, demo): 4 px of zero padding, a random 32x32 crop at an integer
   offset in [0, 8], a random horizontal flip, normalise;
 - ImageFolder/ImageNet: random-resized crop (area 0.08-1, aspect 3/4-4/3) to `image_size`,
-  flip, normalise; evaluation resizes the shorter side to image_size/0.875 and centre-crops.
+  flip, normalise; evaluation resizes the shorter side to image_size/crop_pct (0.875 unless a
+  teacher's preprocessing says otherwise) and centre-crops, with the recipe's filter.
 
 Everything enters through one external source, fed batch by batch by the loader: the images
 (encoded files, or CIFAR's decoded arrays), their dataset indices and, for training, every
@@ -27,7 +28,7 @@ from typing import Callable
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from .transforms import eval_resize, is_small_image, normalization
+from .transforms import Preprocessing, is_small_image
 
 SMALL_SIZE, SMALL_PAD = 32, 4
 # torchvision's RandomResizedCrop: area fraction, log aspect ratio, and 10 tries for a window
@@ -37,10 +38,15 @@ CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 CROP_ATTEMPTS = 10
 
 
+# torchvision's filters as DALI's (both antialias when they shrink).
+INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
 @dataclass(frozen=True)
 class DaliRecipe:
     dataset: str
     image_size: int
+    preprocessing: Preprocessing
 
     @property
     def small(self) -> bool:
@@ -48,7 +54,7 @@ class DaliRecipe:
 
     @property
     def mean_std(self) -> tuple[list[float], list[float]]:
-        mean, std = normalization(self.dataset)
+        mean, std = self.preprocessing.mean, self.preprocessing.std
         return [255 * m for m in mean], [255 * s for s in std]  # DALI normalises raw uint8
 
     @property
@@ -77,6 +83,10 @@ class DaliRecipe:
             params.append(rng.integers(0, 2, batch, dtype=np.int32))  # flip
         return params
 
+    @property
+    def interp_type(self) -> types.DALIInterpType:
+        return INTERPOLATION[self.preprocessing.interpolation]
+
     def normalize(self, images, **crop):
         mean, std = self.mean_std
         return fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT,
@@ -94,13 +104,14 @@ class DaliRecipe:
         start, end, flip = params
         size = self.image_size
         images = fn.resize(images, size=(size, size), roi_start=start, roi_end=end,
-                           roi_relative=True)
+                           roi_relative=True, interp_type=self.interp_type)
         return self.normalize(images, mirror=flip)
 
     def eval_view(self, images):
         if self.small:
             return self.normalize(images)
-        images = fn.resize(images, resize_shorter=eval_resize(self.image_size))
+        images = fn.resize(images, resize_shorter=self.preprocessing.eval_resize(self.image_size),
+                           interp_type=self.interp_type)
         return self.normalize(images, crop=(self.image_size, self.image_size))
 
 

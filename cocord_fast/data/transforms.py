@@ -6,10 +6,46 @@ from typing import Callable
 
 from torchvision import transforms as T
 
+from ..config import DataConfig
+from ..errors import UserError
+
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The demo images are 32x32 like CIFAR's; their channel statistics are close enough to CIFAR's.
 DEMO_MEAN, DEMO_STD = CIFAR_MEAN, CIFAR_STD
+
+
+DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT = "bilinear", 0.875
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become a network's input: the per-channel mean and std (on the [0, 1]
+    scale), the resize filter, and the share of the evaluation resize kept by its centre crop
+    (0.875: resize the shorter side to 256, crop 224). `data.mean`, `data.std`,
+    `data.interpolation` and `data.crop_pct` where set (a pretrained teacher's, filled in by
+    the trainer), else the data set's."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = DEFAULT_INTERPOLATION
+    crop_pct: float = DEFAULT_CROP_PCT
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> Preprocessing:
+        mean, std = normalization(cfg.dataset)
+        for name in ("mean", "std"):
+            if getattr(cfg, name) and len(getattr(cfg, name)) != 3:
+                raise UserError(f"data.{name}: expected 3 values (red, green, blue), got "
+                                f"{getattr(cfg, name)}")
+        if cfg.std and min(cfg.std) <= 0:
+            raise UserError(f"data.std: every value must be positive, got {cfg.std}")
+        return cls(tuple(cfg.mean or mean), tuple(cfg.std or std),
+                   cfg.interpolation or DEFAULT_INTERPOLATION, cfg.crop_pct or DEFAULT_CROP_PCT)
+
+    def eval_resize(self, image_size: int) -> int:
+        """The shorter side before the evaluation's centre crop (256 for 224 at 0.875)."""
+        return round(image_size / self.crop_pct)
 
 
 @dataclass(frozen=True)
@@ -18,25 +54,17 @@ class Recipe:
     eval: Callable
 
 
-def _small_image_recipe(mean: tuple, std: tuple) -> Recipe:
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    return Recipe(train=T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] + normalize),
-                  eval=T.Compose(normalize))
-
-
-def build_recipe(dataset: str, image_size: int) -> Recipe:
+def build_recipe(dataset: str, image_size: int, preprocessing: Preprocessing) -> Recipe:
+    normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
     if is_small_image(dataset):
-        return _small_image_recipe(*normalization(dataset))
-    normalize = [T.ToTensor(), T.Normalize(*normalization(dataset))]
+        return Recipe(train=T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+                                      + normalize), eval=T.Compose(normalize))
+    resample = T.InterpolationMode(preprocessing.interpolation)
     return Recipe(
-        train=T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] + normalize),
-        eval=T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size)] + normalize))
-
-
-def eval_resize(image_size: int) -> int:
-    """Standard ImageNet evaluation: resize the shorter side to size/0.875 (256 for 224), then
-    centre crop."""
-    return round(image_size / 0.875)
+        train=T.Compose([T.RandomResizedCrop(image_size, interpolation=resample),
+                         T.RandomHorizontalFlip()] + normalize),
+        eval=T.Compose([T.Resize(preprocessing.eval_resize(image_size), interpolation=resample),
+                        T.CenterCrop(image_size)] + normalize))
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -45,13 +45,7 @@ FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 def _torchvision_weights(model: str, weights: str, field: str) -> dict[str, torch.Tensor]:
     if looks_like_a_file(weights):
         return load_state_dict(os.path.expanduser(weights), field)
-    torchvision = import_library("torchvision")
-    choices = torchvision.models.get_model_weights(model)
-    wanted = "DEFAULT" if weights == "pretrained" else weights.rpartition(".")[2]
-    if wanted not in choices.__members__:
-        raise UserError(f"{field}={weights}: torchvision:{model} has the weights "
-                        f"{', '.join(choices.__members__)} (or pretrained, its default)")
-    chosen = choices[wanted]
+    chosen = _torchvision_choice(model, weights, field)
     target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
     try:
         return chosen.get_state_dict(progress=False)
@@ -71,11 +65,7 @@ def _timm_weights(model: str, weights: str, field: str) -> dict[str, torch.Tenso
         rows = {} if weight is None else {"num_classes": weight.shape[0]}
         return timm.create_model(model, pretrained=True, **rows, pretrained_cfg_overlay={
             "file": path, **rows}).state_dict()
-    full = model if weights == "pretrained" else f"{model}.{weights}"
-    if not timm.list_pretrained(full):
-        tags = [tag.split(".", 1)[1] for tag in timm.list_pretrained(f"{model}.*")]
-        raise UserError(f"{field}={weights}: timm has no such weights for {model}; its tags: "
-                        f"{', '.join(tags) or 'none (no pretrained weights)'}")
+    full = _timm_full_name(model, weights, field)
     try:
         return timm.create_model(full, pretrained=True).state_dict()
     except Exception as err:  # the hub's errors have no common base short of Exception
@@ -85,6 +75,27 @@ def _timm_weights(model: str, weights: str, field: str) -> dict[str, torch.Tenso
         raise UserError(f"{field}={weights}: cannot fetch timm's {full} weights "
                         f"({type(err).__name__}); offline, download {source} where there is a "
                         f"network and set {field}=<that file>") from None
+
+
+def _torchvision_choice(model: str, weights: str, field: str):
+    """The member of the model's weights enum that `weights` names."""
+    choices = import_library("torchvision").models.get_model_weights(model)
+    wanted = "DEFAULT" if weights == "pretrained" else weights.rpartition(".")[2]
+    if wanted not in choices.__members__:
+        raise UserError(f"{field}={weights}: torchvision:{model} has the weights "
+                        f"{', '.join(choices.__members__)} (or pretrained, its default)")
+    return choices[wanted]
+
+
+def _timm_full_name(model: str, weights: str, field: str) -> str:
+    """`model.tag` for the weights `weights` names, checked against timm's registry."""
+    timm = import_library("timm")
+    full = model if weights == "pretrained" else f"{model}.{weights}"
+    if not timm.list_pretrained(full):
+        tags = [tag.split(".", 1)[1] for tag in timm.list_pretrained(f"{model}.*")]
+        raise UserError(f"{field}={weights}: timm has no such weights for {model}; its tags: "
+                        f"{', '.join(tags) or 'none (no pretrained weights)'}")
+    return full
 
 
 def load_state_dict(path: str, field: str) -> dict[str, torch.Tensor]:
@@ -99,3 +110,26 @@ def load_state_dict(path: str, field: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{field}={path} holds no state dict")
     return state
+
+
+def library_preprocessing(name: str, weights: str) -> dict | None:
+    """What model `name` was trained with under its library's weights `weights`: `mean`,
+    `std` (lists on the [0, 1] scale), `interpolation`, `crop_pct` and `input_size` (pixels);
+    None for a weights file, which says nothing about it."""
+    split = split_name(name)
+    if split is None or looks_like_a_file(weights):
+        return None
+    library, model = split
+    field = "model.teacher_weights"
+    if library == "timm":
+        cfg = import_library("timm").models.get_pretrained_cfg(
+            _timm_full_name(model, weights, field))
+        return {"mean": list(cfg.mean), "std": list(cfg.std),
+                "interpolation": "bicubic" if cfg.interpolation == "bicubic" else "bilinear",
+                "crop_pct": cfg.crop_pct, "input_size": cfg.input_size[-1]}
+    transforms = _torchvision_choice(model, weights, field).transforms()
+    return {"mean": list(transforms.mean), "std": list(transforms.std),
+            "interpolation": transforms.interpolation.value,
+            "crop_pct": transforms.crop_size[0] / transforms.resize_size[0],
+            "input_size": transforms.crop_size[0]}
+

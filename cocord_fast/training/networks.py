@@ -13,7 +13,9 @@ from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
 from ..errors import UserError
 from ..models import build_model, check_model_name
-from ..models.weights import library_weights
+from ..models.weights import library_preprocessing, library_weights
+
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct")
 
 
 def check_model_names(cfg: Config, needs_teacher: bool) -> None:
@@ -87,3 +89,29 @@ def classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> i
     weight rows)."""
     weight = state.get(f"{model.classifier_name}.weight")
     return None if weight is None else weight.shape[0]
+
+
+def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
+    """Fills the `data.mean`, `data.std`, `data.interpolation` and `data.crop_pct` left empty
+    with what a pretrained teacher (`model.teacher_weights`) was trained with, so that it sees
+    its own input statistics; returns what to tell the user (nothing when none was taken)."""
+    if not (needs_teacher and cfg.model.teacher and cfg.model.teacher_weights):
+        return []
+    found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)
+    if found is None:
+        return []
+    taken = {key: found[key] for key in PREPROCESSING_KEYS if not getattr(cfg.data, key)}
+    for key, value in taken.items():
+        setattr(cfg.data, key, value)
+    notes = []
+    if taken:
+        notes.append(f"data preprocessing from the teacher {cfg.model.teacher} "
+                     f"({cfg.model.teacher_weights}): " + ", ".join(
+                         f"data.{key}={value}" for key, value in taken.items()))
+    if found["input_size"] != cfg.data.image_size and cfg.data.dataset not in ("cifar100",
+                                                                               "demo"):
+        notes.append(f"the teacher {cfg.model.teacher} ({cfg.model.teacher_weights}) was "
+                     f"trained at {found['input_size']} px; data.image_size is "
+                     f"{cfg.data.image_size}")
+    return notes
+

@@ -86,7 +86,8 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
 FIXED = {
     "model.student", "model.teacher", "model.teacher_checkpoint", "model.teacher_weights",
     "model.student_weights", "method.name",
-    "data.dataset", "data.image_size", "cocord.embed_dim", "cocord.queue_size",
+    "data.dataset", "data.image_size", "data.mean", "data.std", "data.interpolation",
+    "data.crop_pct", "cocord.embed_dim", "cocord.queue_size",
     "cocord.proj_hidden_dim", "cocord.pred_hidden_dim", "crd.embed_dim", "data.batch_size",
     "optim.grad_accum_steps", "engine.name", "engine.zero_stage",
 }

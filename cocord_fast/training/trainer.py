@@ -1,6 +1,7 @@
 """The training loop: build everything from the config, then step, log, evaluate, checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -17,6 +18,7 @@ from ..checkpoints.files import (remove_old_periodic, remove_partial_saves, rng_
 from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
 from ..data.build import prepare_sources
+from ..data.transforms import Preprocessing
 from ..engines import (autocast, build_engine, check_engine_config, engine_class, join_processes,
                        optimizer_settings)
 from ..errors import UserError
@@ -25,7 +27,7 @@ from ..methods import METHODS, Method, build_method
 from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log, rewrite_log
-from .networks import build_student, build_teacher, check_model_names
+from .networks import build_student, build_teacher, check_model_names, take_teacher_preprocessing
 from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
 from .read_ahead import ReadAhead
 from .resume import check_resumable, resume_point
@@ -52,6 +54,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         check_engine_config(cfg)
+        # Before the resume check: a resumed run compares the settings it resolves.
+        self.notes: list[str] = take_teacher_preprocessing(  # said once the run starts (fit)
+            cfg, METHODS[cfg.method.name].needs_teacher)
         stop_signals = parse_signals(cfg.train.stop_signals)
         self.device = distributed.process_device(cfg.train.device)
         self.peak_memory = PeakMemory(self.device)  # from here: what the run builds counts
@@ -72,7 +77,6 @@ class Trainer:
         method_class = METHODS[cfg.method.name]
         check_model_names(cfg, method_class.needs_teacher)
         torch.manual_seed(cfg.train.seed)
-        self.notes: list[str] = []  # said once the run starts (fit)
         prepare_sources(cfg.data)  # rank 0 first: the demo data set, the folders' indexes
         self.loaders: Loaders = build_loaders(
             cfg.data, method_class.num_views, cfg.train.seed, self.device,
@@ -278,6 +282,8 @@ class Trainer:
                                "bank_mb": self.method.bank_bytes() / 2 ** 20})
         for note in self.notes:
             self._print(note)
+        self._record("preprocessing", {"step": self.step, **dataclasses.asdict(
+            Preprocessing.of(cfg.data))})
         if self.imported_from is not None:
             self._print(f"{self.imported_from} was imported: it holds weights but no optimizer "
                         f"state or data position, so the schedule starts at step {self.step} "
