@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 
+from cocord_fast.checkpoints.files import student_state_dict
 from cocord_fast.cli import main
 from cocord_fast.config import load_config
 from cocord_fast.errors import UserError
@@ -37,7 +38,8 @@ ADAPTED = [("timm:resnet18", 32), ("timm:vit_tiny_patch16_224", 224), ("timm:con
            ("timm:mobilenetv3_small_050", 32), ("torchvision:resnet18", 32),
            ("torchvision:mobilenet_v3_small", 32), ("torchvision:convnext_tiny", 32),
            ("torchvision:densenet121", 32), ("torchvision:efficientnet_b0", 32),
-           ("torchvision:regnet_y_400mf", 32), ("torchvision:vit_b_32", 224)]
+           ("torchvision:regnet_y_400mf", 32), ("torchvision:vit_b_32", 224),
+           ("torchvision:mnasnet0_5", 32)]
 
 
 @pytest.mark.parametrize("name, size", ADAPTED)
@@ -70,14 +72,30 @@ def test_an_adapted_model_is_the_library_model_split_at_its_classifier(name, siz
     ("torchvision:resnet19", r"unknown model 'torchvision:resnet19' \(`cocord-fast models "
                              r"--torchvision`"),
     ("timm:resnet19", r"unknown model 'timm:resnet19' \(`cocord-fast models --timm PATTERN`"),
+    ("timm:deit_tiny_distilled_patch16_224", r"its classifier is a tuple, not one linear layer"),
+    ("timm:volo_d1_224", r"its logits add an auxiliary head's over the patch tokens"),
     ("resnet9", r"unknown model 'resnet9'; known models: resnet8, .*, or timm:<name> and "
                 r"torchvision:<name>"),
 ])
 def test_names_that_cannot_work_are_refused_with_the_reason(name, message):
-    with pytest.raises(UserError, match=message):
-        check_model_name(name)
+    """Before any data is read where the name alone tells (the registries, the list of
+    torchvision's refusals); timm's heads are seen when the model is built."""
+    if not name.startswith("timm:") or "resnet19" in name:
+        with pytest.raises(UserError, match=message):
+            check_model_name(name)
     with pytest.raises(UserError, match=message):
         build_model(name, 10)
+
+
+def test_cli_models_lists_the_libraries_with_widths_and_refusals(capsys):
+    assert main(["models", "--torchvision", "squeezenet1_*", "--timm", "vit_tiny_patch16_2*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "timm:vit_tiny_patch16_224", "torchvision:squeezenet1_0", "torchvision:squeezenet1_1"]
+    assert "features   192" in lines[0]
+    assert lines[1].endswith("refused: its classifier is a convolution before the pooling, not "
+                             "a linear layer over pooled features")
+    assert main(["models", "--timm", "no_such_model*"]) == 2
 
 
 def test_a_missing_timm_is_named_with_its_install_command(monkeypatch):
@@ -168,4 +186,27 @@ def test_an_exported_student_loads_strict_into_the_librarys_model(work, student,
     ours = load_student(run / "last.pt")[0].eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(ours(x), theirs(x))
+        logits = ours(x)
+        assert torch.isfinite(logits).all() and torch.equal(logits, theirs(x))
+
+
+def test_module_versions_survive_a_method_state_and_the_student_taken_out_of_it():
+    """MNASNet's loader reads its version from the state dict's metadata (and converts an old
+    layout by it): a student nested in a method's state dict loads back through the adapter's
+    own names, and taken out of it (export, eval) loads strict into torchvision's model."""
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.student_encoder = build_model("torchvision:mnasnet0_5", 3).eval()
+    state = holder.state_dict()
+    again = torch.nn.Module()
+    again.student_encoder = build_model("torchvision:mnasnet0_5", 3).eval()
+    again.load_state_dict(state, strict=True)
+    theirs = library_model("torchvision:mnasnet0_5", 3).eval()
+    theirs.load_state_dict(student_state_dict({"student_prefix": "student_encoder.",
+                                               "method": state}), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert torch.equal(holder.student_encoder(x), expected)
+        assert torch.equal(again.student_encoder(x), expected)
+

@@ -7,6 +7,7 @@ import pickle
 import random
 import tempfile
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -149,9 +150,15 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
 
 
 def student_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The online student's weights, in the model's own parameter names."""
-    prefix = checkpoint["student_prefix"]
-    return {k[len(prefix):]: v for k, v in checkpoint["method"].items() if k.startswith(prefix)}
+    """The online student's weights, in the model's own parameter names, with the modules'
+    versions (the state dict's metadata) that some models' loaders read."""
+    prefix, method = checkpoint["student_prefix"], checkpoint["method"]
+    state = OrderedDict((k[len(prefix):], v) for k, v in method.items() if k.startswith(prefix))
+    if (metadata := getattr(method, "_metadata", None)) is not None:
+        state._metadata = OrderedDict((module[len(prefix):], entry)
+                                      for module, entry in metadata.items()
+                                      if f"{module}.".startswith(prefix))
+    return state
 
 
 def load_model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -70,16 +70,34 @@ class LibraryModel(Classifier):
         return f"{self.library}:{self.name}"
 
 
+def _renamed(path: str, prefix: str, pairs: list[tuple[str, str]]) -> str | None:
+    """`path` (a dotted key, or a module path ending in '.') under `prefix` with the first of
+    `pairs` (the longest source first) that it starts with renamed; None if none applies."""
+    if not path.startswith(prefix):
+        return None
+    rest = path[len(prefix):]
+    for source, target in sorted(pairs, key=lambda pair: -len(pair[0])):
+        if rest.startswith(source):
+            return prefix + target + rest[len(source):]
+    return None
+
+
 def _rename(state: dict, prefix: str, pairs: list[tuple[str, str]]) -> None:
-    """Renames, in place and in order, the keys under `prefix` that start with a `pairs`
-    source (the longest source first)."""
-    pairs = sorted(pairs, key=lambda pair: -len(pair[0]))
-    keys = [key for key in state if key.startswith(prefix)]
-    for key in keys:
-        rest = key[len(prefix):]
-        source, target = next(((s, t) for s, t in pairs if rest.startswith(s)), (None, None))
+    """Renames, in place and in order, the keys under `prefix`; and adds each module's entry
+    of the state dict's metadata (its version, which `_load_from_state_dict` reads: MNASNet
+    converts its old layout by it) under the new name beside the old. Both stay: a state dict
+    saved from a model that holds an adapter is loaded back through the adapter's own names,
+    where only the root of a load can reach the metadata to rename it."""
+    for key in [key for key in state if key.startswith(prefix)]:
         value = state.pop(key)
-        state[key if source is None else prefix + target + rest[len(source):]] = value
+        state[_renamed(key, prefix, pairs) or key] = value
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        return
+    for module in sorted(metadata, key=len):  # a module's entry before its children's
+        path = f"{module}." if module else ""
+        if (renamed := _renamed(path, prefix, pairs)) is not None and renamed != path:
+            metadata[renamed[:-1] if renamed else ""] = metadata[module]
 
 
 def _to_library_names(module: LibraryModel, state: dict, prefix: str, metadata) -> None:
@@ -124,6 +142,9 @@ class TimmModel(LibraryModel):
         if not isinstance(classifier, nn.Linear):
             raise UserError(f"timm:{name}: its classifier is a {type(classifier).__name__}, "
                             f"not one linear layer over pooled features")
+        if getattr(self.net, "aux_head", None) is not None:  # VOLO's token-labelling head
+            raise UserError(f"timm:{name}: its logits add an auxiliary head's over the patch "
+                            f"tokens to the classifier's")
         self.num_features = classifier.in_features
         self.classifier_name = next(name for name, module in self.net.named_modules()
                                     if module is classifier)
