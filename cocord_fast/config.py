@@ -52,8 +52,8 @@ class DataConfig:
         "(train/<class>/ and val/<class>/) or shards (train/*.tar and val/*.tar, WebDataset)")
     root: str = _field("", "data directory; for demo, empty means the cache directory")
     download: bool = _field(False, "cifar100 only: download into root if it is missing")
-    image_size: int = _field(224, "imagefolder and shards: training crop and evaluation size",
-                             min=8)
+    image_size: int = _field(0, "imagefolder and shards: training crop and evaluation size; 0: "
+                             "a pretrained teacher's input size, else 224", min=0)
     batch_size: int = _field(64, "training batch size (per process)", min=1)
     eval_batch_size: int = _field(256, "evaluation batch size", min=1)
     num_workers: int = _field(

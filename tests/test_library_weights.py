@@ -205,9 +205,19 @@ def test_what_the_user_sets_wins_and_torchvision_weights_give_theirs(tree):
         "data preprocessing from the teacher torchvision:resnet34 (IMAGENET1K_V1): "
         "data.mean=[0.485, 0.456, 0.406], data.std=[0.229, 0.224, 0.225], "
         "data.interpolation=bilinear, data.crop_pct=0.875"]
-    plain = teacher_config(tree, "model.teacher_weights=", "model.teacher_checkpoint=t.pt")
+    plain = teacher_config(tree, "model.teacher_weights=", "model.teacher_checkpoint=t.pt",
+                           "data.image_size=0")
     assert take_teacher_preprocessing(plain, needs_teacher=True) == []
     assert plain.data.mean == [] and plain.data.interpolation == ""
+    assert plain.data.image_size == 224  # the default where no teacher gives one
+
+
+def test_an_unset_image_size_is_the_pretrained_teachers_input_size(tree, monkeypatch):
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: FakePretrainedCfg)
+    cfg = teacher_config(tree, "data.image_size=0")
+    notes = take_teacher_preprocessing(cfg, needs_teacher=True)
+    assert cfg.data.image_size == 288 and notes[0].endswith("data.image_size=288")
+    assert len(notes) == 1  # nothing to say about the size: it is the teacher's
 
 
 def test_a_run_records_the_preprocessing_it_used(tree, tmp_path, empty_torch_hub, capsys):

@@ -19,7 +19,7 @@ from ..errors import UserError
 from .batch import Batch
 from .demo import ensure_demo_dataset
 from .sources import open_source
-from .transforms import Preprocessing, build_recipe
+from .transforms import Preprocessing, build_recipe, image_size_of
 
 
 class TrainLoader(Protocol):
@@ -101,7 +101,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     if backend == "torch" and not cfg.read_ahead:
         raise UserError("data.read_ahead=false is for data.backend=dali: the torch DataLoader's "
                         "workers read ahead (data.num_workers=0 reads on the training thread)")
-    preprocessing = Preprocessing.of(cfg)
+    preprocessing, image_size = Preprocessing.of(cfg), image_size_of(cfg)
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)
     val_source = open_source(cfg.dataset, root, train=False, download=cfg.download)
@@ -115,7 +115,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
         from .dali_pipeline import DaliRecipe
 
         def feed(source):
-            return DaliFeed(source, DaliRecipe(cfg.dataset, cfg.image_size, preprocessing),
+            return DaliFeed(source, DaliRecipe(cfg.dataset, image_size, preprocessing),
                             cfg.num_workers, device, dtype, cfg.read_ahead)
         train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
                                 world_size, cfg.skip_corrupt)
@@ -125,8 +125,8 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
         from .torch_loader import build_torch_loaders
 
         train, val = build_torch_loaders(cfg, train_source, val_source,
-                                         build_recipe(cfg.dataset, cfg.image_size,
-                                                      preprocessing), num_views,
+                                         build_recipe(cfg.dataset, image_size, preprocessing),
+                                         num_views,
                                          seed, device, rank, world_size)
     return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,
                    backend)

@@ -15,7 +15,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEMO_MEAN, DEMO_STD = CIFAR_MEAN, CIFAR_STD
 
 
-DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT = "bilinear", 0.875
+DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE = "bilinear", 0.875, 224
+
+
+def image_size_of(cfg: DataConfig) -> int:
+    """`data.image_size`, 224 where it is 0 (no pretrained teacher gave one)."""
+    if 0 < cfg.image_size < 8:
+        raise UserError(f"data.image_size: {cfg.image_size} is below the minimum 8")
+    return cfg.image_size or DEFAULT_IMAGE_SIZE
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
+from ..data.transforms import image_size_of, is_small_image
 from ..errors import UserError
 from ..models import build_model, check_model_name
 from ..models.weights import library_preprocessing, library_weights
@@ -92,26 +93,29 @@ def classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> i
 
 
 def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
-    """Fills the `data.mean`, `data.std`, `data.interpolation` and `data.crop_pct` left empty
-    with what a pretrained teacher (`model.teacher_weights`) was trained with, so that it sees
-    its own input statistics; returns what to tell the user (nothing when none was taken)."""
-    if not (needs_teacher and cfg.model.teacher and cfg.model.teacher_weights):
-        return []
-    found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)
-    if found is None:
-        return []
-    taken = {key: found[key] for key in PREPROCESSING_KEYS if not getattr(cfg.data, key)}
+    """Fills the `data.image_size`, `data.mean`, `data.std`, `data.interpolation` and
+    `data.crop_pct` left unset with what a pretrained teacher (`model.teacher_weights`) was
+    trained with, so that it sees its own input statistics; an image size still unset becomes
+    224. Returns what to tell the user (nothing when nothing was taken)."""
+    found = None
+    if needs_teacher and cfg.model.teacher and cfg.model.teacher_weights:
+        found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)
+    taken = {} if found is None else {key: found[key] for key in PREPROCESSING_KEYS
+                                      if not getattr(cfg.data, key)}
+    # 32 px data sets are not resized: an input size does not apply to them.
+    if found is not None and not cfg.data.image_size and not is_small_image(cfg.data.dataset):
+        taken["image_size"] = found["input_size"]
     for key, value in taken.items():
         setattr(cfg.data, key, value)
+    cfg.data.image_size = image_size_of(cfg.data)
     notes = []
     if taken:
         notes.append(f"data preprocessing from the teacher {cfg.model.teacher} "
                      f"({cfg.model.teacher_weights}): " + ", ".join(
                          f"data.{key}={value}" for key, value in taken.items()))
-    if found["input_size"] != cfg.data.image_size and cfg.data.dataset not in ("cifar100",
-                                                                               "demo"):
+    if (found is not None and found["input_size"] != cfg.data.image_size
+            and not is_small_image(cfg.data.dataset)):
         notes.append(f"the teacher {cfg.model.teacher} ({cfg.model.teacher_weights}) was "
                      f"trained at {found['input_size']} px; data.image_size is "
                      f"{cfg.data.image_size}")
     return notes
-
