@@ -26,20 +26,20 @@ def library_weights(name: str, weights: str, field: str) -> dict[str, torch.Tens
     weights `weights`, at the number of classes they were trained for."""
     split = split_name(name)
     if split is None:
+        hint = " (give a weights file in model.teacher_checkpoint)" if "teacher" in field else ""
         raise UserError(f"{field}={weights}: library weights are for timm:<name> and "
-                        f"torchvision:<name> models, not the zoo's {name!r} (give a weights "
-                        f"file in model.teacher_checkpoint)")
+                        f"torchvision:<name> models, not the zoo's {name!r}{hint}")
     library, model = split
     if looks_like_a_file(weights) and not os.path.isfile(os.path.expanduser(weights)):
         raise UserError(f"{field}={weights}: no such file")
     return (_timm_weights if library == "timm" else _torchvision_weights)(model, weights, field)
 
 
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
 def looks_like_a_file(weights: str) -> bool:
     return os.sep in weights or weights.endswith(FILE_SUFFIXES)
-
-
-FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 def _torchvision_weights(model: str, weights: str, field: str) -> dict[str, torch.Tensor]:
@@ -125,11 +125,16 @@ def library_preprocessing(name: str, weights: str) -> dict | None:
         cfg = import_library("timm").models.get_pretrained_cfg(
             _timm_full_name(model, weights, field))
         return {"mean": list(cfg.mean), "std": list(cfg.std),
-                "interpolation": "bicubic" if cfg.interpolation == "bicubic" else "bilinear",
-                "crop_pct": cfg.crop_pct, "input_size": cfg.input_size[-1]}
+                "interpolation": _filter(cfg.interpolation), "crop_pct": cfg.crop_pct,
+                "input_size": cfg.input_size[-1]}
     transforms = _torchvision_choice(model, weights, field).transforms()
     return {"mean": list(transforms.mean), "std": list(transforms.std),
-            "interpolation": transforms.interpolation.value,
+            "interpolation": _filter(transforms.interpolation.value),
             "crop_pct": transforms.crop_size[0] / transforms.resize_size[0],
             "input_size": transforms.crop_size[0]}
+
+
+def _filter(interpolation: str) -> str:
+    """The recipes' filter nearest to a library's ("random" and the rest: bilinear)."""
+    return "bicubic" if interpolation == "bicubic" else "bilinear"
 

@@ -1,9 +1,10 @@
 """The run's student and teacher: their names checked before any data is read, and their
 starting weights: a teacher's from a file (`model.teacher_checkpoint`) or its library's
-(`model.teacher_weights`), a student's from its library's if asked (`model.student_weights`).
+(`model.teacher_weights`), a student's from its library's if asked (`model.student_weights`);
+and the preprocessing a pretrained teacher was trained with, taken for the data.
 
-A resumed run takes both from its own checkpoint instead, so neither a file nor a download is
-needed then.
+A resumed run takes the weights from its own checkpoint instead, so neither a file nor a
+download is needed then.
 """
 from __future__ import annotations
 
