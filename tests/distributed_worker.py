@@ -37,7 +37,7 @@ from cocord_fast.cli import run_command
 from cocord_fast.config import load_config
 from cocord_fast.engines import deepspeed_engine
 from cocord_fast.errors import UserError
-from cocord_fast.training import trainer as trainer_module
+from cocord_fast.training import networks
 from cocord_fast.training.resume import config_for_resume
 from cocord_fast.training.trainer import Trainer
 
@@ -77,15 +77,15 @@ def fail(trainer: Trainer, rank: int, step: int) -> None:
 
 def skew_rng(rank: int) -> None:
     """Rank `rank` draws extra random numbers before the first model is built."""
-    build_model = trainer_module.build_model
+    build_model = networks.build_model
 
     def skewed_build_model(*args, **kwargs):
         if distributed.rank() == rank:
             torch.rand(1000)
-        trainer_module.build_model = build_model
+        networks.build_model = build_model
         return build_model(*args, **kwargs)
 
-    trainer_module.build_model = skewed_build_model
+    networks.build_model = skewed_build_model
 
 
 def inspect_gathers(seen: dict[str, list]) -> None:
