@@ -206,12 +206,16 @@ def barrier() -> None:
 
 
 @contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. writes a shared cache), then the others."""
-    if not is_main():
+def in_turns() -> Iterator[None]:
+    """Runs the block in three turns: rank 0; then the first process of every other node;
+    then the rest. A block that fills a cache (a download, a data index, the demo data set)
+    then fills it once where every node sees the same cache, once per node where each has its
+    own, and the other processes find it filled. Every process passes two barriers."""
+    turn = 0 if is_main() else 1 if local_rank() == 0 else 2
+    for _ in range(turn):
         barrier()
     yield
-    if is_main():
+    for _ in range(2 - turn):
         barrier()
 
 

@@ -112,12 +112,14 @@ def launch_and_kill(launcher: str, args: list, cwd: Path, when: Path, nproc: int
     job.wait()
 
 
-def launch_nodes(args: list, cwd: Path, nodes: int = 2) -> list[str]:
-    """`torchrun --nnodes N` once per node, all on this machine (one process each): node n's
-    process has RANK n and LOCAL_RANK 0, as on a real cluster. Returns each node's output."""
+def launch_nodes(args: list, cwd: Path, nodes: int = 2, per_node: int = 1) -> list[str]:
+    """`torchrun --nnodes N` once per node, all on this machine (`per_node` processes each):
+    node n's processes have LOCAL_RANK 0 to per_node - 1, as on a real cluster. Returns each
+    node's output."""
     port = str(free_port())
     agents = [subprocess.Popen(
-        [str(BIN / "torchrun"), "--nnodes", str(nodes), "--nproc_per_node", "1", "--node_rank",
+        [str(BIN / "torchrun"), "--nnodes", str(nodes), "--nproc_per_node", str(per_node),
+         "--node_rank",
          str(node), "--master_addr", "127.0.0.1", "--master_port", port, *map(str, args)],
         cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node in range(nodes)]

@@ -1,9 +1,11 @@
 """Library weights (models/weights.py, training/networks.py): a pretrained teacher from the
 library's cache or a weights file, a student warm-started from one with a new head for other
 classes, and every way it cannot work named: a missing download with the file and where it
-goes, a tag or weights name the library lacks, a teacher for other classes, two sources. And
-the teacher's preprocessing (mean, std, filter, crop) taken by both data backends."""
+goes, a tag or weights name the library lacks, a teacher for other classes, two sources; one
+download for the processes of a launch. And the teacher's preprocessing (mean, std, filter,
+crop) taken by both data backends."""
 import os
+import textwrap
 import urllib.error
 
 import pytest
@@ -19,6 +21,7 @@ from cocord_fast.training.networks import take_teacher_preprocessing
 from cocord_fast.training.trainer import Trainer
 
 from data_trees import decode_identity, file_id, write_identity_tree
+from launch import launch
 from markers import BACKENDS
 from test_library_models import library_model
 
@@ -129,6 +132,56 @@ def test_a_student_starts_from_library_weights_with_a_new_head_for_other_classes
     run.fit()
     assert (f"the backbone of {student} starts from them; their 1000-class classifier is "
             f"replaced by a new 3-class one") in capsys.readouterr().out
+
+
+DOWNLOADING_WORKER = textwrap.dedent("""
+    import os, shutil, sys, time, torch
+    from pathlib import Path
+    from cocord_fast import distributed
+    from cocord_fast.config import load_config
+    from cocord_fast.training.networks import build_student, build_teacher
+
+    def download(url, dst, *args, **kwargs):  # what a hub would send: the file of that name
+        name = os.path.basename(url)
+        open(f"downloaded_{os.environ['RANK']}_{name}", "w").close()
+        time.sleep(0.5)  # a download takes a while: a process that did not wait starts its own
+        shutil.copyfile(Path(sys.argv[1]) / name, dst)
+
+    torch.hub.download_url_to_file = download
+    distributed.init(torch.device("cpu"), 60)
+    cfg = load_config(overrides=[
+        "method.name=kd", "model.teacher=torchvision:mobilenet_v3_small",
+        "model.teacher_weights=pretrained", "model.student=torchvision:shufflenet_v2_x0_5",
+        "model.student_weights=pretrained"])
+    models = {"teacher": build_teacher(cfg, 3, resuming=False),
+              "student": build_student(cfg, 3, resuming=False)}
+    torch.save({k: m.state_dict() for k, m in models.items()}, f"models_{os.environ['RANK']}.pt")
+    distributed.finish(0)
+""")
+
+
+def test_the_processes_of_a_launch_download_library_weights_once(tmp_path, monkeypatch):
+    """Two processes of one node, an empty torch hub cache: the first fetches the teacher's
+    and the student's weights, the second finds them in the cache."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    models, expected = {"teacher": "mobilenet_v3_small", "student": "shufflenet_v2_x0_5"}, {}
+    for role, name in models.items():
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        torch.manual_seed(len(expected))
+        expected[role] = saved(library_model(f"torchvision:{name}", 3),
+                               hub / os.path.basename(url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    script = tmp_path / "worker.py"
+    script.write_text(DOWNLOADING_WORKER)
+    launch("torchrun", [script, hub], cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("downloaded_*")) == sorted(
+        f"downloaded_0_{p.name}" for p in hub.iterdir())
+    for rank in (0, 1):
+        built = torch.load(tmp_path / f"models_{rank}.pt")
+        for role in models:
+            assert built[role].keys() == expected[role].keys()
+            assert all(torch.equal(built[role][k], expected[role][k]) for k in expected[role])
 
 
 @pytest.mark.parametrize("overrides, message", [

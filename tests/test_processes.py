@@ -1,7 +1,8 @@
 """The process helpers in one process: which device a process drives (and the LOCAL_RANK that
 goes with it), gathers that carry host data only, DeepSpeed following the run's device, and
-the watchdog that names why a group stops. The 2-process behaviour is in test_distributed.py
-and test_deepspeed.py."""
+the watchdog that names why a group stops; and the turns in which the processes of two nodes
+fill caches. The 2-process training runs are in test_distributed.py and test_deepspeed.py."""
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cocord_fast import distributed
 from cocord_fast.errors import UserError
+
+from launch import launch_nodes
 
 
 @pytest.fixture
@@ -150,3 +153,35 @@ def test_the_watchdog_ends_a_process_that_waits_longer_than_the_timeout():
     assert done.stderr.strip() == (
         "cocord-fast: error: no answer from the other processes within engine.timeout_s=0.5s "
         "(this one is waiting after step 5; one is stuck or gone)")
+
+
+IN_TURNS = textwrap.dedent("""
+    import json, os, time, torch
+    from cocord_fast import distributed
+    distributed.init(torch.device("cpu"), 60)
+    with distributed.in_turns():
+        start = time.time()
+        time.sleep(0.5)  # long enough that turns which overlapped would show it
+        end = time.time()
+    with open(f"turn_{os.environ['RANK']}.json", "w") as f:
+        json.dump({"local_rank": int(os.environ["LOCAL_RANK"]), "start": start, "end": end}, f)
+    distributed.finish(0)
+""")
+
+
+def test_caches_are_filled_by_rank_0_then_each_nodes_first_process_then_the_rest(tmp_path):
+    """Two nodes of two processes: rank 0 alone; then the other node's first process; then
+    the remaining two, together."""
+    script = tmp_path / "in_turns.py"
+    script.write_text(IN_TURNS)
+    launch_nodes([script], tmp_path, nodes=2, per_node=2)
+    turns = {int(p.stem.split("_")[1]): json.loads(p.read_text())
+             for p in tmp_path.glob("turn_*.json")}
+    assert sorted(turns) == [0, 1, 2, 3]
+    first_of_other_node = [r for r, t in turns.items() if r != 0 and t["local_rank"] == 0]
+    assert len(first_of_other_node) == 1
+    second = turns[first_of_other_node[0]]
+    rest = [t for r, t in turns.items() if r != 0 and t["local_rank"] != 0]
+    assert turns[0]["end"] <= second["start"]
+    assert all(second["end"] <= t["start"] for t in rest)
+    assert max(t["start"] for t in rest) < min(t["end"] for t in rest)  # the last turn is shared

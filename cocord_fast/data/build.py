@@ -70,9 +70,10 @@ def resolve_backend(backend: str) -> str:
 def prepare_sources(cfg: DataConfig) -> Path:
     """Makes the demo data set if it is missing, and the index of each split of image files or
     shards (`index_files.py`) if it is missing or stale; returns the data root. Under a
-    launcher rank 0 does it while the others wait: they then read its index instead of listing
-    every file or reading every shard's headers."""
-    with distributed.main_first():
+    launcher the processes take turns (`distributed.in_turns`): they read the index rank 0 or
+    their node's first process wrote instead of listing every file or reading every shard's
+    headers."""
+    with distributed.in_turns():
         root = resolve_root(cfg)
         if cfg.dataset != "cifar100":
             for train in (True, False):

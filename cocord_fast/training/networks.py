@@ -3,13 +3,16 @@ starting weights: a teacher's from a file (`model.teacher_checkpoint`) or its li
 (`model.teacher_weights`), a student's from its library's if asked (`model.student_weights`);
 and the preprocessing a pretrained teacher was trained with, taken for the data.
 
-A resumed run takes the weights from its own checkpoint instead, so neither a file nor a
-download is needed then.
+Library weights are fetched in turns (`distributed.in_turns`): one download for a cache all
+nodes share, one per node otherwise, instead of one per process (64 processes asking a hub for
+the same file at once). A resumed run takes the weights from its own checkpoint instead, so
+neither a file nor a download is needed then.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
 from ..data.transforms import image_size_of, is_small_image
@@ -56,7 +59,9 @@ def teacher_weights(cfg: Config, teacher: torch.nn.Module,
     if not cfg.model.teacher_weights:
         return load_model_weights(cfg.model.teacher_checkpoint), cfg.model.teacher_checkpoint
     source = f"model.teacher_weights={cfg.model.teacher_weights}"
-    state = library_weights(cfg.model.teacher, cfg.model.teacher_weights, "model.teacher_weights")
+    with distributed.in_turns():
+        state = library_weights(cfg.model.teacher, cfg.model.teacher_weights,
+                                "model.teacher_weights")
     if (rows := classifier_rows(teacher, state)) != num_classes:
         raise UserError(f"{source}: {cfg.model.teacher} predicts {rows} classes with them, the "
                         f"data has {num_classes}: fine-tune it on this data first "
@@ -74,7 +79,8 @@ def build_student(cfg: Config, num_classes: int, resuming: bool,
     if resuming or not cfg.model.student_weights:
         return student
     field, weights = "model.student_weights", cfg.model.student_weights
-    state = library_weights(cfg.model.student, weights, field)
+    with distributed.in_turns():
+        state = library_weights(cfg.model.student, weights, field)
     if (rows := classifier_rows(student, state)) != num_classes:
         head = f"{student.classifier_name}."
         state = {key: value for key, value in state.items() if not key.startswith(head)}
