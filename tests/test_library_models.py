@@ -33,9 +33,11 @@ def library_model(name: str, num_classes: int) -> torch.nn.Module:
 
 # Families with different heads: a plain `fc`, a token (ViT), a norm before the last layer
 # (ConvNeXt), a conv head and an MLP (MobileNetV3), a `classifier` Linear (DenseNet),
-# `heads.head` (torchvision's ViT).
+# `heads.head` (torchvision's ViT), a `ClassifierHead` whose `fc` reads the pooled vector
+# (Sequencer).
 ADAPTED = [("timm:resnet18", 32), ("timm:vit_tiny_patch16_224", 224), ("timm:convnext_atto", 32),
-           ("timm:mobilenetv3_small_050", 32), ("torchvision:resnet18", 32),
+           ("timm:mobilenetv3_small_050", 32), ("timm:sequencer2d_s", 32),
+           ("torchvision:resnet18", 32),
            ("torchvision:mobilenet_v3_small", 32), ("torchvision:convnext_tiny", 32),
            ("torchvision:densenet121", 32), ("torchvision:efficientnet_b0", 32),
            ("torchvision:regnet_y_400mf", 32), ("torchvision:vit_b_32", 224),
@@ -51,6 +53,7 @@ def test_an_adapted_model_is_the_library_model_split_at_its_classifier(name, siz
     theirs.load_state_dict(ours.state_dict(), strict=True)
     classifier = theirs.get_classifier() if name.startswith("timm:") else library.last_linear(
         theirs, 7)[1]
+    classifier = getattr(classifier, "fc", classifier)  # a ClassifierHead pools, then fc
     read = []
     classifier.register_forward_pre_hook(lambda module, args: read.append(args[0]))
     x = torch.randn(2, 3, size, size, dtype=torch.float64)

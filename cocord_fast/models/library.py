@@ -5,7 +5,7 @@ contract: `forward_features` (the pooled vector the final linear layer reads), `
 
 - timm models split themselves: `forward_head(forward_features(x), pre_logits=True)` is that
   vector (pooling, and the norm or MLP some heads hold before their last layer), and
-  `get_classifier()` the last layer.
+  `get_classifier()` the last layer (the `fc` of a `ClassifierHead`).
 - A torchvision classifier's last linear layer (`fc`, `classifier[-1]`, `heads.head`, ...) is
   taken out of the network and held beside it; the network then returns that layer's input.
 
@@ -138,7 +138,7 @@ class TimmModel(LibraryModel):
         check_library_name("timm", name)
         self.net = import_library("timm").create_model(name, pretrained=False,
                                                        num_classes=num_classes)
-        classifier = self.net.get_classifier()
+        classifier = last_timm_linear(self.net.get_classifier())
         if not isinstance(classifier, nn.Linear):
             raise UserError(f"timm:{name}: its classifier is a {type(classifier).__name__}, "
                             f"not one linear layer over pooled features")
@@ -154,7 +154,18 @@ class TimmModel(LibraryModel):
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net.get_classifier()(features)
+        return self.net.get_submodule(self.classifier_name)(features)
+
+
+def last_timm_linear(classifier):
+    """The linear layer that reads `forward_head(..., pre_logits=True)`: the classifier
+    itself, or the `fc` of timm's `ClassifierHead` (pooling, dropout, then `fc`: its
+    pre-logits output is the pooled vector). Anything else is returned as it is, to be
+    refused."""
+    head_class = import_library("timm").layers.ClassifierHead
+    if isinstance(classifier, head_class) and isinstance(classifier.fc, nn.Linear):
+        return classifier.fc
+    return classifier
 
 
 class TorchvisionModel(LibraryModel):
