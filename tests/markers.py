@@ -1,4 +1,5 @@
-"""Markers for where a test can run: Triton's interpreter, a CUDA device, NVIDIA DALI."""
+"""Markers for where a test can run: Triton's interpreter, a CUDA device, NVIDIA DALI, timm."""
+import importlib.util
 import os
 
 import pytest
@@ -8,6 +9,8 @@ from cocord_fast.data.build import dali_installed
 
 needs_dali = pytest.mark.skipif(not dali_installed(),
                                 reason="needs NVIDIA DALI (pip install 'cocord_fast[dali]')")
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None,
+                                reason="needs timm (pip install 'cocord_fast[timm]')")
 # `data.backend` values to parametrize over: DALI's only where it is installed.
 BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]
 
