@@ -70,10 +70,11 @@ class DataConfig:
                                "data set's")
     std: list[float] = _field([], "per-channel std, as data.mean", min=0.0)
     interpolation: Literal["", "bilinear", "bicubic"] = _field(
-        "", "resize filter of crops and evaluation; empty: a pretrained teacher's, else bilinear")
-    crop_pct: float = _field(0.0, "evaluation keeps this share of its resize in the centre crop "
-                             "(0.875: resize 256, crop 224); 0: a pretrained teacher's, else "
-                             "0.875", min=0.0, max=1.0)
+        "", "imagefolder and shards: resize filter of crops and evaluation; empty: a pretrained "
+        "teacher's, else bilinear")
+    crop_pct: float = _field(0.0, "imagefolder and shards: evaluation keeps this share of its "
+                             "resize in the centre crop (0.875: resize 256, crop 224); 0: a "
+                             "pretrained teacher's, else 0.875", min=0.0, max=1.0)
 
 
 @dataclass

@@ -205,3 +205,18 @@ def test_read_ahead_off_is_refused_where_the_torch_loader_reads(tmp_path):
                      read_ahead=False)
     with pytest.raises(UserError, match="data.read_ahead=false is for data.backend=dali"):
         build_loaders(cfg, num_views=1, seed=0)
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"image_size": 64}, "data.image_size=64"),
+    ({"interpolation": "bicubic", "crop_pct": 0.9},
+     "data.interpolation=bicubic, data.crop_pct=0.9"),
+])
+@pytest.mark.parametrize("dataset", ["cifar100", "demo"])
+def test_resize_settings_a_32px_data_set_would_ignore_are_refused(dataset, settings, named):
+    with pytest.raises(UserError, match=rf"^{named}: data.dataset={dataset} has 32x32 images, "
+                                        r"which are never resized"):
+        Preprocessing.of(DataConfig(dataset=dataset, **settings))
+    for size in (0, 32, 224):  # unset, the images' own, a run's resolved default
+        Preprocessing.of(DataConfig(dataset=dataset, image_size=size))
+    Preprocessing.of(DataConfig(dataset="imagefolder", **settings))

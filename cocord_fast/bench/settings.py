@@ -123,14 +123,16 @@ class BenchSettings:
     def trainer_overrides(self, method: str, data_root: Path | None, teacher_checkpoint: Path,
                           output_dir: Path) -> list[str]:
         """The overrides of one method's `Trainer`: the bench's settings, then the user's."""
-        data = ([] if data_root is None
+        # The synthetic set's images are 32 px, never resized: the image size only sizes
+        # resident batches, which the bench makes itself. A user's data set takes it.
+        data = ([f"data.image_size={self.image_size}"] if data_root is None
                 else ["data.dataset=cifar100", f"data.root={data_root}"])
         # The loader is never iterated on resident batches: no worker processes are started.
         workers = ["data.num_workers=0"] if self.data == "resident" else []
         return [f"method.name={method}", f"model.student={self.student}",
                 f"model.teacher={self.teacher}", f"model.teacher_checkpoint={teacher_checkpoint}",
                 *data, *workers, f"data.batch_size={self.batch_size}",
-                f"data.image_size={self.image_size}", f"train.precision={self.precision}",
+                f"train.precision={self.precision}",
                 f"train.compile={self.compile}", f"train.device={self.resolved_device()}",
                 f"train.output_dir={output_dir}", "train.progress=false", *self.overrides]
 

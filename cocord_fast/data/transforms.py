@@ -16,6 +16,7 @@ DEMO_MEAN, DEMO_STD = CIFAR_MEAN, CIFAR_STD
 
 
 DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE = "bilinear", 0.875, 224
+SMALL_IMAGE_SIZE = 32  # of CIFAR-100 and the demo set
 
 
 def image_size_of(cfg: DataConfig) -> int:
@@ -40,6 +41,7 @@ class Preprocessing:
 
     @classmethod
     def of(cls, cfg: DataConfig) -> Preprocessing:
+        refuse_resizing_small_images(cfg)
         mean, std = normalization(cfg.dataset)
         for name in ("mean", "std"):
             if getattr(cfg, name) and len(getattr(cfg, name)) != 3:
@@ -64,8 +66,9 @@ class Recipe:
 def build_recipe(dataset: str, image_size: int, preprocessing: Preprocessing) -> Recipe:
     normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
     if is_small_image(dataset):
-        return Recipe(train=T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
-                                      + normalize), eval=T.Compose(normalize))
+        return Recipe(train=T.Compose([T.RandomCrop(SMALL_IMAGE_SIZE, padding=4),
+                                       T.RandomHorizontalFlip()] + normalize),
+                      eval=T.Compose(normalize))
     resample = T.InterpolationMode(preprocessing.interpolation)
     return Recipe(
         train=T.Compose([T.RandomResizedCrop(image_size, interpolation=resample),
@@ -83,3 +86,19 @@ def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def is_small_image(dataset: str) -> bool:
     """32x32 data sets take the CIFAR recipe (pad-4 random crop + flip; no resize)."""
     return dataset in ("cifar100", "demo")
+
+
+def refuse_resizing_small_images(cfg: DataConfig) -> None:
+    """A 32x32 data set is never resized: its resize settings would be ignored. The image
+    size may be the images' own, or the default a run resolves (224, in its config.yaml)."""
+    if not is_small_image(cfg.dataset):
+        return
+    ignored = [f"data.{key}={getattr(cfg, key)}"
+               for key, unset in (("image_size", (0, SMALL_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)),
+                                  ("interpolation", ("",)), ("crop_pct", (0.0,)))
+               if getattr(cfg, key) not in unset]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)}: data.dataset={cfg.dataset} has 32x32 images, "
+                        f"which are never resized (a padded random crop for training, the "
+                        f"image itself for evaluation); leave "
+                        f"{'it' if len(ignored) == 1 else 'them'} unset")

@@ -15,7 +15,7 @@ import torch
 from .. import distributed
 from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
-from ..data.transforms import image_size_of, is_small_image
+from ..data.transforms import image_size_of, is_small_image, refuse_resizing_small_images
 from ..errors import UserError
 from ..models import build_model, check_model_name
 from ..models.weights import library_preprocessing, library_weights
@@ -104,13 +104,17 @@ def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
     `data.crop_pct` left unset with what a pretrained teacher (`model.teacher_weights`) was
     trained with, so that it sees its own input statistics; an image size still unset becomes
     224. Returns what to tell the user (nothing when nothing was taken)."""
+    refuse_resizing_small_images(cfg.data)  # before the demo data set is made
     found = None
     if needs_teacher and cfg.model.teacher and cfg.model.teacher_weights:
         found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)
-    taken = {} if found is None else {key: found[key] for key in PREPROCESSING_KEYS
+    # 32 px data sets are never resized: of a teacher's preprocessing only its normalisation
+    # applies to them.
+    small = is_small_image(cfg.data.dataset)
+    keys = ("mean", "std") if small else PREPROCESSING_KEYS
+    taken = {} if found is None else {key: found[key] for key in keys
                                       if not getattr(cfg.data, key)}
-    # 32 px data sets are not resized: an input size does not apply to them.
-    if found is not None and not cfg.data.image_size and not is_small_image(cfg.data.dataset):
+    if found is not None and not cfg.data.image_size and not small:
         taken["image_size"] = found["input_size"]
     for key, value in taken.items():
         setattr(cfg.data, key, value)
@@ -120,8 +124,7 @@ def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
         notes.append(f"data preprocessing from the teacher {cfg.model.teacher} "
                      f"({cfg.model.teacher_weights}): " + ", ".join(
                          f"data.{key}={value}" for key, value in taken.items()))
-    if (found is not None and found["input_size"] != cfg.data.image_size
-            and not is_small_image(cfg.data.dataset)):
+    if found is not None and found["input_size"] != cfg.data.image_size and not small:
         notes.append(f"the teacher {cfg.model.teacher} ({cfg.model.teacher_weights}) was "
                      f"trained at {found['input_size']} px; data.image_size is "
                      f"{cfg.data.image_size}")
