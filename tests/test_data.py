@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from cocord_fast.config import DataConfig
 from cocord_fast.data import Batch, build_loaders
+from cocord_fast.data.build import check_data_config
 from cocord_fast.data.order import derived_seed
 from cocord_fast.data.sources import CIFAR100, open_source
 from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
@@ -216,7 +217,14 @@ def test_read_ahead_off_is_refused_where_the_torch_loader_reads(tmp_path):
 def test_resize_settings_a_32px_data_set_would_ignore_are_refused(dataset, settings, named):
     with pytest.raises(UserError, match=rf"^{named}: data.dataset={dataset} has 32x32 images, "
                                         r"which are never resized"):
-        Preprocessing.of(DataConfig(dataset=dataset, **settings))
+        check_data_config(DataConfig(dataset=dataset, backend="torch", **settings))
     for size in (0, 32, 224):  # unset, the images' own, a run's resolved default
-        Preprocessing.of(DataConfig(dataset=dataset, image_size=size))
-    Preprocessing.of(DataConfig(dataset="imagefolder", **settings))
+        check_data_config(DataConfig(dataset=dataset, backend="torch", image_size=size))
+    check_data_config(DataConfig(dataset="imagefolder", backend="torch", **settings))
+
+
+@pytest.mark.parametrize("dataset", ["demo", "imagefolder", "shards"])
+def test_a_download_of_a_data_set_that_has_none_is_refused(dataset):
+    with pytest.raises(UserError, match=rf"data.download=true is for data.dataset=cifar100: "
+                                        rf"{dataset} data is not downloaded"):
+        check_data_config(DataConfig(dataset=dataset, backend="torch", download=True))

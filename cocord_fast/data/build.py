@@ -19,7 +19,7 @@ from ..errors import UserError
 from .batch import Batch
 from .demo import ensure_demo_dataset
 from .sources import open_source
-from .transforms import Preprocessing, build_recipe, image_size_of
+from .transforms import Preprocessing, build_recipe, image_size_of, refuse_resizing_small_images
 
 
 class TrainLoader(Protocol):
@@ -67,6 +67,18 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def check_data_config(cfg: DataConfig) -> None:
+    """Fails on settings that cannot work together or that the data set would ignore, before
+    any data is read or made."""
+    if resolve_backend(cfg.backend) == "torch" and not cfg.read_ahead:
+        raise UserError("data.read_ahead=false is for data.backend=dali: the torch DataLoader's "
+                        "workers read ahead (data.num_workers=0 reads on the training thread)")
+    if cfg.download and cfg.dataset != "cifar100":
+        raise UserError(f"data.download=true is for data.dataset=cifar100: {cfg.dataset} data "
+                        f"is not downloaded (the demo set is made offline)")
+    refuse_resizing_small_images(cfg)
+
+
 def prepare_sources(cfg: DataConfig) -> Path:
     """Makes the demo data set if it is missing, and the index of each split of image files or
     shards (`index_files.py`) if it is missing or stale; returns the data root. Under a
@@ -98,10 +110,8 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     `device` the DALI backend decodes and augments on that GPU and yields them in `dtype`,
     the torch backend pinned float32 CPU batches; elsewhere, float32 batches on the CPU."""
     device = torch.device("cpu") if device is None else device
+    check_data_config(cfg)
     backend = resolve_backend(cfg.backend)
-    if backend == "torch" and not cfg.read_ahead:
-        raise UserError("data.read_ahead=false is for data.backend=dali: the torch DataLoader's "
-                        "workers read ahead (data.num_workers=0 reads on the training thread)")
     preprocessing, image_size = Preprocessing.of(cfg), image_size_of(cfg)
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)

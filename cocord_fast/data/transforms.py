@@ -41,7 +41,6 @@ class Preprocessing:
 
     @classmethod
     def of(cls, cfg: DataConfig) -> Preprocessing:
-        refuse_resizing_small_images(cfg)
         mean, std = normalization(cfg.dataset)
         for name in ("mean", "std"):
             if getattr(cfg, name) and len(getattr(cfg, name)) != 3:

@@ -15,7 +15,7 @@ import torch
 from .. import distributed
 from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
-from ..data.transforms import image_size_of, is_small_image, refuse_resizing_small_images
+from ..data.transforms import image_size_of, is_small_image
 from ..errors import UserError
 from ..models import build_model, check_model_name
 from ..models.weights import library_preprocessing, library_weights
@@ -104,7 +104,6 @@ def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
     `data.crop_pct` left unset with what a pretrained teacher (`model.teacher_weights`) was
     trained with, so that it sees its own input statistics; an image size still unset becomes
     224. Returns what to tell the user (nothing when nothing was taken)."""
-    refuse_resizing_small_images(cfg.data)  # before the demo data set is made
     found = None
     if needs_teacher and cfg.model.teacher and cfg.model.teacher_weights:
         found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)

@@ -17,7 +17,7 @@ from ..checkpoints.files import (remove_old_periodic, remove_partial_saves, rng_
                                  set_rng_state, training_checkpoint)
 from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
-from ..data.build import prepare_sources
+from ..data.build import check_data_config, prepare_sources
 from ..data.transforms import Preprocessing
 from ..engines import (autocast, build_engine, check_engine_config, engine_class, join_processes,
                        optimizer_settings)
@@ -54,6 +54,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         check_engine_config(cfg)
+        check_data_config(cfg.data)
         # Before the resume check: a resumed run compares the settings it resolves.
         self.notes: list[str] = take_teacher_preprocessing(  # said once the run starts (fit)
             cfg, METHODS[cfg.method.name].needs_teacher)
