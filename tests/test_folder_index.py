@@ -3,6 +3,7 @@ as a scan, read without one, rebuilt when a folder changed, written where it can
 one process of a launch while the others wait (that of tar shards too), and
 `cocord-fast index`."""
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -145,6 +146,23 @@ def test_cli_index_measures_every_image_size(tmp_path, capsys):
                                         for i in range(len(index))]
 
 
+def test_a_rebuilt_index_keeps_the_sizes_measured_for_the_files_it_still_lists(tmp_path):
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    assert main(["index", str(root)]) == 0
+    measured = open_index(root / "train")
+    class_folder = root / "train" / measured.classes[0]
+    shutil.copy(next(class_folder.iterdir()), class_folder / "zz_new.png")
+    touch_later(class_folder)
+    said = []
+    index = open_index(root / "train", say=said.append)
+    assert len(said) == 1 and len(index) == len(measured) + 1
+    new = [i for i in range(len(index)) if index.path(i).name == "zz_new.png"]
+    assert (index.sizes[new] == -1).all()
+    sizes = {index.path(i): size for i, size in enumerate(index.sizes.tolist()) if i not in new}
+    assert sizes == {measured.path(i): size for i, size in enumerate(measured.sizes.tolist())}
+    assert all(size[0] > 0 for size in sizes.values())
+
+
 def test_cli_index_lists_anew_what_a_copy_keeping_folder_times_hides(tmp_path):
     root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
     train = root / "train"
@@ -186,9 +204,9 @@ WORKER = textwrap.dedent("""
 
     dataset, module = sys.argv[2], importlib.import_module(sys.argv[3])
     scan = module.scan
-    def counted(root):
+    def counted(root, stale):
         open(f"scanned_{os.environ['RANK']}_{root.name}", "w").close()
-        return scan(root)
+        return scan(root, stale)
     module.scan = counted
     distributed.init(torch.device("cpu"), 60)
     cfg = load_config(overrides=[f"data.dataset={dataset}", f"data.root={sys.argv[1]}"])

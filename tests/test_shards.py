@@ -229,11 +229,33 @@ def test_the_index_is_read_instead_of_the_headers_and_rebuilt_when_a_shard_chang
     index = shards.open_index(root, say=said.append)
     assert len(index) == 6 and len(said) == 3
     assert all(re.fullmatch(r".* changed since .*\.cocord_fast-shards\.npz was written: reading "
-                            r"the headers of .* again", line) for line in said)
+                            r"the headers of the new and changed shards of .*", line)
+               for line in said)
     shards.open_index(root, say=said.append)
     assert len(said) == 3  # current again: nothing more said
     (root / shards.SHARD_INDEX_NAME).write_bytes(b"not an index")
     assert len(shards.open_index(root)) == 6
+
+
+def test_a_rebuilt_index_reads_the_changed_shards_alone_and_keeps_the_others_sizes(
+        trees, tmp_path, monkeypatch):
+    root = shutil.copytree(trees[1], tmp_path / "shards") / "train"
+    first = shards.open_index(root)
+    assert (first.sizes > 0).all()  # measured by convert
+    shutil.copy(root / "shard-000002.tar", root / "shard-000003.tar")  # a shard added
+    write_tar(root / "shard-000000.tar", members(root / "shard-000000.tar")[:4])
+    later(root / "shard-000000.tar")  # one rewritten
+    read, samples = [], shards._samples
+    monkeypatch.setattr(shards, "_samples", lambda path: read.append(path.name) or samples(path))
+    index = shards.open_index(root, say=lambda _: None)
+    assert sorted(read) == ["shard-000000.tar", "shard-000003.tar"]
+    fresh = shards.scan(root)
+    assert index.shards == fresh.shards and index.name(7) == fresh.name(7)
+    for field in ("shard_stamps", "names", "offsets", "shard_of", "starts", "lengths", "targets"):
+        assert np.array_equal(getattr(index, field), getattr(fresh, field)), field
+    unchanged = np.isin(index.shard_of, [1, 2])  # 5 + 2 samples, where they were
+    assert np.array_equal(index.sizes[unchanged], first.sizes[5:12])
+    assert (index.sizes[~unchanged] == -1).all()
 
 
 JPEG = b"\xff\xd8\xff" + bytes(20)

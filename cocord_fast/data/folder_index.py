@@ -89,8 +89,9 @@ def _walk(directory: Path, relative: str, files: list[str], directories: list[st
             files.append(path)
 
 
-def scan(root: Path) -> FolderIndex:
-    """Lists `root` as the ImageFolder it is (sizes unread)."""
+def scan(root: Path, stale: FolderIndex | None = None) -> FolderIndex:
+    """Lists `root` as the ImageFolder it is. Image sizes are unread, but those `stale` (an
+    earlier index of `root`) measured for a file it lists too are kept."""
     if not root.is_dir():
         raise UserError(f"image directory {root} does not exist")
     classes = _class_folders(root)
@@ -109,7 +110,20 @@ def scan(root: Path) -> FolderIndex:
         files += sorted(found, key=lambda path: path.split("/"))
         targets += [label] * len(found)
     return FolderIndex(root, classes, *pack_strings(files), np.asarray(targets, np.int64),
-                       np.full((len(files), 2), -1), directories, np.asarray(mtimes, np.int64))
+                       _sizes_kept(files, stale), directories, np.asarray(mtimes, np.int64))
+
+
+def _sizes_kept(files: list[str], stale: FolderIndex | None) -> np.ndarray:
+    """(len(files), 2): the size `stale` measured for each file it lists too, else -1."""
+    sizes = np.full((len(files), 2), -1, np.int64)
+    if stale is None or not (stale.sizes[:, 0] >= 0).any():
+        return sizes
+    measured = {unpack_string(stale.names, stale.offsets, i): size
+                for i, size in enumerate(stale.sizes.tolist()) if size[0] >= 0}
+    for i, path in enumerate(files):
+        if (size := measured.get(path)) is not None:
+            sizes[i] = size
+    return sizes
 
 
 def index_locations(root: Path) -> list[Path]:
@@ -127,4 +141,5 @@ def read_index(path: Path, root: Path) -> FolderIndex | None:
 
 def open_index(root: Path, say=print, rescan: bool = False) -> FolderIndex:
     """The index of `root`: the stored one if current (unless `rescan`), else a new scan."""
-    return open_or_build(Path(root), INDEX_NAME, read_index, scan, "listing", say, rescan)
+    return open_or_build(Path(root), INDEX_NAME, read_index, scan, "listing {root} again", say,
+                         rescan)

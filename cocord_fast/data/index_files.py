@@ -3,7 +3,7 @@ arrays beside the data when that folder is writable, else under the cache direct
 atomically (a reader sees the old file or the new one), read back whole or not at all.
 
 The two kinds of split, an ImageFolder (`folder_index.py`) and a folder of tar shards
-(`shard_index.py`), keep an index of the same shape: every sample's name, label and image size,
+(`shards.py`), keep an index of the same shape: every sample's name, label and image size,
 and what tells a stale index from a current one.
 """
 from __future__ import annotations
@@ -66,11 +66,14 @@ def read_arrays(path: Path, version: int) -> dict[str, np.ndarray] | None:
 
 
 def open_or_build(root: Path, file_name: str, read: Callable[[Path, Path], Index | None],
-                  build: Callable[[Path], Index], verb: str, say: Callable[[str], None],
-                  rescan: bool) -> Index:
-    """The first current index of `root` stored (unless `rescan`), else `build(root)`, written;
-    `say` tells why a stored one was not used. `read(path, root)` gives a stored index or None;
-    an index's `changed()` names what changed since it was written, or None."""
+                  build: Callable[[Path, Index | None], Index], rebuilding: str,
+                  say: Callable[[str], None], rescan: bool) -> Index:
+    """The first current index of `root` stored (unless `rescan`), else `build(root, stale)`,
+    written: `stale` is the first stored index found out of date (or None), for `build` to
+    take over what is still true of it. `say` tells why a stored one was not used, and
+    `rebuilding` what is done instead (its `{root}` filled in). `read(path, root)` gives a
+    stored index or None; an index's `changed()` names what changed since it was written, or
+    None."""
     stale = []
     for path in [] if rescan else index_locations(root, file_name):
         index = read(path, root) if path.is_file() else None
@@ -78,10 +81,10 @@ def open_or_build(root: Path, file_name: str, read: Callable[[Path, Path], Index
             continue
         if (changed := index.changed()) is None:
             return index
-        stale.append(f"{changed} changed since {path} was written")
+        stale.append((f"{changed} changed since {path} was written", index))
     if stale:
-        say(f"{stale[0]}: {verb} {root} again")
-    index = build(root)
+        say(f"{stale[0][0]}: {rebuilding.format(root=root)}")
+    index = build(root, stale[0][1] if stale else None)
     index.write()
     return index
 

@@ -11,8 +11,9 @@ order: that is the dataset index every loader, sampler and CRD bank uses.
 Each shard's headers are read once into an index (`index_files.py`): every sample's shard,
 the offset and length of its image's bytes there, its label and name, and (once measured) its
 image size, with every shard's size and modification time so that a shard added, removed or
-rewritten makes the index stale. A read is then one `pread` into a shard held open: no
-extraction, and no open or stat per sample.
+rewritten makes the index stale; the next start then reads the headers of those shards only.
+A read is then one `pread` into a shard held open: no extraction, and no open or stat per
+sample.
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ class ShardIndex:
         """`<shard path>:<image member>`, how messages name a sample."""
         shard = self.root / self.shards[self.shard_of[index]]
         return f"{shard}:{unpack_string(self.names, self.offsets, index)}"
+
+    def samples_of(self, shard: int) -> tuple[list[tuple[str, int, int, int]], np.ndarray]:
+        """Shard number `shard`'s (image member name, offset, length, label) of each sample,
+        and their image sizes (samples are numbered shard by shard)."""
+        first, end = np.searchsorted(self.shard_of, [shard, shard + 1]).tolist()
+        return ([(unpack_string(self.names, self.offsets, i), int(self.starts[i]),
+                  int(self.lengths[i]), int(self.targets[i])) for i in range(first, end)],
+                self.sizes[first:end])
 
     def changed(self) -> str | None:
         """A shard added, removed or rewritten since the index was written, or None: one
@@ -133,27 +142,38 @@ def _sample(path: Path, tar: tarfile.TarFile, key: str,
     return image.name, image.offset_data, image.size, int(text)
 
 
-def scan(root: Path) -> ShardIndex:
-    """Reads the headers of every shard in `root` (sizes unread)."""
+def scan(root: Path, stale: ShardIndex | None = None) -> ShardIndex:
+    """Reads the headers of every shard in `root` (sizes unread), except of a shard `stale`
+    (an earlier index of `root`) holds unchanged (the same size and modification time): its
+    samples, image sizes included, are taken from there. Adding a shard to a thousand reads
+    one shard's headers."""
     if not root.is_dir():
         raise UserError(f"shard directory {root} does not exist")
     shards = _shard_names(root)
     if not shards:
         raise UserError(f"shard directory {root} has no {SHARD_SUFFIX} files")
-    stamps, shard_of, samples = [], [], []
+    kept = {} if stale is None else {
+        name: (stamp, number)
+        for number, (name, stamp) in enumerate(zip(stale.shards, stale.shard_stamps.tolist()))}
+    stamps, shard_of, samples, sizes = [], [], [], []
     for number, name in enumerate(shards):
-        found = _samples(root / name)
+        stamps.append(stamp := _stamp(root / name))  # before the read: a change then shows
+        if name in kept and kept[name][0] == stamp:
+            found, found_sizes = stale.samples_of(kept[name][1])
+        else:
+            found = _samples(root / name)
+            found_sizes = np.full((len(found), 2), -1, np.int64)
         if not found:
             raise UserError(f"shard {root / name} holds no samples (<key>.jpg with <key>.cls)")
-        stamps.append(_stamp(root / name))
         shard_of += [number] * len(found)
         samples += found
+        sizes.append(found_sizes)
     names, offsets = pack_strings([sample[0] for sample in samples])
     starts, lengths, targets = (np.asarray([sample[i] for sample in samples], np.int64)
                                 for i in (1, 2, 3))
     return ShardIndex(root, shards, np.asarray(stamps, np.int64), names, offsets,
                       np.asarray(shard_of, np.int64), starts, lengths, targets,
-                      np.full((len(samples), 2), -1, np.int64))
+                      np.concatenate(sizes))
 
 
 def read_index(path: Path, root: Path) -> ShardIndex | None:
@@ -168,7 +188,8 @@ def open_index(root: Path, say=print, rescan: bool = False) -> ShardIndex:
     """The index of the shards in `root`: the stored one if current (unless `rescan`), else
     every shard's headers read anew."""
     return open_or_build(Path(root), SHARD_INDEX_NAME, read_index, scan,
-                         "reading the headers of", say, rescan)
+                         "reading the headers of the new and changed shards of {root}", say,
+                         rescan)
 
 
 class ShardFiles:
