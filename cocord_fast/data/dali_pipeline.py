@@ -28,9 +28,8 @@ from typing import Callable
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from .transforms import Preprocessing, is_small_image
+from .transforms import SMALL_IMAGE_PAD, SMALL_IMAGE_SIZE, Preprocessing, is_small_image
 
-SMALL_SIZE, SMALL_PAD = 32, 4
 # torchvision's RandomResizedCrop: area fraction, log aspect ratio, and 10 tries for a window
 # that fits before it falls back to a centre crop.
 CROP_AREA = (0.08, 1.0)
@@ -76,7 +75,8 @@ class DaliRecipe:
             if self.small:
                 # crop_pos is relative to the 8 px of slack: k/8 is the integer offset k in
                 # 0..8, each with probability 1/9, as torchvision's RandomCrop(32, padding=4).
-                offsets = rng.integers(0, 2 * SMALL_PAD + 1, (2, batch)) / (2 * SMALL_PAD)
+                slack = 2 * SMALL_IMAGE_PAD
+                offsets = rng.integers(0, slack + 1, (2, batch)) / slack
                 params += [offsets[0].astype(np.float32), offsets[1].astype(np.float32)]
             else:
                 params += resized_crop_windows(rng, sizes)
@@ -95,11 +95,11 @@ class DaliRecipe:
     def train_view(self, images, params: list):
         if self.small:
             crop_x, crop_y, flip = params
-            padded = SMALL_SIZE + 2 * SMALL_PAD
+            padded = SMALL_IMAGE_SIZE + 2 * SMALL_IMAGE_PAD
             # A centred 40x40 window over a 32x32 image: 4 px of zeros on every side.
             images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad",
                              fill_values=0)
-            return self.normalize(images, crop=(SMALL_SIZE, SMALL_SIZE), mirror=flip,
+            return self.normalize(images, crop=(SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE), mirror=flip,
                                   crop_pos_x=crop_x, crop_pos_y=crop_y)
         start, end, flip = params
         size = self.image_size

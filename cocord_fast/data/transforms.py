@@ -16,7 +16,8 @@ DEMO_MEAN, DEMO_STD = CIFAR_MEAN, CIFAR_STD
 
 
 DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE = "bilinear", 0.875, 224
-SMALL_IMAGE_SIZE = 32  # of CIFAR-100 and the demo set
+# CIFAR-100's and the demo set's images, and the zero padding of their random crops.
+SMALL_IMAGE_SIZE, SMALL_IMAGE_PAD = 32, 4
 
 
 def image_size_of(cfg: DataConfig) -> int:
@@ -65,7 +66,7 @@ class Recipe:
 def build_recipe(dataset: str, image_size: int, preprocessing: Preprocessing) -> Recipe:
     normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
     if is_small_image(dataset):
-        return Recipe(train=T.Compose([T.RandomCrop(SMALL_IMAGE_SIZE, padding=4),
+        return Recipe(train=T.Compose([T.RandomCrop(SMALL_IMAGE_SIZE, padding=SMALL_IMAGE_PAD),
                                        T.RandomHorizontalFlip()] + normalize),
                       eval=T.Compose(normalize))
     resample = T.InterpolationMode(preprocessing.interpolation)

@@ -53,12 +53,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     a ``num_classes``-way classifier."""
     if library.split_name(name) is not None:
         return library.build_library_model(name, num_classes)
-    try:
-        builder = MODELS[name]
-    except KeyError:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, or "
-                        f"timm:<name> and torchvision:<name>") from None
-    return builder(num_classes)
+    check_model_name(name)
+    return MODELS[name](num_classes)
 
 
 def check_model_name(name: str) -> None:
