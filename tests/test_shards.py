@@ -3,6 +3,7 @@ ImageFolder's samples and order, so both backends give the very batches they giv
 folder, a run resumes on shards exactly, a damaged member is named or skipped like a damaged
 file, the shards' index is read instead of their headers and rebuilt when a shard changed, and
 every malformed shard is named before training starts."""
+import collections
 import gzip
 import io
 import os
@@ -19,7 +20,8 @@ from PIL import Image
 from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.cli import _user_message, main
 from cocord_fast.config import DataConfig, load_config
-from cocord_fast.data import build_loaders, shards
+from cocord_fast.data import build_loaders, shard_headers, shards
+from cocord_fast.data.open_files import OPEN_FILES
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.shard_writer import convert, sample_key
 from cocord_fast.data.sources import open_source
@@ -214,7 +216,8 @@ def test_the_index_is_read_instead_of_the_headers_and_rebuilt_when_a_shard_chang
         trees, tmp_path, monkeypatch):
     root = shutil.copytree(trees[1], tmp_path / "shards") / "train"
     first = open_source("shards", root.parent, train=True)
-    monkeypatch.setattr(shards, "_samples", lambda path: pytest.fail("headers read again"))
+    monkeypatch.setattr(shard_headers, "read_samples",
+                        lambda path: pytest.fail("headers read again"))
     again = open_source("shards", root.parent, train=True)
     assert again.index.shards == first.index.shards and np.array_equal(again.index.starts,
                                                                        first.index.starts)
@@ -245,8 +248,9 @@ def test_a_rebuilt_index_reads_the_changed_shards_alone_and_keeps_the_others_siz
     shutil.copy(root / "shard-000002.tar", root / "shard-000003.tar")  # a shard added
     write_tar(root / "shard-000000.tar", members(root / "shard-000000.tar")[:4])
     later(root / "shard-000000.tar")  # one rewritten
-    read, samples = [], shards._samples
-    monkeypatch.setattr(shards, "_samples", lambda path: read.append(path.name) or samples(path))
+    read, samples = [], shard_headers.read_samples
+    monkeypatch.setattr(shard_headers, "read_samples",
+                        lambda path: read.append(path.name) or samples(path))
     index = shards.open_index(root, say=lambda _: None)
     assert sorted(read) == ["shard-000000.tar", "shard-000003.tar"]
     fresh = shards.scan(root)
@@ -263,7 +267,10 @@ JPEG = b"\xff\xd8\xff" + bytes(20)
 
 @pytest.mark.parametrize("contents, message", [
     ([("a.jpg", JPEG)], r"sample a\.jpg has no \.cls member"),
-    ([("x/a.b.jpg", JPEG), ("x/a.cls", b"1")], r"sample 'x/a' has no image members"),
+    ([("x/a.b.jpg", JPEG), ("x/a.cls", b"1")], r"member x/a\.b\.jpg has more than one dot in "
+                                                r"its file name: WebDataset's key ends at the "
+                                                r"first dot, so it belongs to sample 'x/a' as "
+                                                r"its 'b\.jpg' member"),
     ([("a.jpg", JPEG), ("a.cls", b"cat")], r"a\.cls holds 'cat', not a class number"),
     ([("a.jpg", JPEG), ("a.png", JPEG), ("a.cls", b"1")], r"sample 'a' has 2 image members"),
     ([("a.json", b"{}"), ("a.cls", b"1")], r"sample 'a' has no image members"),
@@ -285,7 +292,8 @@ def test_compressed_cut_short_and_missing_shards_are_named(tmp_path):
     write_tar(split / "shard-000000.tar", [("a.jpg", data), ("a.cls", b"0")])
     whole = (split / "shard-000000.tar").read_bytes()
     (split / "shard-000000.tar").write_bytes(gzip.compress(whole))
-    with pytest.raises(UserError, match=r"shard-000000\.tar is not an uncompressed tar file"):
+    with pytest.raises(UserError, match=r"shard-000000\.tar is a gzip-compressed file: shards "
+                                        r"are read by offset"):
         open_source("shards", tmp_path / "data", train=True)
     (split / "shard-000000.tar").write_bytes(whole[:512 + 4000])  # inside a.jpg's data
     with pytest.raises(UserError, match=r"shard-000000\.tar is cut short inside a\.jpg"):
@@ -309,6 +317,7 @@ def test_without_classes_txt_the_classes_are_numbered_and_labels_past_it_are_ref
 
 def test_reads_go_through_one_open_file_per_shard(trees, monkeypatch):
     source = open_source("shards", trees[1], train=True)
+    monkeypatch.setattr(OPEN_FILES, "files", collections.OrderedDict())  # none open yet
     opened = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda path, *args: opened.append(path) or real_open(
@@ -319,13 +328,14 @@ def test_reads_go_through_one_open_file_per_shard(trees, monkeypatch):
     assert sorted(Path(p).name for p in opened) == source.index.shards
 
 
-def test_past_the_open_file_limit_a_shard_is_opened_for_each_read(trees):
+def test_past_the_open_file_budget_a_shard_is_opened_for_each_read(trees, monkeypatch):
     source = open_source("shards", trees[1], train=True)
-    source.files.capacity = 1
+    monkeypatch.setattr(OPEN_FILES, "files", collections.OrderedDict())
+    monkeypatch.setattr(OPEN_FILES, "budget", 0)
     data = [source.read(i) for i in range(len(source))]
     folder = open_source("imagefolder", trees[0], train=True)
     assert all(np.array_equal(d, folder.read(i)) for i, d in enumerate(data))
-    assert len(source.files.open) == 1
+    assert not OPEN_FILES.files
 
 
 def test_cli_convert_refuses_to_write_over_shards_and_index_measures_shards(trees, tmp_path,

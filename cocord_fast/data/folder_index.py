@@ -5,9 +5,11 @@ A scan lists every directory of every class; on a network file system that is a 
 per file, repeated by every process at every start. The index is written once (next to the
 data when that folder is writable, else in the cache directory) and read in well under a
 second per million files. It holds every directory's modification time: a file added to or
-removed from a folder changes that folder's, and the index is then rebuilt, saying so. A copy
-that sets folders' times (`cp -a`, `rsync -a` over an older tree) can hide a change:
-`cocord-fast index ROOT` always lists anew.
+removed from a folder changes that folder's, and the index is then rebuilt, saying so. The
+image sizes measured before (`cocord-fast index`) are kept for the files whose own size and
+mtime have not changed since. A copy that sets folders' times (`cp -a`, `rsync -a` over an
+older tree), or a file rewritten in place under its name, does not change a folder's time:
+`cocord-fast index ROOT` always lists and measures anew.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .index_files import (IMAGE_EXTENSIONS, open_or_build, pack_strings, read_ar
                           unpack_string, write_arrays)
 
 INDEX_NAME = ".cocord_fast-index.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: each measured size kept with its file's size and mtime (`stamps`)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class FolderIndex:
     offsets: np.ndarray  # (N + 1,) int64: file i is names[offsets[i]:offsets[i + 1]]
     targets: np.ndarray  # (N,) int64
     sizes: np.ndarray  # (N, 2) int64 (height, width); -1 where not read yet
+    stamps: np.ndarray  # (N, 2) int64 the file's size and mtime (ns) when its size was read
     directories: list[str]  # every directory scanned, relative to root
     directory_mtimes: np.ndarray  # (D,) int64 nanoseconds
 
@@ -50,7 +53,7 @@ class FolderIndex:
         """Writes the index where it can (`index_files.write_arrays`); returns where."""
         return write_arrays(self.root, INDEX_NAME, dict(
             version=np.int64(INDEX_VERSION), classes=np.asarray(self.classes), names=self.names,
-            offsets=self.offsets, targets=self.targets, sizes=self.sizes,
+            offsets=self.offsets, targets=self.targets, sizes=self.sizes, stamps=self.stamps,
             directories=np.asarray(self.directories), directory_mtimes=self.directory_mtimes))
 
     def changed(self) -> str | None:
@@ -68,7 +71,10 @@ class FolderIndex:
 
 
 def _class_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir())
+    except OSError as err:
+        raise UserError(f"cannot list {root}: {err.strerror or err}") from None
 
 
 def _walk(directory: Path, relative: str, files: list[str], directories: list[str],
@@ -76,16 +82,22 @@ def _walk(directory: Path, relative: str, files: list[str], directories: list[st
     """The image files under `directory` (symbolic links to files count; links to directories
     are not followed, as pathlib's rglob does) and every directory with its mtime."""
     try:
+        # The time before the listing: a file created meanwhile then changes the folder's
+        # time after the one kept, and the next start lists the folder again.
+        mtime = os.stat(directory).st_mtime_ns
         entries = list(os.scandir(directory))
-        mtimes.append(os.stat(directory).st_mtime_ns)
-    except PermissionError:
-        return
+    except OSError as err:
+        raise UserError(f"cannot list {directory}: {err.strerror or err} (its images would be "
+                        f"left out of the data set)") from None
+    mtimes.append(mtime)
     directories.append(relative)
     for entry in entries:
         path = f"{relative}/{entry.name}"
         if entry.is_dir(follow_symlinks=False):
             _walk(Path(entry.path), path, files, directories, mtimes)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            if not entry.is_file():
+                raise UserError(f"{entry.path} is not a file (a broken link?)")
             files.append(path)
 
 
@@ -110,20 +122,34 @@ def scan(root: Path, stale: FolderIndex | None = None) -> FolderIndex:
         files += sorted(found, key=lambda path: path.split("/"))
         targets += [label] * len(found)
     return FolderIndex(root, classes, *pack_strings(files), np.asarray(targets, np.int64),
-                       _sizes_kept(files, stale), directories, np.asarray(mtimes, np.int64))
+                       *_sizes_kept(root, files, stale), directories,
+                       np.asarray(mtimes, np.int64))
 
 
-def _sizes_kept(files: list[str], stale: FolderIndex | None) -> np.ndarray:
-    """(len(files), 2): the size `stale` measured for each file it lists too, else -1."""
-    sizes = np.full((len(files), 2), -1, np.int64)
+def _sizes_kept(root: Path, files: list[str],
+                stale: FolderIndex | None) -> tuple[np.ndarray, np.ndarray]:
+    """(len(files), 2) sizes and stamps: those `stale` measured for a file it lists too whose
+    size and mtime are still those it had then (a file replaced under the same name is
+    measured again), else -1. One stat per kept size."""
+    sizes, stamps = np.full((len(files), 2), -1, np.int64), np.full((len(files), 2), -1, np.int64)
     if stale is None or not (stale.sizes[:, 0] >= 0).any():
-        return sizes
-    measured = {unpack_string(stale.names, stale.offsets, i): size
-                for i, size in enumerate(stale.sizes.tolist()) if size[0] >= 0}
+        return sizes, stamps
+    measured = {unpack_string(stale.names, stale.offsets, i): (size, stamp)
+                for i, (size, stamp) in enumerate(zip(stale.sizes.tolist(), stale.stamps.tolist()))
+                if size[0] >= 0}
     for i, path in enumerate(files):
-        if (size := measured.get(path)) is not None:
-            sizes[i] = size
-    return sizes
+        if (found := measured.get(path)) is not None and stamp_of(root / path) == found[1]:
+            sizes[i], stamps[i] = found
+    return sizes, stamps
+
+
+def stamp_of(path: Path) -> list[int]:
+    """[size, mtime in ns] of the file at `path` ([-1, -1] when it is gone)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return [-1, -1]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def index_locations(root: Path) -> list[Path]:
@@ -135,7 +161,8 @@ def read_index(path: Path, root: Path) -> FolderIndex | None:
     if (stored := read_arrays(path, INDEX_VERSION)) is None:
         return None
     return FolderIndex(root, stored["classes"].tolist(), stored["names"], stored["offsets"],
-                       stored["targets"], stored["sizes"], stored["directories"].tolist(),
+                       stored["targets"], stored["sizes"], stored["stamps"],
+                       stored["directories"].tolist(),
                        stored["directory_mtimes"])
 
 

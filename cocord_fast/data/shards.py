@@ -18,25 +18,20 @@ sample.
 from __future__ import annotations
 
 import os
-import re
-import resource
-import tarfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from .index_files import (IMAGE_EXTENSIONS, open_or_build, pack_strings, read_arrays,
-                          unpack_string, write_arrays)
+from . import shard_headers
+from .index_files import open_or_build, pack_strings, read_arrays, unpack_string, write_arrays
+from .open_files import OPEN_FILES
+from .shard_headers import Sample
 
 SHARD_INDEX_NAME = ".cocord_fast-shards.npz"
-SHARD_INDEX_VERSION = 1
+SHARD_INDEX_VERSION = 2  # 2: shards checked to their end (shard_headers.py)
 SHARD_SUFFIX = ".tar"
-# WebDataset's split of a member's name into key and extension.
-MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-IMAGE_MEMBERS = tuple(extension[1:] for extension in IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -60,12 +55,12 @@ class ShardIndex:
         shard = self.root / self.shards[self.shard_of[index]]
         return f"{shard}:{unpack_string(self.names, self.offsets, index)}"
 
-    def samples_of(self, shard: int) -> tuple[list[tuple[str, int, int, int]], np.ndarray]:
-        """Shard number `shard`'s (image member name, offset, length, label) of each sample,
-        and their image sizes (samples are numbered shard by shard)."""
+    def samples_of(self, shard: int) -> tuple[list[Sample], np.ndarray]:
+        """Shard number `shard`'s samples and their image sizes (samples are numbered shard
+        by shard)."""
         first, end = np.searchsorted(self.shard_of, [shard, shard + 1]).tolist()
-        return ([(unpack_string(self.names, self.offsets, i), int(self.starts[i]),
-                  int(self.lengths[i]), int(self.targets[i])) for i in range(first, end)],
+        return ([Sample(unpack_string(self.names, self.offsets, i), int(self.starts[i]),
+                        int(self.lengths[i]), int(self.targets[i])) for i in range(first, end)],
                 self.sizes[first:end])
 
     def changed(self) -> str | None:
@@ -87,59 +82,19 @@ class ShardIndex:
 
 
 def _shard_names(root: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(root)
-                  if entry.name.endswith(SHARD_SUFFIX) and entry.is_file())
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_file())
+    compressed = [(name, hint) for name in names
+                  if (hint := shard_headers.compressed_shard_hint(name)) is not None]
+    if compressed:
+        name, hint = compressed[0]
+        others = f" (and {len(compressed) - 1} more)" if len(compressed) > 1 else ""
+        raise UserError(f"{root / name}{others} is compressed: {hint}")
+    return [name for name in names if name.endswith(SHARD_SUFFIX)]
 
 
 def _stamp(path: Path) -> list[int]:
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
-
-
-def _samples(path: Path) -> list[tuple[str, int, int, int]]:
-    """(image member name, offset, length, label) of every sample of the shard at `path`."""
-    size = path.stat().st_size
-    try:
-        with tarfile.open(path, "r:") as tar:  # reads the headers, seeking over the data
-            grouped: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-            for member in tar:
-                if member.isfile() and member.offset_data + member.size > size:
-                    raise UserError(f"{path} is cut short inside {member.name} (a copy that "
-                                    f"did not finish?)")
-                if not member.isfile() or (match := MEMBER_NAME.match(member.name)) is None:
-                    continue
-                key, extension = match[1], match[2].lower()
-                if not grouped or grouped[-1][0] != key:
-                    grouped.append((key, {}))
-                if extension in grouped[-1][1]:
-                    raise UserError(f"{path}: sample {key!r} has two {extension!r} members "
-                                    f"(a sample's members must have distinct extensions)")
-                grouped[-1][1][extension] = member
-            return [sample for key, parts in grouped
-                    if (sample := _sample(path, tar, key, parts)) is not None]
-    except tarfile.TarError as err:
-        raise UserError(f"{path} is not an uncompressed tar file ({err}); shards are read by "
-                        f"offset, so they cannot be compressed") from None
-
-
-def _sample(path: Path, tar: tarfile.TarFile, key: str,
-            parts: dict[str, tarfile.TarInfo]) -> tuple[str, int, int, int] | None:
-    """One sample's (image member name, offset, length, label); None for a group of members
-    with neither an image nor a class (metadata, ignored)."""
-    images = [extension for extension in parts if extension in IMAGE_MEMBERS]
-    if not images and "cls" not in parts:
-        return None
-    if len(images) != 1:
-        raise UserError(f"{path}: sample {key!r} has {len(images) or 'no'} image members "
-                        f"({', '.join(sorted(parts))}); each needs exactly one of "
-                        f"{', '.join(IMAGE_MEMBERS)}")
-    image = parts[images[0]]
-    if "cls" not in parts:
-        raise UserError(f"{path}: sample {image.name} has no .cls member (its class number)")
-    text = tar.extractfile(parts["cls"]).read().decode(errors="replace").strip()
-    if not text.isdigit():
-        raise UserError(f"{path}: {parts['cls'].name} holds {text[:20]!r}, not a class number")
-    return image.name, image.offset_data, image.size, int(text)
 
 
 def scan(root: Path, stale: ShardIndex | None = None) -> ShardIndex:
@@ -161,16 +116,16 @@ def scan(root: Path, stale: ShardIndex | None = None) -> ShardIndex:
         if name in kept and kept[name][0] == stamp:
             found, found_sizes = stale.samples_of(kept[name][1])
         else:
-            found = _samples(root / name)
+            found = shard_headers.read_samples(root / name)
             found_sizes = np.full((len(found), 2), -1, np.int64)
         if not found:
             raise UserError(f"shard {root / name} holds no samples (<key>.jpg with <key>.cls)")
         shard_of += [number] * len(found)
         samples += found
         sizes.append(found_sizes)
-    names, offsets = pack_strings([sample[0] for sample in samples])
-    starts, lengths, targets = (np.asarray([sample[i] for sample in samples], np.int64)
-                                for i in (1, 2, 3))
+    names, offsets = pack_strings([sample.name for sample in samples])
+    starts, lengths, targets = (np.asarray([getattr(sample, field) for sample in samples],
+                                           np.int64) for field in ("start", "length", "label"))
     return ShardIndex(root, shards, np.asarray(stamps, np.int64), names, offsets,
                       np.asarray(shard_of, np.int64), starts, lengths, targets,
                       np.concatenate(sizes))
@@ -193,53 +148,26 @@ def open_index(root: Path, say=print, rescan: bool = False) -> ShardIndex:
 
 
 class ShardFiles:
-    """The shards of one index, each opened once per process and shared by its threads: a
-    sample is one `os.pread` (no seek, so threads do not disturb each other, nor processes
-    forked with the files open). Files are not closed while the source lives, so no thread can
-    read through a descriptor another has closed and the system has reused. Where the limit
-    on open files would be exceeded, the remaining shards are opened for each read instead."""
-
-    RESERVED = 256  # descriptors left for everything else a process opens
+    """The shards of one index, read through the process's open files (`open_files.py`)."""
 
     def __init__(self, index: ShardIndex):
         self.paths = [index.root / name for name in index.shards]
-        self.open: dict[int, int] = {}
-        self.lock = threading.Lock()
-        self.capacity = _raise_open_file_limit(len(self.paths) + self.RESERVED) - self.RESERVED
+        OPEN_FILES.expect(len(self.paths))
 
     def read(self, shard: int, start: int, length: int) -> np.ndarray:
-        descriptor = self.open.get(shard)
-        if descriptor is None:
-            with self.lock:
-                if shard not in self.open and len(self.open) < self.capacity:
-                    self.open[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                descriptor = self.open.get(shard)
-        if descriptor is None:
-            with open(self.paths[shard], "rb", buffering=0) as f:
-                data = os.pread(f.fileno(), length, start)
-        else:
-            data = os.pread(descriptor, length, start)
+        data = OPEN_FILES.read(self.paths[shard], start, length)
         if len(data) != length:
             raise UserError(f"{self.paths[shard]} ends before byte {start + length}: it changed "
                             f"while this run read it")
         return np.frombuffer(data, np.uint8)
 
     def __del__(self):
-        for descriptor in self.open.values():
-            os.close(descriptor)
+        OPEN_FILES.expect(-len(self.paths))
+        OPEN_FILES.close(self.paths)
 
-    def __getstate__(self) -> dict:  # a spawned DataLoader worker opens its own
-        return {"paths": self.paths, "capacity": self.capacity}
+    def __getstate__(self) -> dict:  # a spawned DataLoader worker has its own open files
+        return {"paths": self.paths}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, open={}, lock=threading.Lock())
-
-
-def _raise_open_file_limit(wanted: int) -> int:
-    """Raises this process's soft limit on open files towards `wanted` (up to the hard
-    limit); returns the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return wanted if soft == resource.RLIM_INFINITY else soft
+        self.paths = state["paths"]
+        OPEN_FILES.expect(len(self.paths))

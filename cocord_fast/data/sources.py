@@ -143,15 +143,16 @@ class EncodedImages:
     def measure_sizes(self, threads: int = 8, progress: bool = True) -> Path:
         """Reads every image's size from its header into the index (what DALI's crops need:
         the feed then reads no header at all) and writes it; returns where."""
-        def size(index: int) -> tuple[int, int]:
-            return header_size(self.read(index))
-
         with ThreadPoolExecutor(threads) as pool:
-            sizes = list(tqdm(pool.map(size, range(len(self))), total=len(self),
+            sizes = list(tqdm(pool.map(self._measure_size, range(len(self))), total=len(self),
                               desc=f"sizes of {self.index.root}", unit="image",
                               disable=not progress, leave=False))
         self.index.sizes[:] = np.asarray(sizes, np.int64).reshape(-1, 2)
         return self.index.write()
+
+
+    def _measure_size(self, index: int) -> tuple[int, int]:
+        return header_size(self.read(index))
 
 
 class ImageFolder(EncodedImages):
@@ -172,6 +173,11 @@ class ImageFolder(EncodedImages):
 
     def _read(self, index: int) -> np.ndarray:
         return np.fromfile(self.index.path(index), dtype=np.uint8)
+
+    def _measure_size(self, index: int) -> tuple[int, int]:
+        # The file's size and time before its bytes: a size is kept while they stay the same.
+        self.index.stamps[index] = folder_index.stamp_of(self.index.path(index))
+        return super()._measure_size(index)
 
 
 class TarShards(EncodedImages):
