@@ -472,6 +472,7 @@ def _user_message(err: UserError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _print_any_file_name()
     parser = build_parser()
     # argparse gives a '*' positional only the words before the first option: overrides after
     # `--student NAME` come back unrecognised, and are import-reference's.
@@ -483,6 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed
 
     return distributed.finish(run_command(lambda: ns.func(ns)))
+
+
+def _print_any_file_name() -> None:
+    """File names that are not in the file system's encoding reach Python as surrogates
+    (`os.fsdecode`); printed, they are escaped rather than ending the process."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def run_command(command: Callable[[], int]) -> int:

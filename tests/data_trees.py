@@ -1,4 +1,5 @@
-"""Image trees whose pixels say which file they came from, for the data-pipeline tests.
+"""Image trees whose pixels say which file they came from, and the batches loaders give on
+them, for the data-pipeline tests.
 
 Image `id` of class `c` is a JPEG whose red channel is flat at `red(id)` and whose blue channel
 is flat at `blue(c)`; the green channel is a horizontal ramp, so different crops and flips of
@@ -9,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from cocord_fast.config import DataConfig
+from cocord_fast.data import build_loaders
 
 ID_STEP, CLASS_STEP = 12, 70
 
@@ -57,3 +62,26 @@ def decode_identity(view, mean, std) -> tuple[np.ndarray, np.ndarray]:
 
 def file_id(path: Path) -> int:
     return int(Path(path).stem)
+
+
+def loaders(kind, root, backend, rank=0, world_size=1, **overrides):
+    """Both loaders of a data set at 16 px, 2 views, batches of 2 (evaluation: 4)."""
+    fields = dict(dataset=kind, root=str(root), image_size=16, batch_size=2, eval_batch_size=4,
+                  num_workers=1, backend=backend)
+    return build_loaders(DataConfig(**{**fields, **overrides}), num_views=2, seed=5, rank=rank,
+                         world_size=world_size)
+
+
+def epoch(loader, number, skip=0) -> list:
+    """Epoch `number`'s training batches, less the first `skip`."""
+    loader.train.start(number, skip)
+    return list(loader.train)
+
+
+def assert_same_batches(these, those) -> None:
+    """The same samples, labels, views (bit for bit) and skipped files, batch for batch."""
+    assert len(these) == len(those)
+    for a, b in zip(these, those):
+        assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+        assert a.skipped == b.skipped

@@ -2,20 +2,25 @@
 as a scan, read without one, rebuilt when a folder changed, written where it can be, made by
 one process of a launch while the others wait (that of tar shards too), and
 `cocord-fast index`."""
+import errno
 import os
+import re
 import shutil
+import socket
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cocord_fast.cli import main
-from cocord_fast.data import folder_index, shards
+from cocord_fast.data import folder_index, index_files, shards
 from cocord_fast.data.folder_index import INDEX_NAME, open_index, scan
 from cocord_fast.data.shard_writer import convert
 from cocord_fast.data.sources import ImageFolder
+from cocord_fast.errors import UserError
 
 from data_trees import write_identity_tree
 from launch import launch
@@ -110,7 +115,7 @@ def test_where_the_data_folder_cannot_take_it_the_index_goes_to_the_cache(tmp_pa
 
     monkeypatch.setattr(os, "replace", read_only_data)
     index = open_index(root)
-    assert not (root / INDEX_NAME).exists() and not list(root.glob("*.partial-*"))
+    assert not (root / INDEX_NAME).exists() and not list(root.glob("*.partial"))
     cached = folder_index.index_locations(root)[1]
     assert cached.is_file() and str(cached).startswith(os.environ["COCORD_FAST_CACHE"])
     said = []
@@ -189,6 +194,167 @@ def test_the_dali_feed_takes_the_sizes_the_index_measured(tmp_path):
     feed = DaliFeed(source, recipe, 1, torch.device("cpu"), torch.float32)
     assert (feed.sizes > 0).all() and np.array_equal(feed.sizes, source.sizes)
     assert feed.file(3) == str(source.path(3))
+
+
+def test_a_file_created_while_its_folder_is_listed_is_listed_at_the_next_start(tmp_path,
+                                                                              monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    scandir = os.scandir
+
+    def listing_then_a_new_file(directory):
+        entries = list(scandir(directory))
+        if Path(directory) == root / "cat" and not (root / "cat" / "late.jpg").exists():
+            (root / "cat" / "late.jpg").write_bytes(b"")
+            touch_later(root / "cat")  # whatever the timestamp resolution
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", listing_then_a_new_file)
+    first = open_index(root)
+    monkeypatch.undo()
+    assert root / "cat" / "late.jpg" not in listing(first)
+    said = []
+    assert listing(open_index(root, say=said.append)) == pathlib_listing(root)[0]
+    assert len(said) == 1 and f"{root / 'cat'} changed since" in said[0]
+
+
+def test_a_file_replaced_under_its_name_is_measured_again(tmp_path):
+    root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
+    assert main(["index", str(root)]) == 0
+    measured = open_index(root / "train")
+    replaced = measured.path(3)
+    Image.new("RGB", (20, 10)).save(tmp_path / "new.jpg")
+    os.replace(tmp_path / "new.jpg", replaced)  # another image, the same name
+    touch_later(replaced.parent)
+    index = open_index(root / "train", say=lambda _: None)
+    assert index.path(3) == replaced and index.sizes[3].tolist() == [-1, -1]
+    kept = [i for i in range(len(index)) if i != 3]
+    assert np.array_equal(index.sizes[kept], measured.sizes[kept]) and (index.sizes[kept] > 0).all()
+    assert ImageFolder(root / "train").load(3)[0].size == (20, 10)
+
+
+def test_an_unreadable_folder_is_an_error_naming_it(tmp_path, monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    scandir = os.scandir
+
+    def denied(directory):
+        if Path(directory) == root / "dog" / "deep":
+            raise PermissionError(13, "Permission denied", str(directory))
+        return scandir(directory)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(UserError, match=f"cannot list {re.escape(str(root / 'dog' / 'deep'))}: "
+                                        f"Permission denied \\(its images would be left out"):
+        open_index(root)
+
+
+def test_names_that_are_not_utf8_are_kept_as_the_os_gives_them(tmp_path, capsys):
+    root = tmp_path / b"caf\xe9".decode(errors="surrogateescape")
+    write_identity_tree(root, classes=2, per_class=2, val_per_class=1)
+    folder = root / "train" / "class_0"
+    latin1 = os.fsdecode(b"\xe9t\xe9.jpg")
+    os.rename(next(folder.glob("*.jpg")), folder / latin1)
+    source = ImageFolder(root / "train")
+    assert latin1 in [source.path(i).name for i in range(len(source))]
+    assert sorted(os.fsencode(source.path(i).name) for i in range(len(source))
+                  if source.targets[i] == 0) == sorted(os.listdir(os.fsencode(folder)))
+    again = ImageFolder(root / "train", say=pytest.fail)  # read back from its index
+    assert [again.path(i) for i in range(len(again))] == [source.path(i)
+                                                         for i in range(len(source))]
+    assert all(again.load(i)[0].size == (48, 36) for i in range(len(again)))
+    assert main(["index", str(root)]) == 0  # prints the index's path
+    assert "caf\\udce9/train" in capsys.readouterr().out  # escaped, not a crash
+
+
+def two_hosts_one_cache(tmp_path, monkeypatch, file_system: str | None) -> tuple[Path, Path]:
+    """A data root whose index cannot be written beside it, and where each of two hosts keeps
+    it in the cache they share: `file_system` is the type the root is on."""
+    root = awkward_tree(tmp_path / "train")
+    replace = os.replace
+
+    def read_only_data(source, target):
+        if Path(target).parent == root:
+            raise OSError(30, "Read-only file system")
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", read_only_data)
+    monkeypatch.setattr(index_files, "file_system_type", lambda path: file_system,
+                        raising=False)  # (so that the test runs on code without it)
+    cached = []
+    for host in ("node-a", "node-b"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        cached.append(folder_index.index_locations(root)[1])
+    return root, cached
+
+
+def test_local_copies_at_one_path_keep_an_index_each_in_a_shared_cache(tmp_path, monkeypatch):
+    root, (node_a, node_b) = two_hosts_one_cache(tmp_path, monkeypatch, "ext4")
+    assert node_a != node_b
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    assert listing(open_index(root)) == pathlib_listing(root)[0] and node_a.is_file()
+    # node-b's copy lacks a file; its folder times match node-a's (copies made with rsync -a)
+    stamp = os.stat(root / "cat").st_mtime_ns
+    (root / "cat" / "b.JPEG").unlink()
+    os.utime(root / "cat", ns=(stamp, stamp))
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")
+    assert listing(open_index(root)) == pathlib_listing(root)[0]
+
+
+def test_on_a_network_file_system_the_hosts_share_one_cached_index(tmp_path, monkeypatch):
+    _, (node_a, node_b) = two_hosts_one_cache(tmp_path, monkeypatch, "nfs4")
+    assert node_a == node_b
+
+
+def test_the_file_system_of_a_path_is_that_of_its_deepest_mount(tmp_path):
+    assert index_files.file_system_type(Path("/proc/self")) == "proc"
+    assert index_files.file_system_type(tmp_path) is not None
+
+
+def test_a_temporary_index_file_is_unique_to_its_writer(tmp_path, monkeypatch):
+    """Process ids repeat across containers: another writer's file must not be taken over."""
+    root = awkward_tree(tmp_path / "train")
+    monkeypatch.setattr(os, "getpid", lambda: 7)
+    others = root / f"{INDEX_NAME}.partial-7"
+    others.write_bytes(b"another container's index, half written")
+    open_index(root)
+    assert others.read_bytes() == b"another container's index, half written"
+    assert [p.name for p in root.glob("*.partial*")] == [others.name]
+
+
+def test_where_no_index_can_be_written_it_is_kept_in_memory_with_a_warning(tmp_path,
+                                                                           monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    unwritable = [Path("/proc/cocord-fast/index.npz"), Path("/proc/cocord-fast-cache/x.npz")]
+    monkeypatch.setattr(folder_index, "index_locations", lambda root: unwritable)
+    monkeypatch.setattr(index_files, "index_locations", lambda root, name: unwritable)
+    said = []
+    index = open_index(root, say=said.append)
+    assert listing(index) == pathlib_listing(root)[0]
+    assert len(said) == 1 and said[0].startswith(f"warning: cannot write the index of {root} (")
+    assert "kept in memory for this run" in said[0]
+
+
+def test_a_disk_full_while_an_index_is_written_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    root = awkward_tree(tmp_path / "train")
+    open_index(root)
+    before = (root / INDEX_NAME).read_bytes()
+    (root / "cat" / "9.jpg").write_bytes(b"")
+    touch_later(root / "cat")
+    savez = np.savez
+
+    def disk_full(f, **arrays):
+        savez(f, **arrays)
+        f.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    said = []
+    index = open_index(root, say=said.append)
+    assert len(index) == len(pathlib_listing(root)[0])
+    assert (root / INDEX_NAME).read_bytes() == before and not list(root.glob(".*.partial"))
+    assert re.search(f"{re.escape(str(root / INDEX_NAME))}: No space left on device, \\d+ MB "
+                     f"free there", said[-1])
+    monkeypatch.undo()
+    assert folder_index.read_index(root / INDEX_NAME, root).changed() == str(root / "cat")
 
 
 def test_cli_index_names_a_missing_root(tmp_path, capsys):

@@ -19,8 +19,8 @@ from PIL import Image
 
 from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.cli import _user_message, main
-from cocord_fast.config import DataConfig, load_config
-from cocord_fast.data import build_loaders, shard_headers, shards
+from cocord_fast.config import load_config
+from cocord_fast.data import shard_headers, shards
 from cocord_fast.data.open_files import OPEN_FILES
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.shard_writer import convert, sample_key
@@ -30,7 +30,8 @@ from cocord_fast.errors import UserError
 from cocord_fast.training.resume import config_for_resume
 from cocord_fast.training.trainer import train
 
-from data_trees import decode_identity, file_id, write_identity_tree
+from data_trees import (assert_same_batches, decode_identity, epoch, file_id, loaders,
+                        write_identity_tree)
 from launch import train_losses
 from markers import BACKENDS
 
@@ -98,26 +99,6 @@ def test_a_sample_key_is_its_path_up_to_the_extension_with_no_other_dot():
     assert sample_key("n01440764/n01440764_10026.JPEG") == "n01440764/n01440764_10026"
     assert sample_key("cat/a.b.c.jpg") == "cat/a_b_c"
     assert sample_key("deep/er/0.png") == "deep/er/0"
-
-
-def loaders(kind, root, backend, rank=0, world_size=1, **overrides):
-    fields = dict(dataset=kind, root=str(root), image_size=16, batch_size=2, eval_batch_size=4,
-                  num_workers=1, backend=backend)
-    return build_loaders(DataConfig(**{**fields, **overrides}), num_views=2, seed=5, rank=rank,
-                         world_size=world_size)
-
-
-def epoch(loader, number, skip=0):
-    loader.train.start(number, skip)
-    return list(loader.train)
-
-
-def assert_same_batches(these, those):
-    assert len(these) == len(those)
-    for a, b in zip(these, those):
-        assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
-        assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
-        assert a.skipped == b.skipped
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
