@@ -49,9 +49,9 @@ class FolderIndex:
     def path(self, index: int) -> Path:
         return self.root / unpack_string(self.names, self.offsets, index)
 
-    def write(self) -> Path:
+    def write(self, cache: bool = True) -> Path:
         """Writes the index where it can (`index_files.write_arrays`); returns where."""
-        return write_arrays(self.root, INDEX_NAME, dict(
+        return write_arrays(self.root, INDEX_NAME, cache, dict(
             version=np.int64(INDEX_VERSION), classes=np.asarray(self.classes), names=self.names,
             offsets=self.offsets, targets=self.targets, sizes=self.sizes, stamps=self.stamps,
             directories=np.asarray(self.directories), directory_mtimes=self.directory_mtimes))

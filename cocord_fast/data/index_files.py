@@ -46,7 +46,7 @@ class IndexNotWritten(UserError):
 class StoredIndex(Protocol):
     def changed(self) -> str | None: ...
 
-    def write(self) -> Path: ...
+    def write(self, cache: bool = True) -> Path: ...
 
 
 Index = TypeVar("Index", bound=StoredIndex)
@@ -83,18 +83,19 @@ def index_locations(root: Path, file_name: str) -> list[Path]:
     return [root / file_name, default_cache_dir() / "index" / f"{cache_key(root, file_name)}.npz"]
 
 
-def write_arrays(root: Path, file_name: str, arrays: dict[str, np.ndarray]) -> Path:
-    """Writes the index of `root` where it can; returns where. A write that fails leaves
-    what was there before (and no temporary file)."""
+def write_arrays(root: Path, file_name: str, cache: bool,
+                 arrays: dict[str, np.ndarray]) -> Path:
+    """Writes the index of `root` beside it, or else (with `cache`) in the cache directory;
+    returns where. A write that fails leaves what was there before (and no temporary file)."""
     failures = []
-    for path in index_locations(root, file_name):
+    for path in index_locations(root, file_name)[:2 if cache else 1]:
         try:
             _write_atomic(path, arrays)
             return path
         except OSError as err:
             failures.append(f"{path}: {err.strerror or err}{free_space(path)}")
-    raise IndexNotWritten(f"cannot write the index of {root} ({'; '.join(failures)}); set "
-                          f"COCORD_FAST_CACHE to a writable folder")
+    hint = "; set COCORD_FAST_CACHE to a writable folder" if cache else ""
+    raise IndexNotWritten(f"cannot write the index of {root} ({'; '.join(failures)}){hint}")
 
 
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -7,15 +7,19 @@ extensions at the first dot of the file name): `n01440764/n01440764_10026.JPEG` 
 members `n01440764/n01440764_10026.jpeg` and `n01440764/n01440764_10026.cls`. Members are
 written with fixed owner, mode and time, so the same tree makes the same bytes.
 
-Each shard is written under a temporary name and renamed when complete: an interrupted
-conversion leaves no shard that looks whole. Every image's size is read while it is copied and
-stored in the shards' index, which is written last: a run starts on them without a scan.
+A split is written into a hidden folder beside its target (`.train.partial-*`), which is renamed
+to `train` once every shard and the index are complete: a conversion that fails (a full disk)
+or is stopped leaves no folder a run would take for the whole data set, and no shard that looks
+whole. Every image's size is read while it is copied and stored in the shards' index: a run
+starts on them without a scan.
 """
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -25,6 +29,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import shards
+from .index_files import free_space
 from .sources import ImageFolder, TarShards, header_size
 
 SPLITS = ("train", "val")
@@ -45,18 +50,38 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 def _write_shard(path: Path, samples: list[tuple[str, str, bytes, int]]) -> None:
     """`samples`: (key, image extension, image bytes, label), written in this order."""
-    partial = path.with_name(f"{path.name}.partial")
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for key, extension, data, label in samples:
-            tar.addfile(*_member(f"{key}.{extension}", data))
-            tar.addfile(*_member(f"{key}.cls", str(label).encode()))
-    os.replace(partial, path)
+    try:
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for key, extension, data, label in samples:
+                tar.addfile(*_member(f"{key}.{extension}", data))
+                tar.addfile(*_member(f"{key}.cls", str(label).encode()))
+    except OSError as err:  # a failed write() names no file
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def convert_split(source: ImageFolder, target: Path, samples_per_shard: int, threads: int,
                   progress: bool) -> TarShards:
-    """Writes `source` as shards into the folder `target`; returns them, indexed."""
-    target.mkdir(parents=True, exist_ok=True)
+    """Writes `source` as shards into the folder `target` (missing or empty), through a
+    hidden folder beside it; returns them, indexed."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        _write_shards(source, staging, samples_per_shard, threads, progress)
+        if target.is_dir():
+            target.rmdir()  # empty (`convert` checked): the rename takes its place
+        os.rename(staging, target)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        where = Path(err.filename) if err.filename else staging
+        raise UserError(f"cannot write {where}: {err.strerror or err}{free_space(where)}; "
+                        f"nothing of {target} was kept") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TarShards(target)
+
+
+def _write_shards(source: ImageFolder, target: Path, samples_per_shard: int, threads: int,
+                  progress: bool) -> None:
     root = source.index.root
     sizes = np.empty((len(source), 2), np.int64)
     previous = None  # (key, path): one key for two neighbouring files would merge them
@@ -80,10 +105,9 @@ def convert_split(source: ImageFolder, target: Path, samples_per_shard: int, thr
             _write_shard(target / f"shard-{number:06d}{shards.SHARD_SUFFIX}", samples)
             bar.update(len(indices))
     bar.close()
-    converted = TarShards(target, rescan=True)
-    converted.index.sizes[:] = sizes
-    converted.index.write()
-    return converted
+    converted = shards.scan(target)
+    converted.sizes[:] = sizes
+    converted.write(cache=False)  # beside the shards: the cache's entry would name `target`
 
 
 def convert(source_root: Path, target_root: Path, samples_per_shard: int = 1000,
@@ -103,10 +127,27 @@ def convert(source_root: Path, target_root: Path, samples_per_shard: int = 1000,
         if any((target_root / split).glob(f"*{shards.SHARD_SUFFIX}")):
             raise UserError(f"{target_root / split} already holds shards: remove them first, or "
                             f"convert into another folder")
+        if (target_root / split).is_dir() and any((target_root / split).iterdir()):
+            raise UserError(f"{target_root / split} is not empty: convert into another folder")
+        for left in target_root.glob(f".{split}.partial-*"):
+            say(f"removing {left}, left by a conversion that did not finish")
+            shutil.rmtree(left)
     target_root.mkdir(parents=True, exist_ok=True)
-    (target_root / TarShards.CLASSES_FILE).write_text("".join(f"{name}\n" for name in classes))
+    _write_text_atomic(target_root / TarShards.CLASSES_FILE,
+                       "".join(f"{name}\n" for name in classes))
     for split, source in sources.items():
         converted = convert_split(source, target_root / split, samples_per_shard, threads,
                                   progress)
         say(f"{split}: {len(converted)} images in {len(converted.index.shards)} shards under "
             f"{target_root / split}")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {err.strerror or err}{free_space(path)}") \
+            from None

@@ -73,8 +73,9 @@ class ShardIndex:
                 return str(self.root / name)
         return None
 
-    def write(self) -> Path:
-        return write_arrays(self.root, SHARD_INDEX_NAME, dict(
+    def write(self, cache: bool = True) -> Path:
+        """Writes the index where it can (`index_files.write_arrays`); returns where."""
+        return write_arrays(self.root, SHARD_INDEX_NAME, cache, dict(
             version=np.int64(SHARD_INDEX_VERSION), shards=np.asarray(self.shards),
             shard_stamps=self.shard_stamps, names=self.names, offsets=self.offsets,
             shard_of=self.shard_of, starts=self.starts, lengths=self.lengths,
