@@ -75,6 +75,10 @@ class DataConfig:
     crop_pct: float = _field(0.0, "imagefolder and shards: evaluation keeps this share of its "
                              "resize in the centre crop (0.875: resize 256, crop 224); 0: a "
                              "pretrained teacher's, else 0.875", min=0.0, max=1.0)
+    crop_mode: Literal["", "center", "squash", "border"] = _field(
+        "", "imagefolder and shards: how evaluation fits an image to its crop: center (resize "
+        "the shorter side, crop the centre), squash (resize both sides, crop), border (resize "
+        "the longer side, pad with the mean colour); empty: a pretrained teacher's, else center")
 
 
 @dataclass
@@ -156,6 +160,10 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, data order and augmentation", min=0)
     resume: str = _field("", "'auto' continues the run in output_dir if there is one; or a run "
                              "directory or checkpoint file to continue")
+    resume_on_changed_data: bool = _field(
+        False, "continue a run whose data changed since its checkpoint (other samples, names, "
+               "labels or classes: its data position then names other images); never for CRD "
+               "with another number of training samples")
     device: str = _field("auto", "auto (cuda if available), cpu, cuda or cuda:N",
                          pattern=r"auto|cpu|cuda(:[0-9]+)?",
                          pattern_help="auto, cpu, cuda or cuda:N")

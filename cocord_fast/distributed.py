@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
@@ -155,13 +156,17 @@ def finish(exit_code: int) -> int:
     """Leaves the process group. A worker of a multi-process launch then ends at once: after
     a finished DeepSpeed run, interpreter shutdown aborted about 1 in 12 times ("terminate
     called without an active exception"). A failed worker skips the barrier (its peers may
-    be blocked elsewhere); the launcher stops them when it sees the failure."""
+    be blocked elsewhere); the launcher stops them when it sees the failure. The worker whose
+    failure stops the group first waits (`_until_the_others_read_why`) for the others to read
+    its reason."""
     if not is_initialized():
         return exit_code
     stop_watchdog()
     launched = launched_world_size() > 1
     if exit_code == 0:
         dist.barrier()
+    elif _reported_first:
+        _until_the_others_read_why()
     dist.destroy_process_group()
     if launched:
         sys.stdout.flush()
@@ -170,7 +175,12 @@ def finish(exit_code: int) -> int:
     return exit_code
 
 
-_FAILURE, _FAILURES = "cocord_fast/failure", "cocord_fast/failures"
+_FAILURE, _FAILURES, _READ = "cocord_fast/failure", "cocord_fast/failures", "cocord_fast/read"
+# How long the first process to fail waits for the others to read why: they look every 2 s
+# (the watchdog) or more often (a wait for another's turn, `turns.py`).
+FAILURE_GRACE_S = 5.0
+_reported_first = False  # this process's reason is the group's
+_read_failure = False  # this process has read another's reason
 
 
 def report_failure(message: str) -> None:
@@ -182,12 +192,15 @@ def report_failure(message: str) -> None:
         store = dist.distributed_c10d._get_default_store()
         if store.add(_FAILURES, 1) == 1:
             store.set(_FAILURE, f"rank {rank()}: {message}")
+            global _reported_first
+            _reported_first = True
     except (RuntimeError, ValueError):
         pass
 
 
 def peer_failure() -> str | None:
-    """What another process reported before it stopped, if one did."""
+    """What another process reported before it stopped, if one did (this process then counts
+    as having read it)."""
     if world_size() == 1:
         return None
     try:
@@ -195,28 +208,33 @@ def peer_failure() -> str | None:
         if not store.check([_FAILURE]):
             return None
         found = store.get(_FAILURE).decode()
+        if found.startswith(f"rank {rank()}:"):
+            return None
+        global _read_failure
+        if not _read_failure:
+            _read_failure = True
+            store.add(_READ, 1)
     except (RuntimeError, ValueError):
         return None
-    return None if found.startswith(f"rank {rank()}:") else found
+    return found
+
+
+def _until_the_others_read_why() -> None:
+    """Waits until every other process has read this one's reason, or `FAILURE_GRACE_S`:
+    where this process hosts the group's store (a launch without an agent of its own, such
+    as srun's), its end would take the reason with it."""
+    deadline = time.monotonic() + FAILURE_GRACE_S
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        while store.add(_READ, 0) < world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, ValueError):
+        pass
 
 
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
-
-
-@contextmanager
-def in_turns() -> Iterator[None]:
-    """Runs the block in three turns: rank 0; then the first process of every other node;
-    then the rest. A block that fills a cache (a download, a data index, the demo data set)
-    then fills it once where every node sees the same cache, once per node where each has its
-    own, and the other processes find it filled. Every process passes two barriers."""
-    turn = 0 if is_main() else 1 if local_rank() == 0 else 2
-    for _ in range(turn):
-        barrier()
-    yield
-    for _ in range(2 - turn):
-        barrier()
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """Errors the CLI reports in one line, without a traceback."""
+from __future__ import annotations
 
 
 class UserError(Exception):

@@ -112,10 +112,11 @@ def launch_and_kill(launcher: str, args: list, cwd: Path, when: Path, nproc: int
     job.wait()
 
 
-def launch_nodes(args: list, cwd: Path, nodes: int = 2, per_node: int = 1) -> list[str]:
+def run_nodes(args: list, cwd: Path, nodes: int = 2,
+              per_node: int = 1) -> list[subprocess.CompletedProcess]:
     """`torchrun --nnodes N` once per node, all on this machine (`per_node` processes each):
-    node n's processes have LOCAL_RANK 0 to per_node - 1, as on a real cluster. Returns each
-    node's output."""
+    node n's processes have LOCAL_RANK 0 to per_node - 1, as on a real cluster, and each node
+    has an agent of its own. Returns each node's outcome."""
     port = str(free_port())
     agents = [subprocess.Popen(
         [str(BIN / "torchrun"), "--nnodes", str(nodes), "--nproc_per_node", str(per_node),
@@ -123,12 +124,17 @@ def launch_nodes(args: list, cwd: Path, nodes: int = 2, per_node: int = 1) -> li
          str(node), "--master_addr", "127.0.0.1", "--master_port", port, *map(str, args)],
         cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node in range(nodes)]
-    outputs = []
-    for node, agent in enumerate(agents):
+    done = []
+    for agent in agents:
         stdout, stderr = agent.communicate(timeout=LAUNCH_TIMEOUT)
-        outputs.append(_check(f"torchrun node {node}", subprocess.CompletedProcess(
-            agent.args, agent.returncode, stdout, stderr)))
-    return outputs
+        done.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
+    return done
+
+
+def launch_nodes(args: list, cwd: Path, nodes: int = 2, per_node: int = 1) -> list[str]:
+    """`run_nodes`, which must succeed; returns each node's output."""
+    return [_check(f"torchrun node {node}", done)
+            for node, done in enumerate(run_nodes(args, cwd, nodes, per_node))]
 
 
 def launch_worker(launcher: str, runs: list[dict], cwd: Path) -> str:

@@ -2,27 +2,26 @@
 library's cache or a weights file, a student warm-started from one with a new head for other
 classes, and every way it cannot work named: a missing download with the file and where it
 goes, a tag or weights name the library lacks, a teacher for other classes, two sources; one
-download for the processes of a launch. And the teacher's preprocessing (mean, std, filter,
-crop) taken by both data backends."""
+download for the processes of a launch. torchvision's weights as its builders load them (old
+DenseNet keys, a SWAG ViT's image size), timm's as its loader reads a checkpoint, and the hub
+files timm asks for. The preprocessing that comes with the weights is in
+test_teacher_preprocessing.py."""
+import argparse
 import os
+import re
 import textwrap
 import urllib.error
 
 import pytest
 import torch
-from torchvision import transforms as T
 
 from cocord_fast.config import load_config
-from cocord_fast.data import build_loaders
-from cocord_fast.data.sources import open_source
 from cocord_fast.errors import UserError
-from cocord_fast.training.metrics import read_log
-from cocord_fast.training.networks import take_teacher_preprocessing
+from cocord_fast.training.networks import build_teacher, take_teacher_preprocessing
 from cocord_fast.training.trainer import Trainer
 
-from data_trees import decode_identity, file_id, write_identity_tree
+from data_trees import write_identity_tree
 from launch import launch
-from markers import BACKENDS
 from test_library_models import library_model
 
 timm = pytest.importorskip("timm", reason="needs timm (pip install 'cocord_fast[timm]')")
@@ -65,9 +64,18 @@ def empty_torch_hub(tmp_path, monkeypatch):
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
-def test_pretrained_teacher_weights_come_from_torch_hubs_cache(tree, tmp_path, empty_torch_hub):
+def three_class_weights(monkeypatch, model: str):
+    """torchvision's default weights of `model` made weights for 3 classes (its builder builds
+    the model for as many classes as the weights' categories), for a run on a 3-class tree."""
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    monkeypatch.setitem(weights.meta, "categories", ["a", "b", "c"])
+    return weights
+
+
+def test_pretrained_teacher_weights_come_from_torch_hubs_cache(tree, tmp_path, empty_torch_hub,
+                                                               monkeypatch):
     """torchvision's default weights of a model, as its loader finds them in the cache."""
-    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
+    url = three_class_weights(monkeypatch, "mobilenet_v3_small").url
     empty_torch_hub.mkdir(parents=True)
     torch.manual_seed(3)
     teacher = saved(library_model("torchvision:mobilenet_v3_small", 3),
@@ -75,6 +83,73 @@ def test_pretrained_teacher_weights_come_from_torch_hubs_cache(tree, tmp_path, e
     run = trainer(tree, tmp_path, "kd", "model.teacher=torchvision:mobilenet_v3_small",
                   "model.teacher_weights=pretrained")
     assert holds(run.method.teacher_encoder, teacher)
+
+
+def test_another_file_under_the_weights_name_is_named(tree, tmp_path, empty_torch_hub):
+    """A file in torch hub's cache that is not torchvision's (here: for 3 classes, where
+    torchvision's are for ImageNet's 1,000)."""
+    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
+    empty_torch_hub.mkdir(parents=True)
+    saved(library_model("torchvision:mobilenet_v3_small", 3),
+          empty_torch_hub / os.path.basename(url))
+    with pytest.raises(UserError, match=(
+            rf"model.teacher_weights=pretrained: torchvision:mobilenet_v3_small cannot take the "
+            rf"file {os.path.basename(url)} \(Error\(s\) in loading state_dict for MobileNetV3: "
+            rf"size mismatch for classifier.3.weight: .*\); if {empty_torch_hub}/"
+            rf"{os.path.basename(url)} is not {url}, delete it and fetch that again")):
+        trainer(tree, tmp_path, "kd", "model.teacher=torchvision:mobilenet_v3_small",
+                "model.teacher_weights=pretrained")
+
+
+def legacy_densenet_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DenseNet's keys as torchvision's weights files still hold them, from before module names
+    could not contain dots (`denselayer1.norm1.weight` was `denselayer1.norm.1.weight`) and
+    before BatchNorm counted its batches (`num_batches_tracked`)."""
+    legacy = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")
+    return {legacy.sub(r"\1.\2.", key): value for key, value in state.items()
+            if not key.endswith("num_batches_tracked")}
+
+
+def test_densenet_weights_in_their_legacy_names_are_loaded_as_torchvision_loads_them(
+        empty_torch_hub):
+    """The file in torch hub's cache under the weights' own name. Its contents are not the
+    download's, so their SHA-256 does not start with the name's `a639ec97`: torch hub checks
+    that prefix on a download only, and takes a file already in its cache as it is."""
+    url = torchvision.models.get_model_weights("densenet121")["IMAGENET1K_V1"].url
+    empty_torch_hub.mkdir(parents=True)
+    torch.manual_seed(6)
+    expected = library_model("torchvision:densenet121", 1000).state_dict()
+    legacy = legacy_densenet_names(expected)
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy  # the old layout
+    torch.save(legacy, empty_torch_hub / os.path.basename(url))
+    cfg = load_config(overrides=["method.name=kd", "model.teacher=torchvision:densenet121",
+                                 "model.teacher_weights=IMAGENET1K_V1"])
+    assert holds(build_teacher(cfg, 1000, resuming=False), expected)
+
+
+def test_swag_vit_weights_build_the_teacher_for_their_image_size(empty_torch_hub):
+    """SWAG's end-to-end ViT-B/16 weights are for 384 px images: torchvision builds the model
+    for them (its position embeddings), and the data takes their size."""
+    weights = torchvision.models.get_model_weights("vit_b_16")["IMAGENET1K_SWAG_E2E_V1"]
+    empty_torch_hub.mkdir(parents=True)
+    torch.manual_seed(7)
+    expected = torchvision.models.vit_b_16(image_size=384).state_dict()
+    torch.save(expected, empty_torch_hub / os.path.basename(weights.url))
+    cfg = load_config(overrides=["data.dataset=imagefolder", "method.name=kd",
+                                 "model.teacher=torchvision:vit_b_16",
+                                 "model.teacher_weights=IMAGENET1K_SWAG_E2E_V1"])
+    take_teacher_preprocessing(cfg, needs_teacher=True)
+    assert (cfg.data.image_size, cfg.data.crop_pct, cfg.data.interpolation) == (
+        384, 1.0, "bicubic")  # weights.transforms(): resize 384, crop 384, bicubic
+    teacher = build_teacher(cfg, 1000, resuming=False)
+    assert holds(teacher, expected)
+    with torch.no_grad():
+        assert teacher(torch.zeros(1, 3, 384, 384)).shape == (1, 1000)
+    cfg.data.image_size = 224
+    with pytest.raises(UserError, match=(
+            r"model.teacher_weights=IMAGENET1K_SWAG_E2E_V1: torchvision:vit_b_16 takes 384 px "
+            r"images with them \(the size of its position embeddings\); data.image_size is 224")):
+        build_teacher(cfg, 1000, resuming=False)
 
 
 def test_a_missing_download_names_the_file_and_where_it_goes(tree, tmp_path, empty_torch_hub):
@@ -92,13 +167,77 @@ def test_a_missing_timm_download_names_the_file_to_fetch(tree, tmp_path, monkeyp
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    hub = "https://huggingface.co/timm/resnet18.a1_in1k/resolve/main"
     with pytest.raises(UserError, match=(
-            r"model.teacher_weights=a1_in1k: cannot fetch timm's resnet18.a1_in1k weights "
-            r"\(.*\); offline, download https://huggingface.co/timm/resnet18.a1_in1k/resolve/"
-            r"main/model.safetensors where there is a network and set "
-            r"model.teacher_weights=<that file>")):
+            rf"model.teacher_weights=a1_in1k: cannot fetch timm's resnet18.a1_in1k weights "
+            rf"\(.*\); offline, download {hub}/model.safetensors \(or, where the hub has no "
+            rf"such file, {hub}/pytorch_model.bin\) where there is a network and set "
+            rf"model.teacher_weights=<that file>")):
         trainer(tree, tmp_path, "kd", "model.teacher=timm:resnet18",
                 "model.teacher_weights=a1_in1k")
+
+
+@pytest.mark.parametrize("hub_id, filename", [
+    (None, None),  # timm's own: timm/resnet18.a1_in1k, its default file names
+    ("someone/resnet18-in1k@v2", None),  # another owner's repository, at a revision
+    ("someone/resnet18-in1k", "open_clip_pytorch_model.bin"),
+    ("someone/resnet18-in1k", "weights.bin"),
+    ("someone/resnet18-in1k", "weights.safetensors"),
+])
+def test_a_missing_timm_download_names_the_files_timm_asks_the_hub_for(
+        tree, tmp_path, monkeypatch, hub_id, filename):
+    """The hub's answers are faked (no such file, whatever is asked): the message names what
+    timm asked for, in its order."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    registered = timm.models._registry._model_pretrained_cfgs["resnet18.a1_in1k"]
+    if hub_id is not None:
+        monkeypatch.setattr(registered, "hf_hub_id", hub_id)
+    monkeypatch.setattr(registered, "hf_hub_filename", filename)
+    asked = []
+
+    def hub(repo_id, filename, revision=None, **kwargs):
+        asked.append(huggingface_hub.hf_hub_url(repo_id, filename, revision=revision))
+        raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hub)
+    with pytest.raises(UserError) as refused:
+        trainer(tree, tmp_path, "kd", "model.teacher=timm:resnet18",
+                "model.teacher_weights=a1_in1k")
+    first, *rest = asked
+    fallback = f" (or, where the hub has no such file, {rest[0]})" if rest else ""
+    assert len(rest) <= 1 and str(refused.value) == (
+        f"model.teacher_weights=a1_in1k: cannot fetch timm's resnet18.a1_in1k weights "
+        f"(EntryNotFoundError); offline, download {first}{fallback} where there is a network "
+        f"and set model.teacher_weights=<that file>")
+
+
+@pytest.mark.parametrize("nesting", ["model", "state_dict", "state_dict_ema", "module."])
+def test_a_timm_checkpoint_file_is_read_as_timms_loader_reads_it(tmp_path, nesting):
+    """A training checkpoint with the weights under a key (and its EMA weights before the
+    others; its options as a Namespace), or saved from a DistributedDataParallel's `module.`:
+    the teacher holds what timm's own loader takes from it."""
+    torch.manual_seed(8)
+    weights = library_model("timm:resnet18", 3).state_dict()
+    older = {key: value + 1 if value.is_floating_point() else value
+             for key, value in weights.items()}
+    checkpoint = {
+        "model": {"model": weights, "epoch": 3},
+        # timm's train.py keeps its options as an argparse.Namespace
+        "state_dict": {"state_dict": weights, "optimizer": {"lr": 0.1}, "epoch": 3,
+                       "args": argparse.Namespace(lr=0.1, model="resnet18")},
+        "state_dict_ema": {"state_dict": older, "state_dict_ema": weights},
+        "module.": {"state_dict": {f"module.{key}": value for key, value in weights.items()}},
+    }[nesting]
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    expected = timm.models.load_state_dict(str(path))
+    assert holds(library_model("timm:resnet18", 3), expected) is False  # not the fresh model's
+    cfg = load_config(overrides=["method.name=kd", "model.teacher=timm:resnet18",
+                                 f"model.teacher_weights={path}"])
+    assert holds(build_teacher(cfg, 3, resuming=False), expected)
+    assert all(torch.equal(expected[key], weights[key]) for key in weights)
 
 
 def test_a_library_weights_file_is_a_teacher_and_one_for_other_classes_is_refused(
@@ -138,7 +277,7 @@ DOWNLOADING_WORKER = textwrap.dedent("""
     import os, shutil, sys, time, torch
     from pathlib import Path
     from cocord_fast import distributed
-    from cocord_fast.config import load_config
+    from cocord_fast.config import DataConfig, load_config
     from cocord_fast.training.networks import build_student, build_teacher
 
     def download(url, dst, *args, **kwargs):  # what a hub would send: the file of that name
@@ -153,8 +292,8 @@ DOWNLOADING_WORKER = textwrap.dedent("""
         "method.name=kd", "model.teacher=torchvision:mobilenet_v3_small",
         "model.teacher_weights=pretrained", "model.student=torchvision:shufflenet_v2_x0_5",
         "model.student_weights=pretrained"])
-    models = {"teacher": build_teacher(cfg, 3, resuming=False),
-              "student": build_student(cfg, 3, resuming=False)}
+    models = {"teacher": build_teacher(cfg, 1000, resuming=False),
+              "student": build_student(cfg, 1000, resuming=False)}
     torch.save({k: m.state_dict() for k, m in models.items()}, f"models_{os.environ['RANK']}.pt")
     distributed.finish(0)
 """)
@@ -169,7 +308,7 @@ def test_the_processes_of_a_launch_download_library_weights_once(tmp_path, monke
     for role, name in models.items():
         url = torchvision.models.get_model_weights(name).DEFAULT.url
         torch.manual_seed(len(expected))
-        expected[role] = saved(library_model(f"torchvision:{name}", 3),
+        expected[role] = saved(library_model(f"torchvision:{name}", 1000),
                                hub / os.path.basename(url))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     script = tmp_path / "worker.py"
@@ -200,90 +339,3 @@ def test_the_processes_of_a_launch_download_library_weights_once(tmp_path, monke
 def test_weights_that_cannot_be_had_are_named(tree, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         trainer(tree, tmp_path, "kd", *overrides)
-
-
-class FakePretrainedCfg:
-    """A timm pretrained_cfg with statistics no data set has."""
-    mean, std, interpolation, crop_pct, input_size = ((0.3, 0.4, 0.5), (0.2, 0.25, 0.3),
-                                                      "bicubic", 0.8, (3, 288, 288))
-
-
-def teacher_config(tree, *overrides):
-    return load_config(overrides=[
-        "data.dataset=imagefolder", f"data.root={tree}", "data.image_size=16",
-        "data.batch_size=4", "data.eval_batch_size=6", "data.num_workers=0", "method.name=kd",
-        "model.teacher=timm:resnet18", "model.teacher_weights=a1_in1k", *overrides])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_both_backends_take_a_pretrained_teachers_preprocessing(tree, backend, monkeypatch):
-    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: FakePretrainedCfg)
-    cfg = teacher_config(tree, f"data.backend={backend}")
-    notes = take_teacher_preprocessing(cfg, needs_teacher=True)
-    assert (cfg.data.mean, cfg.data.std, cfg.data.interpolation, cfg.data.crop_pct) == (
-        [0.3, 0.4, 0.5], [0.2, 0.25, 0.3], "bicubic", 0.8)
-    assert notes == ["data preprocessing from the teacher timm:resnet18 (a1_in1k): "
-                     "data.mean=[0.3, 0.4, 0.5], data.std=[0.2, 0.25, 0.3], "
-                     "data.interpolation=bicubic, data.crop_pct=0.8",
-                     "the teacher timm:resnet18 (a1_in1k) was trained at 288 px; "
-                     "data.image_size is 16"]
-    loaders = build_loaders(cfg.data, num_views=1, seed=0)
-    (batch,) = list(loaders.val)
-    mean, std = torch.tensor(FakePretrainedCfg.mean), torch.tensor(FakePretrainedCfg.std)
-    ids, labels = decode_identity(batch.views[0], mean, std)  # normalised with the teacher's
-    source = open_source("imagefolder", tree, train=False)
-    assert ids.tolist() == [file_id(source.path(i)) for i in range(6)]
-    assert labels.tolist() == source.targets.tolist()
-    if backend == "torch":  # resize 20 (16 / 0.8) with bicubic, then crop 16, exactly
-        expected = T.Compose([T.Resize(20, interpolation=T.InterpolationMode.BICUBIC),
-                              T.CenterCrop(16), T.ToTensor(), T.Normalize(mean, std)])
-        assert torch.allclose(batch.views[0], torch.stack([expected(source.load(i)[0])
-                                                           for i in range(6)]), atol=1e-6)
-    else:
-        from nvidia.dali import types
-
-        recipe = loaders.val.runner.feed.recipe
-        assert recipe.preprocessing.eval_resize(16) == 20
-        assert recipe.interp_type == types.INTERP_CUBIC
-
-
-def test_what_the_user_sets_wins_and_torchvision_weights_give_theirs(tree):
-    cfg = teacher_config(tree, "data.interpolation=bilinear", "data.crop_pct=0.9")
-    take_teacher_preprocessing(cfg, needs_teacher=True)
-    assert (cfg.data.interpolation, cfg.data.crop_pct, cfg.data.mean) == (
-        "bilinear", 0.9, list(timm.models.get_pretrained_cfg("resnet18.a1_in1k").mean))
-    cfg = teacher_config(tree, "model.teacher=torchvision:resnet34",
-                         "model.teacher_weights=IMAGENET1K_V1", "data.image_size=224")
-    assert take_teacher_preprocessing(cfg, needs_teacher=True) == [
-        "data preprocessing from the teacher torchvision:resnet34 (IMAGENET1K_V1): "
-        "data.mean=[0.485, 0.456, 0.406], data.std=[0.229, 0.224, 0.225], "
-        "data.interpolation=bilinear, data.crop_pct=0.875"]
-    plain = teacher_config(tree, "model.teacher_weights=", "model.teacher_checkpoint=t.pt",
-                           "data.image_size=0")
-    assert take_teacher_preprocessing(plain, needs_teacher=True) == []
-    assert plain.data.mean == [] and plain.data.interpolation == ""
-    assert plain.data.image_size == 224  # the default where no teacher gives one
-
-
-def test_an_unset_image_size_is_the_pretrained_teachers_input_size(tree, monkeypatch):
-    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: FakePretrainedCfg)
-    cfg = teacher_config(tree, "data.image_size=0")
-    notes = take_teacher_preprocessing(cfg, needs_teacher=True)
-    assert cfg.data.image_size == 288 and notes[0].endswith("data.image_size=288")
-    assert len(notes) == 1  # nothing to say about the size: it is the teacher's
-
-
-def test_a_run_records_the_preprocessing_it_used(tree, tmp_path, empty_torch_hub, capsys):
-    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
-    empty_torch_hub.mkdir(parents=True)
-    saved(library_model("torchvision:mobilenet_v3_small", 3),
-          empty_torch_hub / os.path.basename(url))
-    run = trainer(tree, tmp_path, "kd", "model.teacher=torchvision:mobilenet_v3_small",
-                  "model.teacher_weights=pretrained", "train.max_steps=1")
-    run.fit()
-    (record,) = [r for r in read_log(tmp_path / "run") if r["kind"] == "preprocessing"]
-    assert (record["mean"], record["interpolation"], record["crop_pct"]) == (
-        [0.485, 0.456, 0.406], "bilinear", 0.875)
-    assert "data preprocessing from the teacher torchvision:mobilenet_v3_small" in \
-        capsys.readouterr().out
-    assert load_config(tmp_path / "run" / "config.yaml").data.std == [0.229, 0.224, 0.225]

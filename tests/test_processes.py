@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from cocord_fast import distributed
 from cocord_fast.errors import UserError
 
-from launch import launch_nodes
+from launch import launch_nodes, run_nodes
 
 
 @pytest.fixture
@@ -158,8 +158,9 @@ def test_the_watchdog_ends_a_process_that_waits_longer_than_the_timeout():
 IN_TURNS = textwrap.dedent("""
     import json, os, time, torch
     from cocord_fast import distributed
+    from cocord_fast.turns import in_turns
     distributed.init(torch.device("cpu"), 60)
-    with distributed.in_turns():
+    with in_turns("a test"):
         start = time.time()
         time.sleep(0.5)  # long enough that turns which overlapped would show it
         end = time.time()
@@ -185,3 +186,67 @@ def test_caches_are_filled_by_rank_0_then_each_nodes_first_process_then_the_rest
     assert turns[0]["end"] <= second["start"]
     assert all(second["end"] <= t["start"] for t in rest)
     assert max(t["start"] for t in rest) < min(t["end"] for t in rest)  # the last turn is shared
+
+
+LONG_TURN = textwrap.dedent("""
+    import os, sys, time, torch
+    from cocord_fast import distributed
+    from cocord_fast.cli import run_command
+    from cocord_fast.errors import UserError
+    from cocord_fast.turns import in_turns
+
+    def command():
+        distributed.init(torch.device("cpu"), 2)  # engine.timeout_s=2
+        with in_turns("a long first index"):
+            if distributed.rank() == 0:
+                time.sleep(7)  # much longer than the timeout
+                if sys.argv[1] == "fail":
+                    raise UserError("the data folder vanished")
+        open(f"through_{os.environ['RANK']}", "w").close()
+        return 0
+
+    sys.exit(distributed.finish(run_command(command)))
+""")
+
+
+@pytest.mark.parametrize("outcome", ["finish", "fail"])
+def test_a_turn_longer_than_the_timeout_is_waited_for_and_its_failure_named(tmp_path,
+                                                                            outcome):
+    """Two nodes (an agent each) of one process: rank 0's turn takes 7 s against a timeout of
+    2 s; the other node's process waits for it, and stops with its reason when it fails."""
+    script = tmp_path / "long_turn.py"
+    script.write_text(LONG_TURN)
+    nodes = run_nodes([script, outcome], tmp_path)
+    output = "".join(node.stdout + node.stderr for node in nodes)
+    if outcome == "finish":
+        assert [node.returncode for node in nodes] == [0, 0], output[-3000:]
+        assert sorted(p.name for p in tmp_path.glob("through_*")) == ["through_0", "through_1"]
+        assert "no answer" not in output
+    else:
+        assert all(node.returncode != 0 for node in nodes) and not list(tmp_path.glob("through_*"))
+        assert "cocord-fast: error: the data folder vanished" in nodes[0].stderr, output[-3000:]
+        assert "cocord-fast: error: stopped because rank 0: the data folder vanished" in \
+            nodes[1].stderr, output[-3000:]
+
+
+def test_a_wait_on_a_turn_lasts_while_it_shows_life_and_times_out_when_it_stops():
+    code = textwrap.dedent("""
+        import time
+        from cocord_fast import distributed, turns
+        from cocord_fast.watchdog import Watchdog
+        distributed._watchdog = Watchdog(0.5, lambda: None, lambda message: None, poll_s=0.05)
+        started = time.monotonic()
+        alive = lambda: int((time.monotonic() - started) * 10)  # a new sign 10 times a second
+        turns._wait(lambda: time.monotonic() - started > 2, alive, "a slow turn")
+        print("waited", flush=True)
+        frozen = time.monotonic()
+        turns._wait(lambda: False, lambda: int(min(time.monotonic() - frozen, 1) * 10),
+                    "indexing (the turn of rank 0)")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout == "waited\n"  # 2 s of waiting on a turn alive, past the 0.5 s timeout
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "cocord-fast: error: no answer from the other processes within engine.timeout_s=0.5s "
+        "(this one is waiting after indexing (the turn of rank 0); one is stuck or gone)")

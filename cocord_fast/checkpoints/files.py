@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
+import tarfile
 import tempfile
 import zipfile
 from collections import OrderedDict
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..weights_only import SAFE_CLASSES, refused_by_weights_only_load
 from .sealed import CorruptCheckpoint, verify_seal, write_sealed
 
 FORMAT = "cocord_fast"
@@ -26,24 +29,38 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """Writes a sealed file (`sealed.py`) to a temporary file in the same directory, then
     renames it over `path`.
 
-    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX.
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX. A write
+    the file system refuses (a full disk, a quota, a size limit) removes the temporary file
+    and raises a UserError naming `path` and the space left on its file system.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write_sealed(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write_sealed(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err} "
+                        f"({_free_space(path.parent)})") from None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free on its file system"
+    except OSError as err:
+        return f"its free space unknown: {err.strerror or err}"
 
 
 def remove_partial_saves(run_dir: str | os.PathLike) -> None:
-    """Deletes the temporary files of saves a killed process never finished."""
-    for partial in Path(run_dir).glob(".*.pt.*.tmp"):
+    """Deletes the temporary files of saves a killed process never finished, the engine's
+    under the run directory included."""
+    for partial in Path(run_dir).rglob(".*.pt.*.tmp"):
         partial.unlink(missing_ok=True)
 
 
@@ -72,7 +89,7 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
                         ranks: list[dict] | None, best_top1: float, last_top1: float,
                         last_eval: dict | None = None,
                         effective_settings: dict | None = None,
-                        eval_pending: bool = False) -> dict[str, Any]:
+                        eval_pending: bool = False, data: dict | None = None) -> dict[str, Any]:
     """The one layout of a cocord_fast checkpoint.
 
     `engine`: what the engine needs to restore the optimizer (`Engine.state_dict`). `ranks`:
@@ -84,6 +101,8 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
     `last_eval`: the last evaluation's result (with the images it left out);
     `effective_settings`: `Method.effective_settings` values. `eval_pending`: the run stopped
     at the end of an epoch before that epoch's evaluation, which the resumed run runs first.
+    `data`: the fingerprint of each split it trained and evaluated on (`data/fingerprint.py`),
+    which a resumed run compares with its own.
     """
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "step": step,
             "epoch": step / steps_per_epoch,
@@ -91,11 +110,13 @@ def training_checkpoint(config: dict[str, Any], method: torch.nn.Module, num_cla
             "student_prefix": student_prefix(method), "engine": engine,
             "world_size": None if ranks is None else len(ranks), "ranks": ranks,
             "best_top1": best_top1, "last_top1": last_top1, "last_eval": last_eval,
-            "effective_settings": effective_settings or {}, "eval_pending": eval_pending}
+            "effective_settings": effective_settings or {}, "eval_pending": eval_pending,
+            "data": data}
 
 
 def load_file(path: str | os.PathLike, mmap: bool = False, verify: bool = True) -> Any:
-    """`torch.load` of a file the user named, restricted to tensors and plain containers.
+    """`torch.load` of a file the user named, restricted to tensors, plain containers and
+    `SAFE_CLASSES`.
 
     A sealed file's bytes are checked first (`verify=False` skips reading them all). With
     `mmap`, tensors are mapped rather than read: cheap when only small entries are used.
@@ -106,7 +127,8 @@ def load_file(path: str | os.PathLike, mmap: bool = False, verify: bool = True) 
     if verify:
         verify_seal(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError) as err:
         raise _unreadable(path, err) from None
@@ -118,14 +140,13 @@ def _unreadable(path: Path, err: Exception) -> UserError:
         head = f.read(4)
     if not head:
         return CorruptCheckpoint(f"checkpoint {path} is empty")
-    # A torch.save file is a zip archive, or a pickle in the format before torch 1.6.
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    # A torch.save file is a zip archive, a pickle (the format before torch 1.6) or, older
+    # still, a tar archive.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or tarfile.is_tarfile(path)):
         return UserError(f"{path} is not a checkpoint (not a file written by torch.save)")
+    if (refused := refused_by_weights_only_load(err, str(path))) is not None:
+        return refused
     text = str(err).strip()
-    if "Unsupported global" in text:
-        return UserError(f"{path} holds Python objects besides tensors and plain containers "
-                         f"(e.g. a whole pickled model); cocord_fast reads weights only: save "
-                         f"the model's state_dict() instead")
     first_line = text.splitlines()[0] if text else type(err).__name__
     return CorruptCheckpoint(f"corrupt or truncated checkpoint {path}: {first_line}")
 

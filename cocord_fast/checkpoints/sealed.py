@@ -28,24 +28,37 @@ class CorruptCheckpoint(UserError):
 
 
 class _Hashing:
-    """A write-only file that hashes what passes through it."""
+    """A write-only file that hashes what passes through it, and keeps the error of a write
+    that failed."""
 
     def __init__(self, out: BinaryIO):
         self.out, self.sha, self.length = out, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.length += len(data)
-        return self.out.write(data)
+        try:
+            return self.out.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.out.flush()
 
 
 def write_sealed(obj: Any, out: BinaryIO) -> None:
-    """`torch.save(obj)` into `out`, then the trailer."""
+    """`torch.save(obj)` into `out`, then the trailer. A write that fails raises its OSError
+    (a full disk: ENOSPC), not the RuntimeError torch's zip writer makes of it ("unexpected
+    pos"), which no longer says why."""
     payload = _Hashing(out)
-    torch.save(obj, payload)
+    try:
+        torch.save(obj, payload)
+    except RuntimeError:
+        if payload.error is None:
+            raise
+        raise payload.error from None
     out.write(TRAILER.pack(MAGIC, payload.sha.digest(), payload.length))
 
 

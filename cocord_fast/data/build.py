@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
-from .. import distributed
+from ..turns import in_turns
 from ..config import DataConfig
 from ..errors import UserError
 from .batch import Batch
@@ -44,6 +44,7 @@ class Loaders:
     num_train: int
     train_targets: np.ndarray  # (num_train,) class of every training sample
     backend: str  # "dali" or "torch"
+    sources: dict[str, Any]  # "train" and "val": what the loaders read (`sources.py`)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -82,10 +83,10 @@ def check_data_config(cfg: DataConfig) -> None:
 def prepare_sources(cfg: DataConfig) -> Path:
     """Makes the demo data set if it is missing, and the index of each split of image files or
     shards (`index_files.py`) if it is missing or stale; returns the data root. Under a
-    launcher the processes take turns (`distributed.in_turns`): they read the index rank 0 or
+    launcher the processes take turns (`turns.in_turns`): they read the index rank 0 or
     their node's first process wrote instead of listing every file or reading every shard's
     headers."""
-    with distributed.in_turns():
+    with in_turns("making the data set's indexes"):
         root = resolve_root(cfg)
         if cfg.dataset != "cifar100":
             for train in (True, False):
@@ -116,7 +117,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     root = resolve_root(cfg)
     train_source = open_source(cfg.dataset, root, train=True, download=cfg.download)
     val_source = open_source(cfg.dataset, root, train=False, download=cfg.download)
-    if getattr(train_source, "classes", None) != getattr(val_source, "classes", None):
+    if train_source.classes != val_source.classes:
         raise UserError(f"the class folders of {root}/train and {root}/val differ")
     if val_source.num_classes > train_source.num_classes:
         raise UserError(f"{root}/val has class {val_source.num_classes - 1}, but {root}/train "
@@ -140,4 +141,4 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
                                          num_views,
                                          seed, device, rank, world_size)
     return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,
-                   backend)
+                   backend, {"train": train_source, "val": val_source})

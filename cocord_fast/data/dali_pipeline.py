@@ -4,8 +4,10 @@ The recipes are those of `transforms.py` (METHOD.md, "Views") expressed as DALI 
 - small images (CIFAR-100, demo): 4 px of zero padding, a random 32x32 crop at an integer
   offset in [0, 8], a random horizontal flip, normalise;
 - ImageFolder/ImageNet: random-resized crop (area 0.08-1, aspect 3/4-4/3) to `image_size`,
-  flip, normalise; evaluation resizes the shorter side to image_size/crop_pct (0.875 unless a
-  teacher's preprocessing says otherwise) and centre-crops, with the recipe's filter.
+  flip, normalise; evaluation resizes to image_size/crop_pct (0.875 unless a teacher's
+  preprocessing says otherwise) the shorter side, both sides or the longer side (the crop mode:
+  center, squash, border) and centre-crops, padding with the mean colour in border mode, with
+  the recipe's filter.
 
 Everything enters through one external source, fed batch by batch by the loader: the images
 (encoded files, or CIFAR's decoded arrays), their dataset indices and, for training, every
@@ -36,6 +38,11 @@ CROP_AREA = (0.08, 1.0)
 CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 CROP_ATTEMPTS = 10
 
+
+# A window's position a hair before the centre: DALI rounds a centred window's half-pixel
+# offset away from zero, which pads the odd pixel before the image; timm's border mode pads it
+# after.
+PAD_ODD_PIXEL_AFTER = 0.5 - 1e-6
 
 # torchvision's filters as DALI's (both antialias when they shrink).
 INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -110,9 +117,15 @@ class DaliRecipe:
     def eval_view(self, images):
         if self.small:
             return self.normalize(images)
-        images = fn.resize(images, resize_shorter=self.preprocessing.eval_resize(self.image_size),
-                           interp_type=self.interp_type)
-        return self.normalize(images, crop=(self.image_size, self.image_size))
+        size, resize = self.image_size, self.preprocessing.eval_resize(self.image_size)
+        fit = {"center": {"resize_shorter": resize}, "squash": {"size": (resize, resize)},
+               "border": {"resize_longer": resize}}[self.preprocessing.crop_mode]
+        images = fn.resize(images, interp_type=self.interp_type, **fit)
+        if self.preprocessing.crop_mode == "border":  # padded in uint8, as the torch path pads
+            images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad",
+                             fill_values=list(self.preprocessing.border_fill),
+                             crop_pos_x=PAD_ODD_PIXEL_AFTER, crop_pos_y=PAD_ODD_PIXEL_AFTER)
+        return self.normalize(images, crop=(size, size))
 
 
 def resized_crop_windows(rng: np.random.Generator, sizes: np.ndarray) -> list[np.ndarray]:

@@ -163,8 +163,8 @@ def open_or_build(root: Path, file_name: str, read: Callable[[Path, Path], Index
 
 def pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings as bytes in the file system's encoding, back to back (uint8), and (N + 1,)
-    int64 offsets: string i is bytes[offsets[i]:offsets[i + 1]]. A million paths take a few tens of MB this way, against
-    hundreds as a numpy string array padded to the longest."""
+    int64 offsets: string i is bytes[offsets[i]:offsets[i + 1]]. A million paths take a few
+    tens of MB this way, against hundreds as a numpy string array padded to the longest."""
     encoded = [os.fsencode(string) for string in strings]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(string) for string in encoded], out=offsets[1:])

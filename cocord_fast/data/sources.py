@@ -7,6 +7,7 @@ opened, before training starts; an unreadable image names its file.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import folder_index, shards
+from .index_files import unpack_string
 
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
@@ -44,6 +46,7 @@ class CIFAR100:
     """
 
     FOLDER = "cifar-100-python"
+    classes = None  # numbered, not named (the names are in `meta`, not needed)
 
     def __init__(self, root: str | Path, train: bool, download: bool = False):
         folder = self._find_folder(Path(root), download)
@@ -87,6 +90,15 @@ class CIFAR100:
     def load(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]), int(self.targets[index])
 
+    def fingerprint_bytes(self, start: int, end: int) -> bytes:
+        """What identifies samples [start, end) (`fingerprint.py`): pixels and labels."""
+        return self.images[start:end].tobytes() + self.targets[start:end].tobytes()
+
+    def sample_names(self, start: int, end: int) -> list[str]:
+        return [f"image {i} (pixels sha256:"
+                f"{hashlib.sha256(self.images[i].tobytes()).hexdigest()[:12]})"
+                for i in range(start, end)]
+
 
 class EncodedImages:
     """A split of encoded image files with an index (labels, classes, image sizes): what an
@@ -116,6 +128,16 @@ class EncodedImages:
             raise UserError(f"cannot read {self.name(index)}: {err.strerror or err} (an I/O "
                             f"error, not a damaged image: data.skip_corrupt does not skip it)") \
                 from None
+
+    def fingerprint_bytes(self, start: int, end: int) -> bytes:
+        """What identifies samples [start, end) (`fingerprint.py`): their names (relative to
+        the split) and labels."""
+        names, offsets = self.index.names, self.index.offsets
+        return (names[offsets[start]:offsets[end]].tobytes()
+                + np.diff(offsets[start:end + 1]).tobytes() + self.targets[start:end].tobytes())
+
+    def sample_names(self, start: int, end: int) -> list[str]:
+        return [unpack_string(self.index.names, self.index.offsets, i) for i in range(start, end)]
 
     @property
     def sizes(self) -> np.ndarray:

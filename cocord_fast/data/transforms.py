@@ -1,10 +1,13 @@
 """Augmentation recipes (METHOD.md, "Views"): one per dataset kind, applied once per view."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from ..config import DataConfig
 from ..errors import UserError
@@ -16,6 +19,10 @@ DEMO_MEAN, DEMO_STD = CIFAR_MEAN, CIFAR_STD
 
 
 DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE = "bilinear", 0.875, 224
+# How the evaluation fits an image to its square crop, as timm's `crop_mode`: center resizes
+# the shorter side and crops the centre, squash resizes both sides (the aspect changes) and
+# crops, border resizes the longer side and pads the rest with the mean colour.
+CROP_MODES, DEFAULT_CROP_MODE = ("center", "squash", "border"), "center"
 # CIFAR-100's and the demo set's images, and the zero padding of their random crops.
 SMALL_IMAGE_SIZE, SMALL_IMAGE_PAD = 32, 4
 
@@ -30,15 +37,17 @@ def image_size_of(cfg: DataConfig) -> int:
 @dataclass(frozen=True)
 class Preprocessing:
     """How pixels become a network's input: the per-channel mean and std (on the [0, 1]
-    scale), the resize filter, and the share of the evaluation resize kept by its centre crop
-    (0.875: resize the shorter side to 256, crop 224). `data.mean`, `data.std`,
-    `data.interpolation` and `data.crop_pct` where set (a pretrained teacher's, filled in by
-    the trainer), else the data set's."""
+    scale), the resize filter, the share of the evaluation resize kept by its crop (0.875:
+    resize the shorter side to 256, crop 224) and how the evaluation fits an image to that
+    resize (`CROP_MODES`). `data.mean`, `data.std`, `data.interpolation`, `data.crop_pct` and
+    `data.crop_mode` where set (a pretrained teacher's, filled in by the trainer), else the
+    data set's."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = DEFAULT_INTERPOLATION
     crop_pct: float = DEFAULT_CROP_PCT
+    crop_mode: str = DEFAULT_CROP_MODE
 
     @classmethod
     def of(cls, cfg: DataConfig) -> Preprocessing:
@@ -50,11 +59,19 @@ class Preprocessing:
         if cfg.std and min(cfg.std) <= 0:
             raise UserError(f"data.std: every value must be positive, got {cfg.std}")
         return cls(tuple(cfg.mean or mean), tuple(cfg.std or std),
-                   cfg.interpolation or DEFAULT_INTERPOLATION, cfg.crop_pct or DEFAULT_CROP_PCT)
+                   cfg.interpolation or DEFAULT_INTERPOLATION, cfg.crop_pct or DEFAULT_CROP_PCT,
+                   cfg.crop_mode or DEFAULT_CROP_MODE)
 
     def eval_resize(self, image_size: int) -> int:
-        """The shorter side before the evaluation's centre crop (256 for 224 at 0.875)."""
-        return round(image_size / self.crop_pct)
+        """The side the evaluation resizes to before its crop (256 for 224 at 0.875): the
+        shorter one (center), both (squash) or the longer one (border). Rounded down, as timm's
+        evaluation transform does."""
+        return math.floor(image_size / self.crop_pct)
+
+    @property
+    def border_fill(self) -> tuple[int, ...]:
+        """The mean colour, on the 0-255 scale, that the border mode pads with."""
+        return tuple(round(255 * m) for m in self.mean)
 
 
 @dataclass(frozen=True)
@@ -73,8 +90,47 @@ def build_recipe(dataset: str, image_size: int, preprocessing: Preprocessing) ->
     return Recipe(
         train=T.Compose([T.RandomResizedCrop(image_size, interpolation=resample),
                          T.RandomHorizontalFlip()] + normalize),
-        eval=T.Compose([T.Resize(preprocessing.eval_resize(image_size), interpolation=resample),
-                        T.CenterCrop(image_size)] + normalize))
+        eval=T.Compose(eval_fit(image_size, preprocessing) + normalize))
+
+
+def eval_fit(image_size: int, preprocessing: Preprocessing) -> list[Callable]:
+    """The evaluation's resize and crop to `image_size`, by `preprocessing.crop_mode`."""
+    resize = preprocessing.eval_resize(image_size)
+    resample = T.InterpolationMode(preprocessing.interpolation)
+    if preprocessing.crop_mode == "squash":
+        return [T.Resize((resize, resize), interpolation=resample), T.CenterCrop(image_size)]
+    if preprocessing.crop_mode == "border":
+        return [ResizeLonger(resize, resample),
+                CenterCropOrPad(image_size, preprocessing.border_fill)]
+    return [T.Resize(resize, interpolation=resample), T.CenterCrop(image_size)]
+
+
+class ResizeLonger:
+    """Resizes an image's longer side to `size`, keeping its aspect (each side rounded)."""
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        ratio = max(width, height) / self.size
+        return F.resize(image, [round(height / ratio), round(width / ratio)], self.interpolation)
+
+
+class CenterCropOrPad:
+    """The centre `size` x `size` of an image, a side shorter than `size` padded evenly (the
+    odd pixel after it) with the colour `fill`."""
+
+    def __init__(self, size: int, fill: tuple[int, ...]):
+        self.size, self.fill = size, fill
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        pad_x, pad_y = max(self.size - width, 0), max(self.size - height, 0)
+        if pad_x or pad_y:
+            image = F.pad(image, [pad_x // 2, pad_y // 2, (pad_x + 1) // 2, (pad_y + 1) // 2],
+                          fill=self.fill)
+        return F.center_crop(image, [self.size, self.size])
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -95,7 +151,8 @@ def refuse_resizing_small_images(cfg: DataConfig) -> None:
         return
     ignored = [f"data.{key}={getattr(cfg, key)}"
                for key, unset in (("image_size", (0, SMALL_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)),
-                                  ("interpolation", ("",)), ("crop_pct", (0.0,)))
+                                  ("interpolation", ("",)), ("crop_pct", (0.0,)),
+                                  ("crop_mode", ("",)))
                if getattr(cfg, key) not in unset]
     if ignored:
         raise UserError(f"{', '.join(ignored)}: data.dataset={cfg.dataset} has 32x32 images, "

@@ -24,6 +24,10 @@ sealed checkpoint file, written after every rank has, names that directory and r
 file's digest, so a damaged or missing partition makes the checkpoint corrupt (resume falls
 back to an older one, `resume.latest_intact`). A directory is written once and deleted when no
 checkpoint file names it any more, so a crash mid-save leaves the previous checkpoint whole.
+DeepSpeed's files are written as ours are (`save_atomic`): each is whole or absent, and a write
+that fails (a full disk) stops the run naming that file. No checkpoint file is then written, so
+nothing names that step's directory: the next save deletes it, or writes over it if it is of
+the same step.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from .. import distributed
-from ..checkpoints.files import load_file, periodic_checkpoints
+from ..checkpoints.files import load_file, periodic_checkpoints, save_atomic
 from ..checkpoints.sealed import file_digest
 from ..config import Config
 from ..data import Batch
@@ -250,6 +254,14 @@ def _owner(file_name: str) -> int:
     return int(found.group(1)) if found else 0
 
 
+def _write_whole(state_dict: dict[str, Any], path: str) -> None:
+    """How DeepSpeed's checkpoint engine writes each file here. Its own `torch.save(path)`
+    leaves a half-written file under the file's name when a write fails, and says only
+    "unexpected pos"; `save_atomic` leaves the old file or none, and names the file and the
+    space left."""
+    save_atomic(state_dict, path)
+
+
 def _seal_own_files(directory: Path, run_dir: Path) -> dict[str, str]:
     """Fsyncs the files of `directory` this rank wrote and returns their digests, by path
     relative to `run_dir`, for every rank's files (a collective)."""
@@ -293,12 +305,18 @@ class DeepSpeedEngine:
         if self.wrapped.device != device:  # it takes the GPU from LOCAL_RANK
             raise RuntimeError(f"DeepSpeed put the student on {self.wrapped.device}, the run "
                                f"is on {device}")
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine)
+
+        # DeepSpeed's default writer; one chosen in its settings (`checkpoint.writer`) stays.
+        if type(self.wrapped.checkpoint_engine) is TorchCheckpointEngine:
+            self.wrapped.checkpoint_engine.save = _write_whole
         _unlink_shared_memory_buffer()
         self.forward_context = forward_context
         self.zero_stage = cfg.engine.zero_stage
         self.description = f"DeepSpeed ZeRO-{self.zero_stage}"
-        self.saved_tag: str | None = None
-        self.saved_files: dict[str, str] = {}  # of saved_tag: relative path -> digest
+        self.saved_directory: Path | None = None  # resolved; holds this step's state
+        self.saved_files: dict[str, str] = {}  # in it: path relative to the run -> digest
 
     def micro_step(self, batch: Batch, boundary: bool) -> StepOutput:
         if boundary != self.wrapped.is_gradient_accumulation_boundary():
@@ -312,11 +330,15 @@ class DeepSpeedEngine:
 
     def state_dict(self, run_dir: Path, step: int) -> dict[str, Any]:
         tag = f"step_{step:08d}"
-        if tag != self.saved_tag:  # several checkpoint files of one step share the files
-            self.wrapped.save_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag, client_state={},
+        directory = run_dir / CHECKPOINT_DIR / tag
+        # Several checkpoint files of one step share the files, and so does a save before the
+        # first step of a resumed run (the evaluation a stopped run still owed): writing the
+        # files that run resumed from again would put the checkpoints naming them at risk.
+        if directory.resolve() != self.saved_directory:
+            self.wrapped.save_checkpoint(str(directory.parent), tag=tag, client_state={},
                                         save_latest=False)
-            self.saved_files = _seal_own_files(run_dir / CHECKPOINT_DIR / tag, run_dir)
-            self.saved_tag = tag
+            self.saved_files = _seal_own_files(directory, run_dir)
+            self.saved_directory = directory.resolve()
         return {"name": "deepspeed", "zero_stage": self.zero_stage,
                 "tag": f"{CHECKPOINT_DIR}/{tag}", "files": self.saved_files}
 
@@ -328,6 +350,7 @@ class DeepSpeedEngine:
             load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"DeepSpeed could not load its checkpoint from {directory}")
+        self.saved_directory, self.saved_files = directory.resolve(), state["files"]
 
     def release_unreferenced(self, run_dir: Path) -> None:
         root = run_dir / CHECKPOINT_DIR

@@ -42,11 +42,14 @@ class Method(nn.Module):
     """A training method. The loop never branches on which one it runs.
 
     Declarations read before anything is built: `num_views` (augmented views per image),
-    `needs_teacher`, `label` (its name in tables) and `encoder_passes`.
+    `needs_teacher`, `label` (its name in tables), `encoder_passes`, and `indexes_samples`
+    (its state holds a row per training sample, so that a checkpoint cannot continue on a
+    data set of another size).
     """
 
     num_views: int = 1
     needs_teacher: bool = False
+    indexes_samples: bool = False
     label: str = ""
     encoder_passes = EncoderPasses(student=1)
 

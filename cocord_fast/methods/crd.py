@@ -23,6 +23,7 @@ from .distiller import Distiller
 
 class CRD(Distiller):
     label = "CRD"
+    indexes_samples = True  # the memory banks: a row per training sample
     encoder_passes = EncoderPasses(student=1, teacher=1)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, train_targets: np.ndarray,

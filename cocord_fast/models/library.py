@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -169,11 +170,15 @@ def last_timm_linear(classifier):
 
 
 class TorchvisionModel(LibraryModel):
-    def __init__(self, name: str, num_classes: int):
+    """`architecture`: what the builder is given beside the number of classes (a ViT's
+    `image_size` for weights made at another size: `weights.library_architecture`)."""
+
+    def __init__(self, name: str, num_classes: int, **architecture: Any):
         super().__init__("torchvision", name)
         check_library_name("torchvision", name)
         net = import_library("torchvision").models.get_model(name, weights=None,
-                                                            num_classes=num_classes)
+                                                            num_classes=num_classes,
+                                                            **architecture)
         path, head = last_linear(net, num_classes)
         parent, _, attribute = path.rpartition(".")
         setattr(net.get_submodule(parent), attribute, nn.Identity())
@@ -200,6 +205,10 @@ def last_linear(net: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def build_library_model(name: str, num_classes: int) -> LibraryModel:
+def build_library_model(name: str, num_classes: int, **architecture: Any) -> LibraryModel:
+    """`architecture`: a torchvision builder's settings (`TorchvisionModel`); timm's take
+    none."""
     library, model = split_name(name)
-    return (TimmModel if library == "timm" else TorchvisionModel)(model, num_classes)
+    if library == "timm":
+        return TimmModel(model, num_classes)
+    return TorchvisionModel(model, num_classes, **architecture)

@@ -10,15 +10,16 @@ from ..checkpoints.files import load_checkpoint, load_strict, save_atomic, stude
 from ..config import load_config
 from ..data import build_loaders
 from ..errors import UserError
-from ..models import build_model
 from .evaluate import evaluate
+from .networks import build_network
 
 
 def load_student(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The checkpoint's online student with its weights, and the checkpoint itself."""
     checkpoint = load_checkpoint(path)
     cfg = load_config(base=checkpoint["config"])
-    student = build_model(cfg.model.student, checkpoint["num_classes"])
+    # Built as the run built it: a student from a SWAG ViT's weights has their image size.
+    student = build_network(cfg, "student", checkpoint["num_classes"])
     load_strict(student, student_state_dict(checkpoint), str(path))
     return student, checkpoint
 

@@ -3,7 +3,7 @@ starting weights: a teacher's from a file (`model.teacher_checkpoint`) or its li
 (`model.teacher_weights`), a student's from its library's if asked (`model.student_weights`);
 and the preprocessing a pretrained teacher was trained with, taken for the data.
 
-Library weights are fetched in turns (`distributed.in_turns`): one download for a cache all
+Library weights are fetched in turns (`turns.in_turns`): one download for a cache all
 nodes share, one per node otherwise, instead of one per process (64 processes asking a hub for
 the same file at once). A resumed run takes the weights from its own checkpoint instead, so
 neither a file nor a download is needed then.
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
 from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
-from ..data.transforms import image_size_of, is_small_image
+from ..data.transforms import SMALL_IMAGE_SIZE, image_size_of, is_small_image
 from ..errors import UserError
 from ..models import build_model, check_model_name
-from ..models.weights import library_preprocessing, library_weights
+from ..models.library import build_library_model
+from ..models.weights import library_architecture, library_preprocessing, library_weights
+from ..turns import in_turns
 
-PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct")
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
 def check_model_names(cfg: Config, needs_teacher: bool) -> None:
@@ -46,11 +47,28 @@ def check_model_names(cfg: Config, needs_teacher: bool) -> None:
 def build_teacher(cfg: Config, num_classes: int, resuming: bool) -> torch.nn.Module:
     """The frozen teacher with its weights. Library weights must predict the data's classes:
     every method may read the teacher's logits (KD, and the +KD variants)."""
-    teacher = build_model(cfg.model.teacher, num_classes)
+    teacher = build_network(cfg, "teacher", num_classes)
     if not resuming:
         load_strict(teacher, *teacher_weights(cfg, teacher, num_classes))
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def build_network(cfg: Config, role: str, num_classes: int) -> torch.nn.Module:
+    """The run's `role` ("teacher", "student") built for its library weights
+    (`model.{role}_weights`: a SWAG ViT's image size), even on resume, which takes the weights
+    from the checkpoint; refused where those fix an image size the data does not have."""
+    name, weights = getattr(cfg.model, role), getattr(cfg.model, f"{role}_weights")
+    field = f"model.{role}_weights"
+    architecture = library_architecture(name, weights, field)
+    if not architecture:
+        return build_model(name, num_classes)
+    size = architecture.get("image_size")
+    data_size = SMALL_IMAGE_SIZE if is_small_image(cfg.data.dataset) else image_size_of(cfg.data)
+    if size is not None and size != data_size:
+        raise UserError(f"{field}={weights}: {name} takes {size} px images with them (the size "
+                        f"of its position embeddings); data.image_size is {data_size}")
+    return build_library_model(name, num_classes, **architecture)
 
 
 def teacher_weights(cfg: Config, teacher: torch.nn.Module,
@@ -59,7 +77,7 @@ def teacher_weights(cfg: Config, teacher: torch.nn.Module,
     if not cfg.model.teacher_weights:
         return load_model_weights(cfg.model.teacher_checkpoint), cfg.model.teacher_checkpoint
     source = f"model.teacher_weights={cfg.model.teacher_weights}"
-    with distributed.in_turns():
+    with in_turns(f"fetching {source}"):
         state = library_weights(cfg.model.teacher, cfg.model.teacher_weights,
                                 "model.teacher_weights")
     if (rows := classifier_rows(teacher, state)) != num_classes:
@@ -75,11 +93,11 @@ def build_student(cfg: Config, num_classes: int, resuming: bool,
                   say=print) -> torch.nn.Module:
     """The student, from its library's weights with `model.student_weights`; a classifier
     for another number of classes is left as built (a new head), and `say` tells so."""
-    student = build_model(cfg.model.student, num_classes)
+    student = build_network(cfg, "student", num_classes)
     if resuming or not cfg.model.student_weights:
         return student
     field, weights = "model.student_weights", cfg.model.student_weights
-    with distributed.in_turns():
+    with in_turns(f"fetching {field}={weights}"):
         state = library_weights(cfg.model.student, weights, field)
     if (rows := classifier_rows(student, state)) != num_classes:
         head = f"{student.classifier_name}."
@@ -100,10 +118,11 @@ def classifier_rows(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> i
 
 
 def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
-    """Fills the `data.image_size`, `data.mean`, `data.std`, `data.interpolation` and
-    `data.crop_pct` left unset with what a pretrained teacher (`model.teacher_weights`) was
-    trained with, so that it sees its own input statistics; an image size still unset becomes
-    224. Returns what to tell the user (nothing when nothing was taken)."""
+    """Fills the `data.image_size`, `data.mean`, `data.std`, `data.interpolation`,
+    `data.crop_pct` and `data.crop_mode` left unset with what a pretrained teacher
+    (`model.teacher_weights`) was trained with, so that it sees its own input statistics; an
+    image size still unset becomes 224. Returns what to tell the user (nothing when nothing
+    was taken)."""
     found = None
     if needs_teacher and cfg.model.teacher and cfg.model.teacher_weights:
         found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)

@@ -8,6 +8,7 @@ from .. import distributed
 from ..checkpoints.files import load_checkpoint, periodic_checkpoints
 from ..checkpoints.sealed import CorruptCheckpoint, verify_files
 from ..config import Config, load_config
+from ..data.fingerprint import Fingerprint
 from ..errors import UserError
 
 
@@ -87,7 +88,7 @@ FIXED = {
     "model.student", "model.teacher", "model.teacher_checkpoint", "model.teacher_weights",
     "model.student_weights", "method.name",
     "data.dataset", "data.image_size", "data.mean", "data.std", "data.interpolation",
-    "data.crop_pct", "cocord.embed_dim", "cocord.queue_size",
+    "data.crop_pct", "data.crop_mode", "cocord.embed_dim", "cocord.queue_size",
     "cocord.proj_hidden_dim", "cocord.pred_hidden_dim", "crd.embed_dim", "data.batch_size",
     "optim.grad_accum_steps", "engine.name", "engine.zero_stage",
 }
@@ -130,3 +131,35 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: Config,
             f"resume it with {saved_world} (each epoch's shards, every process's data position "
             f"and RNG state, and DeepSpeed's optimizer partitions belong to that number)")
     return changes
+
+
+def check_same_data(checkpoint: dict[str, Any], path: Path, data: dict[str, Fingerprint],
+                    cfg: Config, indexes_samples: bool) -> list[str]:
+    """Refuses to resume on data other than the checkpoint's (`data`: this run's fingerprint
+    of each split), unless `train.resume_on_changed_data`; a method whose state holds a row
+    per training sample (`indexes_samples`: CRD's memory) never continues on another number
+    of samples. Returns what to tell the user."""
+    saved = checkpoint.get("data")
+    if saved is None:
+        return [] if checkpoint["ranks"] is None else [
+            f"{path} was written before checkpoints kept their data's fingerprint: that the "
+            f"data is unchanged is not checked"]
+    changes = {split: change for split, fingerprint in data.items() if split in saved
+               and (change := Fingerprint.from_dict(saved[split]).first_difference(fingerprint))}
+    if not changes:
+        return []
+    described = "; ".join(f"{split} split: {change} (then against now)"
+                          for split, change in changes.items())
+    samples_then = saved["train"]["num_samples"]
+    if indexes_samples and samples_then != data["train"].num_samples:
+        raise UserError(f"{path} was trained on other data ({described}), and its "
+                        f"{cfg.method.name} state holds one row per training sample "
+                        f"({samples_then}): it cannot continue on "
+                        f"{data['train'].num_samples}; start a new run")
+    if not cfg.train.resume_on_changed_data:
+        where = cfg.data.root or cfg.data.dataset
+        raise UserError(f"{path} was trained on other data than {where} holds now "
+                        f"({described}): its data position and every dataset index would name "
+                        f"other images. Restore the data, or continue on purpose with "
+                        f"train.resume_on_changed_data=true")
+    return [f"continuing on changed data (train.resume_on_changed_data): {described}"]

@@ -3,18 +3,21 @@ clock, sampled off the training thread.
 
 A thread samples every `interval_s` and files each sample under the label its user sets (the
 bench: the entry it is timing; the trainer: "train" while it trains; None in between). Without
-a CUDA device, or without pynvml (package nvidia-ml-py) or a working NVML, there is no
-telemetry and `reason` says why.
+a CUDA device, or without pynvml (package nvidia-ml-py), a working NVML or an NVML GPU that is
+the run's device (matched by UUID or PCI bus id), there is no telemetry and `reason` says why.
 """
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
 from collections import defaultdict
 from typing import Any
 
 import torch
 
+# How long the end of a run waits for the sampler to finish its reading.
+STOP_TIMEOUT_S = 5.0
 FIELDS = ("gpu_util_percent", "memory_used_mb", "power_w", "temperature_c", "sm_clock_mhz")
 
 
@@ -31,17 +34,48 @@ def open_nvml(device: torch.device) -> tuple[Any, Any, str | None]:
     except Exception as err:  # NVMLError subclasses, or a missing libnvidia-ml
         return None, None, f"NVML did not start: {err}"
     index = device.index if device.index is not None else torch.cuda.current_device()
+    handle, reason = nvml_handle(pynvml, index)
+    if handle is not None:
+        return pynvml, handle, None
     try:
-        # By UUID, because CUDA_VISIBLE_DEVICES renumbers CUDA's devices but not NVML's.
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-"))
-                                                  else f"GPU-{uuid}")
+        pynvml.nvmlShutdown()  # started above, and nothing will use it
     except Exception:
+        pass  # `reason` is what there is to say
+    return None, None, reason
+
+
+def nvml_handle(pynvml: Any, index: int) -> tuple[Any, str | None]:
+    """(NVML's handle of CUDA device `index`, None), or (None, why none). Matched by UUID, else
+    by PCI bus id, never by index: CUDA numbers the devices it is shown (CUDA_VISIBLE_DEVICES,
+    CUDA_DEVICE_ORDER), NVML every GPU of the machine, so one index can name two GPUs."""
+    try:
+        properties = torch.cuda.get_device_properties(index)
+    except Exception as err:
+        return None, f"no telemetry: torch cannot describe cuda:{index} ({err})"
+    tried = []
+    if uuid := str(getattr(properties, "uuid", "") or ""):
+        uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return pynvml.nvmlDeviceGetHandleByUUID(uuid), None
+        except Exception as err:  # NVMLError_NotFound and kin
+            tried.append(f"UUID {uuid}: {err}")
+    if (bus_id := pci_bus_id(properties)) is not None:
+        try:
+            return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id), None
         except Exception as err:
-            return None, None, f"NVML has no handle for cuda:{index}: {err}"
-    return pynvml, handle, None
+            tried.append(f"PCI bus id {bus_id}: {err}")
+    return None, (f"no telemetry: NVML has no GPU matching cuda:{index} ("
+                  f"{'; '.join(tried) or 'torch gives neither its UUID nor its PCI bus id'})")
+
+
+def pci_bus_id(properties: Any) -> str | None:
+    """The device's PCI address as NVML writes it (domain:bus:device.function, hexadecimal);
+    None where torch does not give all three numbers."""
+    numbers = [getattr(properties, f"pci_{part}_id", None) for part in ("domain", "bus", "device")]
+    if any(not isinstance(number, int) for number in numbers):
+        return None
+    domain, bus, device = numbers
+    return f"{domain:08X}:{bus:02X}:{device:02X}.0"
 
 
 def read_sample(pynvml: Any, handle: Any) -> dict[str, float | None]:
@@ -86,10 +120,17 @@ class Telemetry:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.pynvml.nvmlShutdown()
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(STOP_TIMEOUT_S)
+        if self._thread.is_alive():  # a daemon thread: it ends with the process
+            # NVML stays up: shutting it down under a call in flight is undefined.
+            print(f"cocord-fast: telemetry: the NVML sampler did not stop within "
+                  f"{STOP_TIMEOUT_S:g} s (an NVML call hangs); it is left running",
+                  file=sys.stderr, flush=True)
+            return
+        self.pynvml.nvmlShutdown()
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -18,6 +18,7 @@ from ..checkpoints.files import (remove_old_periodic, remove_partial_saves, rng_
 from ..config import Config, save_config
 from ..data import Batch, Loaders, build_loaders
 from ..data.build import check_data_config, prepare_sources
+from ..data.fingerprint import agree_across_ranks
 from ..data.transforms import Preprocessing
 from ..engines import (autocast, build_engine, check_engine_config, engine_class, join_processes,
                        optimizer_settings)
@@ -30,7 +31,7 @@ from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, re
 from .networks import build_student, build_teacher, check_model_names, take_teacher_preprocessing
 from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
 from .read_ahead import ReadAhead
-from .resume import check_resumable, resume_point
+from .resume import check_resumable, check_same_data, resume_point
 from .schedule import lr_factor
 from .telemetry import Telemetry
 
@@ -83,9 +84,15 @@ class Trainer:
             cfg.data, method_class.num_views, cfg.train.seed, self.device,
             torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
             self.rank, self.world_size)
+        # Every process must give each dataset index the same image and label.
+        self.data = agree_across_ranks(self.loaders.sources,
+                                       f"data.root={cfg.data.root or cfg.data.dataset}")
         if checkpoint is not None and checkpoint["num_classes"] != self.loaders.num_classes:
             raise UserError(f"{resume_from} predicts {checkpoint['num_classes']} classes, but "
                             f"{cfg.data.root or cfg.data.dataset} has {self.loaders.num_classes}")
+        if checkpoint is not None:
+            self.notes += check_same_data(checkpoint, resume_from, self.data, cfg,
+                                          method_class.indexes_samples)
         self.accumulation = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.loaders.train) // self.accumulation
         if self.steps_per_epoch == 0:
@@ -175,7 +182,8 @@ class Trainer:
                     self.steps_per_epoch, engine_state, ranks, self.best_top1, self.last_top1,
                     self.last_eval, {key: value for key, (value, _)
                                      in self.method.effective_settings().items()},
-                    self.eval_pending)
+                    self.eval_pending, {split: fingerprint.to_dict()
+                                        for split, fingerprint in self.data.items()})
                 for name in names:
                     save_atomic(checkpoint, self.run_dir / name)
         if distributed.is_main():
@@ -271,6 +279,7 @@ class Trainer:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(self.run_dir)
+            self.engine.release_unreferenced(self.run_dir)  # what a failed save left
             save_config(cfg, self.run_dir / "config.yaml")
             self.log = RunLog(self.run_dir, resumed_at=self.step if self.step else None)
             if cfg.train.progress and sys.stderr.isatty():
