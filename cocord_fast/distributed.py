@@ -156,17 +156,17 @@ def finish(exit_code: int) -> int:
     """Leaves the process group. A worker of a multi-process launch then ends at once: after
     a finished DeepSpeed run, interpreter shutdown aborted about 1 in 12 times ("terminate
     called without an active exception"). A failed worker skips the barrier (its peers may
-    be blocked elsewhere); the launcher stops them when it sees the failure. The worker whose
-    failure stops the group first waits (`_until_the_others_read_why`) for the others to read
-    its reason."""
+    be blocked elsewhere); the launcher stops them when it sees the failure. Where the group
+    spans nodes, the worker whose failure stops it first waits for the others to stop too
+    (`_until_the_others_stop`)."""
     if not is_initialized():
         return exit_code
     stop_watchdog()
     launched = launched_world_size() > 1
     if exit_code == 0:
         dist.barrier()
-    elif _reported_first:
-        _until_the_others_read_why()
+    elif _reported_first and not _on_one_node():
+        _until_the_others_stop()
     dist.destroy_process_group()
     if launched:
         sys.stdout.flush()
@@ -175,12 +175,13 @@ def finish(exit_code: int) -> int:
     return exit_code
 
 
-_FAILURE, _FAILURES, _READ = "cocord_fast/failure", "cocord_fast/failures", "cocord_fast/read"
+_FAILURE, _FAILURES = "cocord_fast/failure", "cocord_fast/failures"
+_STOPPED = "cocord_fast/stopped"  # processes that stopped for a failure, the first one's aside
 # How long the first process to fail waits for the others to read why: they look every 2 s
 # (the watchdog) or more often (a wait for another's turn, `turns.py`).
 FAILURE_GRACE_S = 5.0
 _reported_first = False  # this process's reason is the group's
-_read_failure = False  # this process has read another's reason
+_counted_stopped = False  # this process is counted in _STOPPED
 
 
 def report_failure(message: str) -> None:
@@ -194,13 +195,15 @@ def report_failure(message: str) -> None:
             store.set(_FAILURE, f"rank {rank()}: {message}")
             global _reported_first
             _reported_first = True
+        else:
+            _count_stopped(store)
     except (RuntimeError, ValueError):
         pass
 
 
 def peer_failure() -> str | None:
     """What another process reported before it stopped, if one did (this process then counts
-    as having read it)."""
+    as stopped: it is about to)."""
     if world_size() == 1:
         return None
     try:
@@ -210,24 +213,37 @@ def peer_failure() -> str | None:
         found = store.get(_FAILURE).decode()
         if found.startswith(f"rank {rank()}:"):
             return None
-        global _read_failure
-        if not _read_failure:
-            _read_failure = True
-            store.add(_READ, 1)
+        _count_stopped(store)
     except (RuntimeError, ValueError):
         return None
     return found
 
 
-def _until_the_others_read_why() -> None:
-    """Waits until every other process has read this one's reason, or `FAILURE_GRACE_S`:
-    where this process hosts the group's store (a launch without an agent of its own, such
-    as srun's), its end would take the reason with it."""
+def _count_stopped(store: dist.Store) -> None:
+    global _counted_stopped
+    if not _counted_stopped:
+        _counted_stopped = True
+        store.add(_STOPPED, 1)
+
+
+def _on_one_node() -> bool:
+    """Whether the launcher started every process of the group on this node (torchrun says
+    so in LOCAL_WORLD_SIZE, the deepspeed launcher in LOCAL_SIZE); its agent then stops them
+    all when one fails."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return local is not None and int(local) == world_size()
+
+
+def _until_the_others_stop() -> None:
+    """Waits until every other process has stopped or read this one's reason, or for
+    `FAILURE_GRACE_S`: the store that holds the reason may end with this process (where it
+    hosts it: a launch without an agent of its own, such as srun's) or with its node's agent,
+    before another node's processes have read it."""
     deadline = time.monotonic() + FAILURE_GRACE_S
     try:
         store = dist.distributed_c10d._get_default_store()
-        while store.add(_READ, 0) < world_size() - 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while store.add(_STOPPED, 0) < world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
     except (RuntimeError, ValueError):
         pass
 

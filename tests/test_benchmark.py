@@ -200,12 +200,10 @@ def test_telemetry_files_samples_under_the_running_entry(monkeypatch):
     nvml = fake_pynvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
 
-    def no_properties(index):
-        raise RuntimeError("no CUDA here")
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", no_properties)  # -> by index
+    monkeypatch.setattr(torch.cuda, "get_device_properties",  # a GPU without CUDA
+                        lambda index: types.SimpleNamespace(uuid="1234"))
     telemetry = Telemetry(torch.device("cuda", 0), interval_s=0.005)
-    assert telemetry.handle == "gpu0"
+    assert telemetry.handle == "by-uuid"
     with telemetry:
         telemetry.label = "cocord"
         time.sleep(0.1)

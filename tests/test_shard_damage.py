@@ -116,6 +116,8 @@ def test_bytes_appended_after_the_end_marker_are_refused(tmp_path):
     ([("n01440764_10026.JPEG.jpg", JPEG), ("n01440764_10026.cls", b"0")],
      "n01440764_10026.JPEG.jpg", "n01440764_10026"),
     ([("x.jpg", JPEG), ("x.cls", b"0"), ("d/y.z.png", JPEG)], "d/y.z.png", "d/y"),
+    ([("x.jpg", JPEG), ("x.cls", b"0"), ("x.v2.jpg", JPEG), ("x.v2.cls", b"1")], "x.v2.jpg",
+     "x"),
 ])
 def test_a_key_with_dots_is_refused_with_webdatasets_rule(tmp_path, contents, member, key):
     message = refused(tmp_path, tar_bytes(contents))

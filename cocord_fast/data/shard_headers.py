@@ -103,20 +103,19 @@ def _last_extension(extension: str) -> str:
 
 def _sample(path: Path, tar: tarfile.TarFile, key: str,
             members: dict[str, tarfile.TarInfo]) -> Sample | None:
-    """One sample; None for a group with no image and no class, even after its last dot
-    (metadata, ignored)."""
+    """One sample; None for a group with no image and no class (metadata, ignored). Members
+    with dotted extensions ride along beside an image (`seg.png`), but a group whose only
+    images have them, or with a second class (`v2.cls`), is samples whose keys lost their
+    dots: refused."""
     images = [extension for extension in members if extension in IMAGE_MEMBERS]
+    dotted = [(_last_extension(extension), member) for extension, member in members.items()
+              if "." in extension and _last_extension(extension) in (*IMAGE_MEMBERS,
+                                                                     CLASS_MEMBER)]
+    if dotted and (not images or any(last == CLASS_MEMBER for last, _ in dotted)):
+        raise UserError(_dotted_name(path, dotted[0][1], key))
     if not images and CLASS_MEMBER not in members:
-        dotted = [member for extension, member in members.items()
-                  if _last_extension(extension) in (*IMAGE_MEMBERS, CLASS_MEMBER)]
-        if not dotted:
-            return None
-        raise UserError(_dotted_name(path, dotted[0], key))
+        return None
     if len(images) != 1:
-        dotted = [member for extension, member in members.items()
-                  if "." in extension and _last_extension(extension) in IMAGE_MEMBERS]
-        if not images and dotted:
-            raise UserError(_dotted_name(path, dotted[0], key))
         raise UserError(f"{path}: sample {key!r} has {len(images) or 'no'} image members "
                         f"({', '.join(sorted(members))}); each needs exactly one of "
                         f"{', '.join(IMAGE_MEMBERS)}")
