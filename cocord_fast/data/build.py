@@ -13,9 +13,9 @@ from typing import Any, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from ..turns import in_turns
 from ..config import DataConfig
 from ..errors import UserError
+from ..turns import in_turns
 from .batch import Batch
 from .demo import ensure_demo_dataset
 from .sources import open_source

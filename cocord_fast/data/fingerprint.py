@@ -96,8 +96,8 @@ def _class_difference(mine: tuple[str, ...] | None, theirs: tuple[str, ...] | No
 
 
 def fingerprint(source: Fingerprinted) -> Fingerprint:
-    """The fingerprint of a source (0.05 s for ImageNet's 1.28 M names; CIFAR-100's pixels
-    take a few tenths of a second)."""
+    """The fingerprint of a source (on 2 cores: 0.05 s for ImageNet's 1.28 M names, 0.3 s
+    for the pixels of CIFAR-100's 50,000 training images)."""
     blocks = tuple(hashlib.sha256(source.fingerprint_bytes(start, min(start + BLOCK,
                                                                        len(source))))
                    .hexdigest()[:16] for start in range(0, len(source), BLOCK))

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import UserError
 from . import index_files
 from .index_files import (IMAGE_EXTENSIONS, open_or_build, pack_strings, read_arrays,
-                          unpack_string, write_arrays)
+                          stamp_of, unpack_string, write_arrays)
 
 INDEX_NAME = ".cocord_fast-index.npz"
 INDEX_VERSION = 2  # 2: each measured size kept with its file's size and mtime (`stamps`)
@@ -141,15 +141,6 @@ def _sizes_kept(root: Path, files: list[str],
         if (found := measured.get(path)) is not None and stamp_of(root / path) == found[1]:
             sizes[i], stamps[i] = found
     return sizes, stamps
-
-
-def stamp_of(path: Path) -> list[int]:
-    """[size, mtime in ns] of the file at `path` ([-1, -1] when it is gone)."""
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return [-1, -1]
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 def index_locations(root: Path) -> list[Path]:

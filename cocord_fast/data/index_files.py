@@ -23,7 +23,7 @@ import socket
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Protocol, TypeVar
+from typing import BinaryIO, Callable, Protocol, TypeVar
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def write_arrays(root: Path, file_name: str, cache: bool,
     failures = []
     for path in index_locations(root, file_name)[:2 if cache else 1]:
         try:
-            _write_atomic(path, arrays)
+            write_atomic(path, lambda f: np.savez(f, **arrays))
             return path
         except OSError as err:
             failures.append(f"{path}: {err.strerror or err}{free_space(path)}")
@@ -98,14 +98,17 @@ def write_arrays(root: Path, file_name: str, cache: bool,
     raise IndexNotWritten(f"cannot write the index of {root} ({'; '.join(failures)}){hint}")
 
 
-def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into a temporary file beside `path`, renamed over it once written: a
+    reader sees the old file or the new one, and a write that fails leaves the old one and
+    no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name: a process id alone repeats across containers sharing the folder.
     descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                                            suffix=".partial")
     try:
         with os.fdopen(descriptor, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
         os.replace(partial, path)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
@@ -120,6 +123,16 @@ def free_space(path: Path) -> str:
         except OSError:
             continue
     return ""
+
+
+def stamp_of(path: Path) -> list[int]:
+    """[size, mtime in ns] of the file at `path` ([-1, -1] when it is gone): what tells a
+    file rewritten since from the one an index describes."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return [-1, -1]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def read_arrays(path: Path, version: int) -> dict[str, np.ndarray] | None:

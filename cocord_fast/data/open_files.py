@@ -68,10 +68,12 @@ class OpenFiles:
             return entry
 
     def _close_unused_beyond(self, count: int) -> None:
-        for path in [path for path, entry in self.files.items() if entry.readers == 0]:
-            if len(self.files) <= count:
+        while len(self.files) > count:
+            oldest = next((path for path, entry in self.files.items() if entry.readers == 0),
+                          None)
+            if oldest is None:
                 return
-            os.close(self.files.pop(path).descriptor)
+            os.close(self.files.pop(oldest).descriptor)
 
     def close(self, paths: list[Path]) -> None:
         """Closes the files of `paths` that no read is using (a source that is gone)."""

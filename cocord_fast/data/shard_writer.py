@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import shards
-from .index_files import free_space
+from .index_files import free_space, write_atomic
 from .sources import ImageFolder, TarShards, header_size
 
 SPLITS = ("train", "val")
@@ -143,11 +143,8 @@ def convert(source_root: Path, target_root: Path, samples_per_shard: int = 1000,
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(text)
-        os.replace(partial, path)
+        write_atomic(path, lambda f: f.write(text.encode()))
     except OSError as err:
-        partial.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {err.strerror or err}{free_space(path)}") \
             from None

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..errors import UserError
 from . import shard_headers
-from .index_files import open_or_build, pack_strings, read_arrays, unpack_string, write_arrays
+from .index_files import (open_or_build, pack_strings, read_arrays, stamp_of, unpack_string,
+                          write_arrays)
 from .open_files import OPEN_FILES
 from .shard_headers import Sample
 
@@ -69,7 +70,7 @@ class ShardIndex:
         if _shard_names(self.root) != self.shards:
             return str(self.root)
         for name, stamp in zip(self.shards, self.shard_stamps.tolist()):
-            if _stamp(self.root / name) != stamp:
+            if stamp_of(self.root / name) != stamp:
                 return str(self.root / name)
         return None
 
@@ -93,11 +94,6 @@ def _shard_names(root: Path) -> list[str]:
     return [name for name in names if name.endswith(SHARD_SUFFIX)]
 
 
-def _stamp(path: Path) -> list[int]:
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def scan(root: Path, stale: ShardIndex | None = None) -> ShardIndex:
     """Reads the headers of every shard in `root` (sizes unread), except of a shard `stale`
     (an earlier index of `root`) holds unchanged (the same size and modification time): its
@@ -113,7 +109,7 @@ def scan(root: Path, stale: ShardIndex | None = None) -> ShardIndex:
         for number, (name, stamp) in enumerate(zip(stale.shards, stale.shard_stamps.tolist()))}
     stamps, shard_of, samples, sizes = [], [], [], []
     for number, name in enumerate(shards):
-        stamps.append(stamp := _stamp(root / name))  # before the read: a change then shows
+        stamps.append(stamp := stamp_of(root / name))  # before the read: a change then shows
         if name in kept and kept[name][0] == stamp:
             found, found_sizes = stale.samples_of(kept[name][1])
         else:

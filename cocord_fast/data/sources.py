@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import folder_index, shards
-from .index_files import unpack_string
+from .index_files import stamp_of, unpack_string
 
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
@@ -172,7 +172,6 @@ class EncodedImages:
         self.index.sizes[:] = np.asarray(sizes, np.int64).reshape(-1, 2)
         return self.index.write()
 
-
     def _measure_size(self, index: int) -> tuple[int, int]:
         return header_size(self.read(index))
 
@@ -198,7 +197,7 @@ class ImageFolder(EncodedImages):
 
     def _measure_size(self, index: int) -> tuple[int, int]:
         # The file's size and time before its bytes: a size is kept while they stay the same.
-        self.index.stamps[index] = folder_index.stamp_of(self.index.path(index))
+        self.index.stamps[index] = stamp_of(self.index.path(index))
         return super()._measure_size(index)
 
 

@@ -255,10 +255,10 @@ def _owner(file_name: str) -> int:
 
 
 def _write_whole(state_dict: dict[str, Any], path: str) -> None:
-    """How DeepSpeed's checkpoint engine writes each file here. Its own `torch.save(path)`
-    leaves a half-written file under the file's name when a write fails, and says only
-    "unexpected pos"; `save_atomic` leaves the old file or none, and names the file and the
-    space left."""
+    """How DeepSpeed's checkpoint engine writes each file here (it passes both by keyword).
+    Its own `torch.save(path)` leaves a half-written file under the file's name when a write
+    fails, and says only "unexpected pos"; `save_atomic` leaves the old file or none, and
+    names the file and the space left."""
     save_atomic(state_dict, path)
 
 
