@@ -240,11 +240,8 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib missing (pip install -e '.[bench]'): no plot")
-        return
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

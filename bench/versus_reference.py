@@ -126,11 +126,8 @@ def time_side(args: argparse.Namespace) -> dict:
 
 
 def plot(rows: dict, title: str, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib missing (pip install -e '.[bench]'): no plot")
-        return
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

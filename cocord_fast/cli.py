@@ -102,7 +102,8 @@ def cmd_index(ns: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .data.sources import ImageFolder, TarShards
+    from .data.imagefolder import ImageFolder
+    from .data.tar_shards import TarShards
 
     root = Path(ns.root).expanduser()
     splits = [split for split in ("train", "val") if (root / split).is_dir()]
@@ -157,6 +158,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
     names = export_student(ns.checkpoint, ns.out, ns.key)
     print(f"wrote {len(names)} tensors of the student to {ns.out}")
+    return 0
+
+
+def cmd_methods(ns: argparse.Namespace) -> int:
+    from .methods import describe_methods
+
+    print(describe_methods())
+    return 0
+
+
+def cmd_sources(ns: argparse.Namespace) -> int:
+    from .data.sources import describe_sources
+
+    print(describe_sources())
     return 0
 
 
@@ -360,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a checkpoint's student")
     evaluate.add_argument("checkpoint", help="a cocord_fast checkpoint (.pt)")
     evaluate.add_argument("--data", help="data root (default: the one the run trained on)")
-    evaluate.add_argument("--dataset", choices=["demo", "cifar100", "imagefolder", "shards"])
+    evaluate.add_argument("--dataset", help="the data source (default: the run's; see "
+                                            "`cocord-fast sources`)")
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--workers", type=int)
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -383,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="list every config key, or print a resolved config")
     config.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]")
     config.set_defaults(func=cmd_config)
+
+    methods = sub.add_parser("methods", help="list the training methods with their settings and "
+                                             "defaults (method.name and its section)")
+    methods.set_defaults(func=cmd_methods)
+
+    sources = sub.add_parser("sources", help="list the data sources (data.dataset)")
+    sources.set_defaults(func=cmd_sources)
 
     imp = sub.add_parser("import-reference",
                          help="turn a reference CoCoRD checkpoint into a run to resume",
@@ -432,7 +455,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-size", type=int,
                        help=f"images per step (default {default.batch_size})")
     bench.add_argument("--methods", nargs="+", metavar="METHOD",
-                       help=f"methods to time (default: {' '.join(default.methods)})")
+                       help="methods to time (default: every method `cocord-fast methods` "
+                            "lists)")
     bench.add_argument("--steps", type=int,
                        help=f"timed steps per method and round (default {default.steps})")
     bench.add_argument("--warmup", type=int, help=f"steps per method before timing, reported "

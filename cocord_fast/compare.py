@@ -2,13 +2,13 @@
 
 One table per student and data set (runs of other students or data sets form their own
 table, said so), the first run given of each being the baseline the others are measured
-against; a JSON of every row and, where matplotlib is installed, PNG plots: top-1 against
-epoch and against wall-clock, each loss term against step, and images/s and the share of time
-spent waiting for data against wall-clock.
+against; a JSON of every row and PNG plots: per table, top-1 against epoch and against
+wall-clock, each loss term against step, and images/s and the share of time spent waiting for
+data against wall-clock; for the whole comparison, each run's final top-1 against its training
+time and its peak memory (`summary.png`), the cost of each method's gain at a glance.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -16,11 +16,12 @@ from typing import Any
 
 from .config import load_config
 from .errors import UserError
-from .methods import METHODS
+from .methods import method_class
 from .training.metrics import read_log
 
 COLUMNS = [  # (key, header, format)
     ("run", "run", "{}"), ("method", "method", "{}"), ("teacher", "teacher", "{}"),
+    ("encoder_passes", "passes", "{}"),
     ("steps", "steps", "{}"), ("state", "state", "{}"), ("top1", "top-1", "{:.2f}"),
     ("best_top1", "best", "{:.2f}"), ("top5", "top-5", "{:.2f}"),
     ("delta_top1", "Δ top-1", "{:+.2f}"), ("img_per_s", "img/s", "{:.0f}"),
@@ -46,10 +47,13 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     stop = min(total, cfg.train.max_steps or total) if total else None
     finished = bool(evals) and evals[-1]["step"] == stop
     last = evals[-1] if evals else {}
+    method = method_class(cfg.method.name)
     return {
         "run": run_dir.name, "path": str(run_dir),
-        "method": METHODS[cfg.method.name].run_label(cfg), "student": cfg.model.student,
-        "teacher": cfg.model.teacher if METHODS[cfg.method.name].needs_teacher else "-",
+        "method": method.run_label(cfg), "student": cfg.model.student,
+        "teacher": cfg.model.teacher if method.needs_teacher else "-",
+        # Encoder passes per step (METHOD.md): what a step costs beyond the student's own.
+        "encoder_passes": method.encoder_passes.total,
         "dataset": cfg.data.dataset, "steps": f"{step}/{stop or '?'}",
         "state": "finished" if finished else "in progress or stopped",
         "top1": last.get("top1"), "top5": last.get("top5"),
@@ -144,6 +148,31 @@ def plot(title: str, rows: list[dict], stem: Path) -> list[Path]:
     return [accuracy, losses, _saved(fig, stem.with_name(stem.name + "_speed.png"), title)]
 
 
+def plot_summary(rows: list[dict], path: Path) -> Path:
+    """Each run's final top-1 against its training time and against its peak memory, a point
+    per run named by its method: the price of each method's gain in seconds and megabytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in zip(axes, ("wall_s", "peak_memory_mb"),
+                              ("training time (s, wall-clock)", "peak memory (MB)")):
+        for color, row in enumerate(rows):
+            if row["top1"] is None or row[key] is None:
+                continue
+            ax.scatter(row[key], row["top1"], color=f"C{color % 10}", s=30)
+            ax.annotate(f"{row['method']} ({row['encoder_passes']} passes)",
+                        (row[key], row["top1"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("final top-1 (%)")
+        ax.grid(alpha=0.3)
+    students = sorted({f"{row['student']} on {row['dataset']}" for row in rows})
+    return _saved(fig, path, f"accuracy against cost: {', '.join(students)}")
+
+
 def _saved(fig, path: Path, title: str | None = None) -> Path:
     import matplotlib.pyplot as plt
 
@@ -192,14 +221,12 @@ def compare(run_dirs: list[Path], out: Path) -> str:
     lines, written = [], [out / "compare.json"]
     if len(groups) > 1:
         lines.append(f"{len(groups)} tables: runs compare within one student and data set")
-    plots = importlib.util.find_spec("matplotlib") is not None
-    if not plots:
-        lines.append("(no plots: they need matplotlib, pip install 'cocord_fast[bench]')")
     for title, rows in groups.items():
         lines += ["", f"{title} (baseline: {rows[0]['run']})", format_table(rows)]
-        if plots:
-            slug = "".join(c if c.isalnum() else "_" for c in title)
-            written += plot(title, rows, out / slug)
+        slug = "".join(c if c.isalnum() else "_" for c in title)
+        written += plot(title, rows, out / slug)
+    written.append(plot_summary([row for rows in groups.values() for row in rows],
+                                out / "summary.png"))
     table = [{k: v for k, v in row.items() if k != "curves"}
              for rows in groups.values() for row in rows]
     (out / "compare.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -17,12 +17,16 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
+from .plugins import METHODS, SOURCES, Registry
 
 
-def _field(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           pattern: str | None = None, pattern_help: str = "") -> Any:
+def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+            pattern: str | None = None, pattern_help: str = "",
+            registry: Registry | None = None) -> Any:
+    """A config field: its default, help text and checks (a range, a pattern, or the name of a
+    plugin in `registry`). Method settings (a method's section) are declared with it too."""
     metadata = {"help": help, "min": min, "max": max, "pattern": pattern,
-                "pattern_help": pattern_help}
+                "pattern_help": pattern_help, "registry": registry}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -30,52 +34,53 @@ def _field(default: Any, help: str, *, min: float | None = None, max: float | No
 
 @dataclass
 class ModelConfig:
-    student: str = _field("resnet8", "student architecture: a zoo name, timm:<name> or "
+    student: str = setting("resnet8", "student architecture: a zoo name, timm:<name> or "
                                      "torchvision:<name> (see `cocord-fast models`)")
-    teacher: str = _field("", "teacher architecture, named as the student; empty for methods "
+    teacher: str = setting("", "teacher architecture, named as the student; empty for methods "
                               "without a teacher")
-    teacher_checkpoint: str = _field("", "teacher weights: a cocord_fast checkpoint, a RepDistiller "
+    teacher_checkpoint: str = setting("", "teacher weights: a cocord_fast checkpoint, a RepDistiller "
                                          "checkpoint ({'model': state_dict}) or a plain state dict")
-    teacher_weights: str = _field(
+    teacher_weights: str = setting(
         "", "instead of teacher_checkpoint, for a timm:/torchvision: teacher: pretrained (the "
         "library's default), a torchvision weights name (IMAGENET1K_V1), a timm tag (a1_in1k) "
         "or a weights file of the library")
-    student_weights: str = _field(
+    student_weights: str = setting(
         "", "the student's starting weights, in the forms of teacher_weights (a classifier for "
         "other classes starts anew); empty: random")
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["demo", "cifar100", "imagefolder", "shards"] = _field(
-        "demo", "demo (made offline), cifar100 (cifar-100-python folder), imagefolder "
-        "(train/<class>/ and val/<class>/) or shards (train/*.tar and val/*.tar, WebDataset)")
-    root: str = _field("", "data directory; for demo, empty means the cache directory")
-    download: bool = _field(False, "cifar100 only: download into root if it is missing")
-    image_size: int = _field(0, "imagefolder and shards: training crop and evaluation size; 0: "
+    dataset: str = setting(
+        "demo", "the data source: demo (made offline), cifar100 (cifar-100-python folder), "
+        "imagefolder (train/<class>/ and val/<class>/), shards (train/*.tar and val/*.tar, "
+        "WebDataset), or one a package adds (see `cocord-fast sources`)", registry=SOURCES)
+    root: str = setting("", "data directory; for demo, empty means the cache directory")
+    download: bool = setting(False, "cifar100 only: download into root if it is missing")
+    image_size: int = setting(0, "imagefolder and shards: training crop and evaluation size; 0: "
                              "a pretrained teacher's input size, else 224", min=0)
-    batch_size: int = _field(64, "training batch size (per process)", min=1)
-    eval_batch_size: int = _field(256, "evaluation batch size", min=1)
-    num_workers: int = _field(
+    batch_size: int = setting(64, "training batch size (per process)", min=1)
+    eval_batch_size: int = setting(256, "evaluation batch size", min=1)
+    num_workers: int = setting(
         2, "data-loading worker processes (torch) or threads (DALI, at least 1)", min=0)
-    backend: Literal["auto", "dali", "torch"] = _field(
+    backend: Literal["auto", "dali", "torch"] = setting(
         "auto", "data pipeline: dali (GPU decode on CUDA, CPU-only pipeline otherwise), torch "
         "(torchvision + DataLoader), auto (dali where installed)")
-    read_ahead: bool = _field(True, "dali only: read the next batch's files while this one "
+    read_ahead: bool = setting(True, "dali only: read the next batch's files while this one "
                               "trains (off: the training thread waits for each batch's reads)")
-    skip_corrupt: bool = _field(False, "replace an unreadable image by the next readable one "
+    skip_corrupt: bool = setting(False, "replace an unreadable image by the next readable one "
                                 "(evaluation: drop it) and count it, instead of stopping")
-    mean: list[float] = _field([], "per-channel mean (red, green, blue) on the [0, 1] scale; "
+    mean: list[float] = setting([], "per-channel mean (red, green, blue) on the [0, 1] scale; "
                                "empty: a pretrained teacher's (model.teacher_weights), else the "
                                "data set's")
-    std: list[float] = _field([], "per-channel std, as data.mean", min=0.0)
-    interpolation: Literal["", "bilinear", "bicubic"] = _field(
+    std: list[float] = setting([], "per-channel std, as data.mean", min=0.0)
+    interpolation: Literal["", "bilinear", "bicubic"] = setting(
         "", "imagefolder and shards: resize filter of crops and evaluation; empty: a pretrained "
         "teacher's, else bilinear")
-    crop_pct: float = _field(0.0, "imagefolder and shards: evaluation keeps this share of its "
+    crop_pct: float = setting(0.0, "imagefolder and shards: evaluation keeps this share of its "
                              "resize in the centre crop (0.875: resize 256, crop 224); 0: a "
                              "pretrained teacher's, else 0.875", min=0.0, max=1.0)
-    crop_mode: Literal["", "center", "squash", "border"] = _field(
+    crop_mode: Literal["", "center", "squash", "border"] = setting(
         "", "imagefolder and shards: how evaluation fits an image to its crop: center (resize "
         "the shorter side, crop the centre), squash (resize both sides, crop), border (resize "
         "the longer side, pad with the mean colour); empty: a pretrained teacher's, else center")
@@ -83,98 +88,54 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["vanilla", "kd", "crd", "cocord"] = _field(
-        "vanilla", "training method; its settings are in the section of the same name")
-
-
-@dataclass
-class KDConfig:
-    """Hinton KD; RepDistiller's recipe weighs 0.1 CE + 0.9 KD."""
-
-    temperature: float = _field(4.0, "softmax temperature T (the loss is scaled by T^2)", min=1e-6)
-    loss_cls: float = _field(0.1, "weight of the cross-entropy term", min=0.0)
-    loss_kd: float = _field(0.9, "weight of the KD term", min=0.0)
-
-
-@dataclass
-class CRDConfig:
-    """CRD (Tian et al., ICLR 2020), METHOD.md section 2."""
-
-    embed_dim: int = _field(128, "dimension of both embedding heads and memory banks", min=1)
-    num_negatives: int = _field(16384, "negatives K drawn per sample from other classes", min=1)
-    temperature: float = _field(0.07, "temperature of the exponential scores", min=1e-6)
-    memory_momentum: float = _field(0.5, "memory-bank refresh: row <- m*row + (1-m)*embedding",
-                                    min=0.0, max=1.0)
-    loss_cls: float = _field(1.0, "weight of the cross-entropy term", min=0.0)
-    loss_crd: float = _field(0.8, "weight of the CRD term", min=0.0)
-    loss_kd: float = _field(0.0, "weight of the KD term (CRD+KD: 1.0)", min=0.0)
-    kd_temperature: float = _field(4.0, "temperature of the KD term", min=1e-6)
-
-
-@dataclass
-class CoCoRDConfig:
-    """CoCoRD, METHOD.md section 1 (CIFAR-100 defaults)."""
-
-    queue_size: int = _field(2048, "N: teacher keys kept as negatives", min=1)
-    temperature: float = _field(0.1, "tau of the contrastive loss", min=1e-6)
-    teacher_head_momentum: float = _field(0.999, "m_c: EMA of the student head into the teacher "
-                                                 "head", min=0.0, max=1.0)
-    student_momentum: float = _field(0.9, "m_r: EMA of the student into the slow student",
-                                     min=0.0, max=1.0)
-    embed_dim: int = _field(2048, "E: embedding (key, query, queue) dimension", min=1)
-    proj_hidden_dim: int = _field(2048, "H: projection-head hidden width", min=1)
-    pred_hidden_dim: int = _field(512, "P: predictor hidden width", min=1)
-    loss_cls: float = _field(1.0, "lambda_cls: weight of the cross-entropy term", min=0.0)
-    loss_ctr: float = _field(1.0, "lambda_ctr: weight of the contrastive term", min=0.0)
-    loss_pred: float = _field(4.0, "lambda_pred: weight of the prediction term", min=0.0)
-    loss_kd: float = _field(0.0, "lambda_kd: weight of the KD term (CoCoRD+KD: 1.0)", min=0.0)
-    kd_temperature: float = _field(4.0, "temperature of the KD term", min=1e-6)
+    name: str = setting("vanilla", "training method; its settings are in the section of the same "
+                        "name (see `cocord-fast methods`)", registry=METHODS)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _field(0.05, "base learning rate", min=0.0)
-    momentum: float = _field(0.9, "SGD momentum", min=0.0, max=1.0)
-    nesterov: bool = _field(False, "Nesterov momentum")
-    weight_decay: float = _field(5e-4, "L2 weight decay", min=0.0)
-    schedule: Literal["step", "cosine"] = _field("step", "learning-rate schedule after warm-up")
-    milestones: list[int] = _field([150, 180, 210], "step schedule: epochs at which lr *= gamma")
-    gamma: float = _field(0.1, "step schedule: decay factor", min=0.0)
-    warmup_epochs: float = _field(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
-    grad_clip: float = _field(0.0, "clip the global gradient norm to this value; 0: no clipping",
+    lr: float = setting(0.05, "base learning rate", min=0.0)
+    momentum: float = setting(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = setting(False, "Nesterov momentum")
+    weight_decay: float = setting(5e-4, "L2 weight decay", min=0.0)
+    schedule: Literal["step", "cosine"] = setting("step", "learning-rate schedule after warm-up")
+    milestones: list[int] = setting([150, 180, 210], "step schedule: epochs at which lr *= gamma")
+    gamma: float = setting(0.1, "step schedule: decay factor", min=0.0)
+    warmup_epochs: float = setting(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
+    grad_clip: float = setting(0.0, "clip the global gradient norm to this value; 0: no clipping",
                               min=0.0)
-    grad_accum_steps: int = _field(1, "micro-batches of data.batch_size per optimizer step", min=1)
+    grad_accum_steps: int = setting(1, "micro-batches of data.batch_size per optimizer step", min=1)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _field(240, "length of the schedule in epochs", min=1)
-    max_steps: int = _field(0, "stop after this many optimizer steps; 0 runs the whole schedule", min=0)
-    log_every: int = _field(50, "log metrics every this many steps", min=1)
-    eval_every: int = _field(1, "evaluate every this many epochs", min=1)
-    ckpt_every: int = _field(0, "also keep a checkpoint every this many steps; 0: only last and best",
+    epochs: int = setting(240, "length of the schedule in epochs", min=1)
+    max_steps: int = setting(0, "stop after this many optimizer steps; 0 runs the whole schedule", min=0)
+    log_every: int = setting(50, "log metrics every this many steps", min=1)
+    eval_every: int = setting(1, "evaluate every this many epochs", min=1)
+    ckpt_every: int = setting(0, "also keep a checkpoint every this many steps; 0: only last and best",
                              min=0)
-    keep_last: int = _field(0, "keep only the newest this many step_N.pt checkpoints; 0: keep all",
+    keep_last: int = setting(0, "keep only the newest this many step_N.pt checkpoints; 0: keep all",
                             min=0)
-    output_dir: str = _field("runs/default", "run directory: config, checkpoints, metrics")
-    seed: int = _field(0, "seed for weights, data order and augmentation", min=0)
-    resume: str = _field("", "'auto' continues the run in output_dir if there is one; or a run "
+    output_dir: str = setting("runs/default", "run directory: config, checkpoints, metrics")
+    seed: int = setting(0, "seed for weights, data order and augmentation", min=0)
+    resume: str = setting("", "'auto' continues the run in output_dir if there is one; or a run "
                              "directory or checkpoint file to continue")
-    resume_on_changed_data: bool = _field(
+    resume_on_changed_data: bool = setting(
         False, "continue a run whose data changed since its checkpoint (other samples, names, "
                "labels or classes: its data position then names other images); never for CRD "
                "with another number of training samples")
-    device: str = _field("auto", "auto (cuda if available), cpu, cuda or cuda:N",
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda or cuda:N",
                          pattern=r"auto|cpu|cuda(:[0-9]+)?",
                          pattern_help="auto, cpu, cuda or cuda:N")
-    precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs forward passes under autocast")
-    kernels: Literal["auto", "triton", "torch"] = _field(
+    precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 runs forward passes under autocast")
+    kernels: Literal["auto", "triton", "torch"] = setting(
         "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch otherwise")
-    compile: Literal[False, True, "default", "reduce-overhead", "max-autotune"] = _field(
+    compile: Literal[False, True, "default", "reduce-overhead", "max-autotune"] = setting(
         False, "torch.compile the encoders (student, teacher, slow student) in this mode; true "
         "is default; reduce-overhead also replays them as CUDA graphs")
-    progress: bool = _field(True, "show a progress bar")
-    stop_signals: list[str] = _field(
+    progress: bool = setting(True, "show a progress bar")
+    stop_signals: list[str] = setting(
         ["SIGTERM", "SIGUSR1"], "signals that end the run after the current step with last.pt "
         "saved (exit code 75); a scheduler's pre-emption")
 
@@ -183,35 +144,63 @@ class TrainConfig:
 class EngineConfig:
     """What wraps the trainable part of the method (README, "Multi-GPU and multi-node")."""
 
-    name: Literal["torch", "deepspeed"] = _field(
+    name: Literal["torch", "deepspeed"] = setting(
         "torch", "torch (one process, or DistributedDataParallel under torchrun or the deepspeed "
         "launcher) or deepspeed (a DeepSpeed engine, ZeRO stage engine.zero_stage)")
-    zero_stage: int = _field(0, "deepspeed only: ZeRO stage 0, 1 (partitioned optimizer state) or "
+    zero_stage: int = setting(0, "deepspeed only: ZeRO stage 0, 1 (partitioned optimizer state) or "
                                 "2 (and gradients)", min=0, max=3)
-    deepspeed_config: str = _field("", "deepspeed only: a DeepSpeed JSON file for the settings "
+    deepspeed_config: str = setting("", "deepspeed only: a DeepSpeed JSON file for the settings "
                                        "cocord_fast does not set itself (e.g. communication)")
-    deepspeed_overrides: dict = _field(
+    deepspeed_overrides: dict = setting(
         {}, "deepspeed only: DeepSpeed settings applied last, as a mapping, e.g. "
             "{zero_optimization: {overlap_comm: true}}")
-    timeout_s: float = _field(
+    timeout_s: float = setting(
         600.0, "seconds a process waits for the others in a collective before it stops the run "
         "(a stuck or dead process); long enough for rank 0 to write a checkpoint", min=1.0)
 
 
+def method_settings() -> dict[str, Any]:
+    """Every registered method's settings at their defaults, by section (the method's name)."""
+    return {name: method.settings() for name, method in METHODS.all().items()
+            if method.settings is not None}
+
+
 @dataclass
 class Config:
+    """The run's settings. Besides the sections below, each registered method with settings
+    has a section of its name (`cfg.cocord`, `cfg.dkd`), held in `method_settings`."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    crd: CRDConfig = field(default_factory=CRDConfig)
-    cocord: CoCoRDConfig = field(default_factory=CoCoRDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    method_settings: dict[str, Any] = field(default_factory=method_settings, repr=False)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not attributes
+        settings = self.__dict__.get("method_settings", {})
+        if name in settings:
+            return settings[name]
+        raise AttributeError(f"the config has no section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("method_settings", {}):
+            self.method_settings[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def sections(self) -> dict[str, Any]:
+        """Section name -> settings, in the order a config file lists them: the method's
+        sections follow `method`."""
+        fixed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "method_settings"}
+        head = ("model", "data", "method")
+        return {**{name: fixed[name] for name in head}, **self.method_settings,
+                **{name: section for name, section in fixed.items() if name not in head}}
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(section) for name, section in self.sections().items()}
 
 
 def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
@@ -238,6 +227,8 @@ def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[st
             raise UserError(f"{name}: expected true or false, got {value!r}")
         return value
     if annotation is str:
+        if meta.get("registry") is not None and isinstance(value, str):
+            meta["registry"].get(value, name)  # raises, naming the known ones
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             # YAML read it as a number (`1e-3`, `010`), so its text is already lost.
             raise UserError(f"{name}: expected a string, got the number {value!r}; quote it, "
@@ -279,12 +270,17 @@ def _merge_section(section: Any, section_name: str, values: Any) -> None:
         setattr(section, key, checked)
 
 
-def merge(config: Config, values: dict[str, Any], source: str = "") -> Config:
-    """Applies a nested `{section: {key: value}}` mapping onto `config` in place."""
+def merge(config: Config, values: dict[str, Any], source: str = "",
+          skip_unknown: bool = False) -> Config:
+    """Applies a nested `{section: {key: value}}` mapping onto `config` in place. With
+    `skip_unknown`, sections no registered method has are passed over (a saved config's
+    sections of a plugin that is gone)."""
     if not isinstance(values, dict):
         raise UserError(f"{source or 'config'}: expected a mapping of sections, got {values!r}")
-    sections = [f.name for f in dataclasses.fields(config)]
+    sections = config.sections()
     for section_name, section_values in values.items():
+        if section_name not in sections and skip_unknown:
+            continue
         if section_name not in sections:
             where = f" in {source}" if source else ""
             raise UserError(f"unknown config section '{section_name}'{where}; valid sections: "
@@ -324,7 +320,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     """Defaults <- `base` (e.g. a resumed run's saved config) <- YAML file <- overrides."""
     config = Config()
     if base is not None:
-        merge(config, base, "saved config")
+        merge(config, base, "saved config", skip_unknown=True)
     if path is not None:
         merge(config, read_yaml(path), str(path))
     for text in overrides:
@@ -339,9 +335,8 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
 def describe_fields() -> str:
     """Every config key with its default and help text, for `cocord-fast config`."""
     lines = []
-    for section_field in dataclasses.fields(Config):
-        section = section_field.default_factory()
-        lines.append(f"{section_field.name}:")
+    for name, section in Config().sections().items():
+        lines.append(f"{name}:")
         for f in dataclasses.fields(section):
             default = yaml.safe_dump(getattr(section, f.name), default_flow_style=True).strip()
             default = default.removesuffix("\n...").removesuffix("...").strip()

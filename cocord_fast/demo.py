@@ -1,7 +1,7 @@
 """The embedded default job: `cocord-fast train` with no arguments, or `cocord-fast demo`.
 
 Offline, on CPU: make the demo data set (once), train the demo teacher, train the student alone
-and with KD, CRD and CoCoRD, and print `compare`'s table of the four. Every stage resumes
+and with KD, DKD, DIST, CRD and CoCoRD, and print `compare`'s table of the six. Every stage resumes
 (`train.resume=auto`), so a second run reuses whatever the first finished. Several seeds run the
 whole job once each, teacher included, and end with the mean and standard deviation over them.
 Each stage runs in a process of its own, so that the table's peak memory is the stage's.
@@ -28,11 +28,14 @@ from .training.trainer import train
 
 DEFAULT_OUT = Path("runs/demo")
 # (stage, recipe under configs/demo/): the teacher first, then the student alone (the baseline
-# every other student is measured against), then the three ways of distilling into it.
+# every other student is measured against), then the five ways of distilling into it: the
+# logit methods, which cost what KD costs, before the contrastive ones.
 STAGES = [
     ("teacher", "teacher.yaml"),
     ("vanilla", "student.yaml"),
     ("kd", "kd.yaml"),
+    ("dkd", "dkd.yaml"),
+    ("dist", "dist.yaml"),
     ("crd", "crd.yaml"),
     ("cocord", "cocord.yaml"),
 ]

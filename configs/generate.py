@@ -5,43 +5,36 @@ test checks they agree), so a change to a shared setting is made here, once.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import yaml
 
+from cocord_fast.methods import Recipe
+from cocord_fast.plugins import METHODS
+
 ROOT = Path(__file__).resolve().parent
 
-# METHOD.md section 5: (teacher, student) -> published top-1 of vanilla student, KD, CRD,
-# CoCoRD, CoCoRD+KD.
+# METHOD.md section 5: the published teacher -> student pairs and the student's top-1 alone.
+# Each method's rows (its settings and published results) are its `Method.recipes`.
 CIFAR_PAIRS = {
-    ("wrn_40_2", "wrn_16_2"): (73.26, 74.92, 75.48, 75.48, 75.90),
-    ("wrn_40_2", "wrn_40_1"): (71.98, 73.54, 74.14, 75.17, 75.25),
-    ("resnet56", "resnet20"): (69.06, 70.66, 71.16, 71.74, 72.09),
-    ("resnet110", "resnet20"): (69.06, 70.67, 71.46, 72.11, 72.18),
-    ("resnet110", "resnet32"): (71.14, 73.08, 73.48, 74.10, 74.37),
-    ("resnet32x4", "resnet8x4"): (72.50, 73.33, 75.51, 75.29, 75.42),
-    ("vgg13", "vgg8"): (70.36, 72.98, 73.94, 73.99, 74.26),
-    ("vgg13", "MobileNetV2"): (64.60, 67.37, 69.73, 69.86, 69.90),
-    ("ResNet50", "MobileNetV2"): (64.60, 67.35, 69.11, 70.22, 70.30),
-    ("ResNet50", "vgg8"): (70.36, 73.81, 74.30, 74.52, 74.62),
-    ("resnet32x4", "ShuffleV1"): (70.50, 74.07, 75.11, 75.99, 76.48),
-    ("resnet32x4", "ShuffleV2"): (71.82, 74.45, 75.65, 77.28, 77.39),
-    ("wrn_40_2", "ShuffleV1"): (70.50, 74.83, 76.05, 76.42, 76.56),
+    ("wrn_40_2", "wrn_16_2"): 73.26, ("wrn_40_2", "wrn_40_1"): 71.98,
+    ("resnet56", "resnet20"): 69.06, ("resnet110", "resnet20"): 69.06,
+    ("resnet110", "resnet32"): 71.14, ("resnet32x4", "resnet8x4"): 72.50,
+    ("vgg13", "vgg8"): 70.36, ("vgg13", "MobileNetV2"): 64.60,
+    ("ResNet50", "MobileNetV2"): 64.60, ("ResNet50", "vgg8"): 70.36,
+    ("resnet32x4", "ShuffleV1"): 70.50, ("resnet32x4", "ShuffleV2"): 71.82,
+    ("wrn_40_2", "ShuffleV1"): 70.50,
 }
 # As in CRD: the light students train at lr 0.01, the others at 0.05.
 LOW_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}
 IMAGENET_PAIRS = [("resnet34", "resnet18"), ("resnet101", "resnet50")]
 
-METHOD_SETTINGS = {
-    "kd": {"method": {"name": "kd"}, "kd": {"temperature": 4.0, "loss_cls": 0.1, "loss_kd": 0.9}},
-    "crd": {"method": {"name": "crd"}, "crd": {"loss_cls": 1.0, "loss_crd": 0.8, "loss_kd": 0.0}},
-    "cocord": {"method": {"name": "cocord"}, "cocord": {"loss_cls": 1.0, "loss_ctr": 1.0,
-                                                        "loss_pred": 4.0, "loss_kd": 0.0}},
-    "cocord_kd": {"method": {"name": "cocord"}, "cocord": {"loss_cls": 1.0, "loss_ctr": 1.0,
-                                                           "loss_pred": 4.0, "loss_kd": 1.0}},
-}
-METHOD_TITLES = {"vanilla": "cross-entropy only", "kd": "KD (Hinton)", "crd": "CRD",
-                 "cocord": "CoCoRD", "cocord_kd": "CoCoRD+KD"}
+
+
+def method_recipes() -> list[Recipe]:
+    """Every registered method's rows, in the registry's order."""
+    return [recipe for method in METHODS.all().values() for recipe in method.recipes]
 
 
 def cifar_common(student: str, output: str) -> dict:
@@ -71,17 +64,37 @@ def imagenet_common(output: str) -> dict:
     }
 
 
-def recipe(method: str, student: str, teacher: str | None, common: dict, dataset: str) -> dict:
+def recipe(settings: dict, student: str, teacher: str | None, common: dict,
+           dataset: str) -> dict:
+    """A recipe file's values: the model, then `common` with the method's `settings` (its
+    sections, and any of `common`'s keys it sets) in the sections' usual order."""
     model = {"student": student}
     if teacher is not None:
         model.update(teacher=teacher,
                      teacher_checkpoint=f"runs/{dataset}/vanilla_{teacher}/last.pt")
-    settings = METHOD_SETTINGS.get(method, {"method": {"name": "vanilla"}})
-    result = {"model": model, "data": common["data"], **settings}
-    if method.startswith("cocord") and dataset == "imagenet":
-        result["cocord"] = {"queue_size": 16384, **result["cocord"]}
-    engine = {"engine": common["engine"]} if "engine" in common else {}
-    return {**result, "optim": common["optim"], "train": common["train"], **engine}
+    sections = {"data": common["data"], **{name: values for name, values in settings.items()
+                                          if name not in common},
+                "optim": common["optim"], "train": common["train"]}
+    if "engine" in common:
+        sections["engine"] = common["engine"]
+    for name, values in settings.items():
+        if name in common:
+            sections[name] = {**common[name], **values}
+    return {"model": model, **sections}
+
+
+VANILLA = {"method": {"name": "vanilla"}}
+
+
+def settings_for(row: Recipe, pair: tuple[str, str], dataset: str) -> dict:
+    """The row's sections for `pair` on `dataset`: CIFAR-100's, or ImageNet's where it has
+    its own, then the pair's own values."""
+    settings = {**row.settings}
+    if dataset == "imagenet" and row.imagenet_settings:
+        settings.update({"method": row.settings["method"], **row.imagenet_settings})
+    for name, values in row.pair_settings.get(pair, {}).items():
+        settings[name] = {**settings.get(name, {}), **values}
+    return settings
 
 
 def render(header: str, values: dict) -> str:
@@ -89,19 +102,32 @@ def render(header: str, values: dict) -> str:
     return comment + yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
 
 
+def prose(text: str) -> str:
+    """`text` wrapped to the width of the recipes' comments."""
+    return textwrap.fill(text, width=96, break_on_hyphens=False)
+
+
+def reproduces(row: Recipe, pair: tuple[str, str]) -> str:
+    if pair in row.cifar100_top1:
+        return f"Reproduces the published top-1 {row.cifar100_top1[pair]:.2f} ({row.published_in})."
+    return (f"{row.label} has no published result for this pair: the settings of its published "
+            f"pairs ({row.published_in}).")
+
+
 def cifar_recipes() -> dict[str, str]:
     files = {}
     published = {}
     for (teacher, student), top1 in CIFAR_PAIRS.items():
-        published.setdefault(student, top1[0])
-        for method, value in zip(("kd", "crd", "cocord", "cocord_kd"), top1[1:]):
-            name = f"{method}_{teacher}_{student}"
-            header = (f"{METHOD_TITLES[method]}: {teacher} -> {student} on CIFAR-100.\n"
-                      f"Reproduces the published top-1 {value:.2f} (METHOD.md section 5). The "
-                      f"teacher comes from\nconfigs/cifar100/vanilla_{teacher}.yaml, or point "
-                      f"model.teacher_checkpoint at CRD's public\nckpt_epoch_240.pth for it.")
-            files[f"cifar100/{name}.yaml"] = render(
-                header, recipe(method, student, teacher, cifar_common(student, name), "cifar100"))
+        published.setdefault(student, top1)
+        for row in method_recipes():
+            name = f"{row.prefix}_{teacher}_{student}"
+            header = prose(f"{row.title}: {teacher} -> {student} on CIFAR-100. "
+                           f"{reproduces(row, (teacher, student))} The teacher comes from "
+                           f"configs/cifar100/vanilla_{teacher}.yaml, or point "
+                           f"model.teacher_checkpoint at CRD's public ckpt_epoch_240.pth for it.")
+            files[f"cifar100/{name}.yaml"] = render(header, recipe(
+                settings_for(row, (teacher, student), "cifar100"), student, teacher,
+                cifar_common(student, name), "cifar100"))
     teachers = {teacher for teacher, _ in CIFAR_PAIRS}
     for model in sorted(teachers | set(published)):
         role = (f"the student baseline, published top-1 {published[model]:.2f}"
@@ -109,7 +135,7 @@ def cifar_recipes() -> dict[str, str]:
         header = (f"{model} trained with cross-entropy on CIFAR-100: {role}\n(METHOD.md section "
                   f"5). RepDistiller's recipe: SGD, batch 64, 240 epochs, lr x0.1 at 150/180/210.")
         files[f"cifar100/vanilla_{model}.yaml"] = render(
-            header, recipe("vanilla", model, None, cifar_common(model, f"vanilla_{model}"),
+            header, recipe(VANILLA, model, None, cifar_common(model, f"vanilla_{model}"),
                            "cifar100"))
     return files
 
@@ -125,21 +151,24 @@ def imagenet_launch(name: str) -> str:
 def imagenet_recipes() -> dict[str, str]:
     files = {}
     for teacher, student in IMAGENET_PAIRS:
-        for method in ("kd", "crd", "cocord", "cocord_kd"):
-            name = f"{method}_{teacher}_{student}"
-            header = (f"{METHOD_TITLES[method]}: {teacher} -> {student} on ImageNet (an "
-                      f"ImageFolder tree).\nThe paper's ImageNet recipe is not public: batch "
-                      f"256, lr 0.1, 100 epochs (METHOD.md).\nCRD reports 71.38 top-1 for "
-                      f"resnet34 -> resnet18 with CRD+KD; CoCoRD reports resnet101 ->\nresnet50 "
-                      f"0.2 points above its teacher. A torchvision state dict works as teacher.\n"
-                      f"{imagenet_launch(name)}")
-            files[f"imagenet/{name}.yaml"] = render(
-                header, recipe(method, student, teacher, imagenet_common(name), "imagenet"))
+        for row in method_recipes():
+            name = f"{row.prefix}_{teacher}_{student}"
+            result = row.imagenet_results.get((teacher, student))
+            target = (f"Reproduces {result}." if result else
+                      f"{row.label} has no published result for this pair: the settings of its "
+                      f"published ImageNet pair.")
+            header = (prose(f"{row.title}: {teacher} -> {student} on ImageNet (an ImageFolder "
+                            f"tree), batch 256, lr 0.1, 100 epochs (METHOD.md). {target} A "
+                            f"torchvision state dict works as teacher.")
+                      + f"\n{imagenet_launch(name)}")
+            files[f"imagenet/{name}.yaml"] = render(header, recipe(
+                settings_for(row, (teacher, student), "imagenet"), student, teacher,
+                imagenet_common(name), "imagenet"))
     for model in sorted({m for pair in IMAGENET_PAIRS for m in pair}):
         header = (f"{model} trained with cross-entropy on ImageNet: a teacher or the student "
                   f"baseline\nof the ImageNet pairs.\n{imagenet_launch(f'vanilla_{model}')}")
         files[f"imagenet/vanilla_{model}.yaml"] = render(
-            header, recipe("vanilla", model, None, imagenet_common(f"vanilla_{model}"),
+            header, recipe(VANILLA, model, None, imagenet_common(f"vanilla_{model}"),
                            "imagenet"))
     return files
 
@@ -163,7 +192,9 @@ def pretrained_teacher_recipes() -> dict[str, str]:
                   f"pretrained\nweights {weights} (top-1 {top1} as published), fetched on the "
                   f"first start; the data takes\nthe teacher's preprocessing ({preprocessing}) "
                   f"(README: Any teacher).\n{imagenet_launch(name)}")
-        values = recipe("cocord", "resnet18", None, imagenet_common(name), "imagenet")
+        cocord = next(row for row in method_recipes() if row.prefix == "cocord")
+        values = recipe(settings_for(cocord, ("", ""), "imagenet"), "resnet18", None,
+                        imagenet_common(name), "imagenet")
         values["model"].update(teacher=teacher, teacher_weights=weights)
         files[f"imagenet/{name}.yaml"] = render(header, values)
     return files

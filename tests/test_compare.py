@@ -41,11 +41,14 @@ def test_compare_prints_one_table_against_the_first_run_and_writes_json_and_plot
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("run "))
-    assert header.split() == ["run", "method", "teacher", "steps", "state", "top-1", "best",
-                              "top-5", "Δ", "top-1", "img/s", "slowest", "rank", "data", "wait",
-                              "wall", "s", "peak", "MB", "bank", "MB"]
+    assert header.split() == ["run", "method", "teacher", "passes", "steps", "state", "top-1",
+                              "best", "top-5", "Δ", "top-1", "img/s", "slowest", "rank", "data",
+                              "wait", "wall", "s", "peak", "MB", "bank", "MB"]
     rows = {row["run"]: row for row in json.loads((out / "compare.json").read_text())}
     assert [rows[r]["method"] for r in ("alone", "cocord", "crd")] == ["vanilla", "CoCoRD", "CRD"]
+    # METHOD.md: the student's own pass; CoCoRD two student, two slow-student and one teacher
+    # pass; CRD one student and one teacher pass.
+    assert [rows[r]["encoder_passes"] for r in ("alone", "cocord", "crd")] == [1, 5, 2]
     assert rows["alone"]["delta_top1"] == 0
     assert rows["cocord"]["delta_top1"] == pytest.approx(rows["cocord"]["top1"]
                                                          - rows["alone"]["top1"])
@@ -59,7 +62,7 @@ def test_compare_prints_one_table_against_the_first_run_and_writes_json_and_plot
     assert all(0 <= rows[r]["data_wait_share"] <= 1 for r in rows)
     assert {p.name for p in out.glob("*.png")} == {"resnet8_on_demo_top1.png",
                                                    "resnet8_on_demo_losses.png",
-                                                   "resnet8_on_demo_speed.png"}
+                                                   "resnet8_on_demo_speed.png", "summary.png"}
 
 
 def test_runs_of_other_students_form_their_own_table(runs, tiny_overrides, tmp_path, capsys):

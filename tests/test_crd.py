@@ -13,7 +13,7 @@ from cocord_fast.data import Batch
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.sources import open_source
 from cocord_fast.errors import UserError
-from cocord_fast.methods import METHODS, build_method
+from cocord_fast.methods import build_method, method_class
 from cocord_fast.methods.crd import CRD
 from cocord_fast.methods.crd_loss import CRDLoss, nce_loss
 from cocord_fast.methods.crd_negatives import NegativeSampler
@@ -229,7 +229,7 @@ def synthetic_batch(batch: int = 8) -> Batch:
 
 
 def test_registry_and_declarations():
-    assert METHODS["crd"] is CRD and CRD.needs_teacher and CRD.num_views == 1
+    assert method_class("crd") is CRD and CRD.needs_teacher and CRD.num_views == 1
     assert CRD.run_label(load_config()) == "CRD"
     assert CRD.run_label(load_config(overrides=["crd.loss_kd=0.5"])) == "CRD+KD"
 

@@ -16,9 +16,9 @@ from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.config import DataConfig, load_config
 from cocord_fast.data import build_loaders
 from cocord_fast.data.order import epoch_order
-from cocord_fast.data.sources import open_source
-from cocord_fast.data.transforms import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                         Preprocessing)
+from cocord_fast.data.cifar100 import CIFAR_MEAN, CIFAR_STD
+from cocord_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, open_source
+from cocord_fast.data.transforms import Preprocessing
 from cocord_fast.models import build_model
 from cocord_fast.training.metrics import read_log
 from cocord_fast.training.trainer import train
@@ -340,7 +340,7 @@ def test_the_feed_reads_the_next_batch_before_it_is_asked_for(identity_tree, mon
     from cocord_fast.data.dali_pipeline import DaliRecipe
 
     source = open_source("imagefolder", identity_tree, train=True)
-    recipe = DaliRecipe("imagefolder", 32, Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+    recipe = DaliRecipe(0, 32, Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
     feed = DaliFeed(source, recipe, 2, torch.device("cpu"), torch.float32)
     read, reads = source.read, []
     monkeypatch.setattr(source, "read", lambda index: reads.append(index) or read(index))

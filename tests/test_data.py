@@ -10,9 +10,10 @@ from cocord_fast.config import DataConfig
 from cocord_fast.data import Batch, build_loaders
 from cocord_fast.data.build import check_data_config
 from cocord_fast.data.order import derived_seed
-from cocord_fast.data.sources import CIFAR100, open_source
+from cocord_fast.data.cifar100 import CIFAR_MEAN, CIFAR_STD, CIFAR100
+from cocord_fast.data.sources import open_source
 from cocord_fast.data.torch_loader import EpochBatchSampler, MultiViewDataset, collate
-from cocord_fast.data.transforms import CIFAR_MEAN, CIFAR_STD, Preprocessing, build_recipe
+from cocord_fast.data.transforms import Preprocessing, build_recipe
 from cocord_fast.errors import UserError
 
 
@@ -132,7 +133,7 @@ def test_sampler_rejects_batch_larger_than_data():
 
 def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root):
     source = open_source("demo", tiny_demo_root, train=True)
-    recipe = build_recipe("demo", 32, Preprocessing.of(DataConfig(dataset="demo")))
+    recipe = build_recipe(32, 32, Preprocessing.of(DataConfig(dataset="demo")))
     dataset = MultiViewDataset(source, recipe.train, num_views=3, seed=0)
     views, label, index, skipped, replaced = dataset[(5, 0)]
     assert len(views) == 3 and label == source.load(5)[1] and index == 5 and skipped == []
@@ -225,6 +226,6 @@ def test_resize_settings_a_32px_data_set_would_ignore_are_refused(dataset, setti
 
 @pytest.mark.parametrize("dataset", ["demo", "imagefolder", "shards"])
 def test_a_download_of_a_data_set_that_has_none_is_refused(dataset):
-    with pytest.raises(UserError, match=rf"data.download=true is for data.dataset=cifar100: "
-                                        rf"{dataset} data is not downloaded"):
+    with pytest.raises(UserError, match=rf"data.download=true: data.dataset={dataset} is not "
+                                        rf"downloaded \(these are: cifar100\)"):
         check_data_config(DataConfig(dataset=dataset, backend="torch", download=True))

@@ -13,8 +13,7 @@ from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
 from cocord_fast.data.build import resolve_backend
 from cocord_fast.data.order import epoch_order
-from cocord_fast.data.sources import CorruptImage, open_source
-from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cocord_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, CorruptImage, open_source
 from cocord_fast.errors import UserError
 from cocord_fast.methods.crd_negatives import NegativeSampler
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cocord_fast.data import demo
+from cocord_fast.data import demo, index_files
 from cocord_fast.data.sources import open_source
 from cocord_fast.errors import UserError
 
@@ -43,4 +43,4 @@ def test_ensure_reuses_a_complete_tree_and_refuses_a_foreign_one(tmp_path, monke
 
 def test_default_location_is_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("COCORD_FAST_CACHE", str(tmp_path))
-    assert demo.default_cache_dir() == tmp_path / "demo"
+    assert index_files.default_cache_dir() == tmp_path / "demo"

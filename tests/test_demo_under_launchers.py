@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from cocord_fast.configs import ROOT as CONFIGS
-from cocord_fast.data.demo import default_cache_dir
+from cocord_fast.data.index_files import default_cache_dir
 from launch import BIN, launch
 
 pytestmark = pytest.mark.slow

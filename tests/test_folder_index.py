@@ -19,7 +19,7 @@ from cocord_fast.cli import main
 from cocord_fast.data import folder_index, index_files, shards
 from cocord_fast.data.folder_index import INDEX_NAME, open_index, scan
 from cocord_fast.data.shard_writer import convert
-from cocord_fast.data.sources import ImageFolder
+from cocord_fast.data.imagefolder import ImageFolder
 from cocord_fast.errors import UserError
 
 from data_trees import write_identity_tree
@@ -185,12 +185,13 @@ def test_the_dali_feed_takes_the_sizes_the_index_measured(tmp_path):
     pytest.importorskip("nvidia.dali")
     from cocord_fast.data.dali_loader import DaliFeed
     from cocord_fast.data.dali_pipeline import DaliRecipe
-    from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from cocord_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD
+    from cocord_fast.data.transforms import Preprocessing
 
     root = write_identity_tree(tmp_path / "data", classes=3, per_class=4)
     assert main(["index", str(root)]) == 0
     source = ImageFolder(root / "train")
-    recipe = DaliRecipe("imagefolder", 32, Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+    recipe = DaliRecipe(0, 32, Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
     feed = DaliFeed(source, recipe, 1, torch.device("cpu"), torch.float32)
     assert (feed.sizes > 0).all() and np.array_equal(feed.sizes, source.sizes)
     assert feed.file(3) == str(source.path(3))

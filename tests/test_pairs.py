@@ -12,7 +12,7 @@ import torch
 from cocord_fast.config import load_config
 from cocord_fast.configs.generate import CIFAR_PAIRS
 from cocord_fast.data import Batch
-from cocord_fast.methods import METHODS, build_method
+from cocord_fast.methods import build_method, method_class
 from cocord_fast.models import build_model
 
 from formulas import (formula_ce, formula_ctr, formula_kd, formula_pred, recompute_terms,
@@ -93,7 +93,7 @@ def check_step(method_name: str, teacher_name: str, student_name: str, size: int
     method = build_method(method_name, cfg, build_model(student_name, CLASSES),
                           build_model(teacher_name, CLASSES),
                           np.arange(NUM_DATA) % 4).double().train()
-    batch = fixed_batch(METHODS[method_name].num_views, size)
+    batch = fixed_batch(method_class(method_name).num_views, size)
     if method_name == "crd":
         method(batch)  # a first step fixes the normalisers, which are constants from then on
     before = {key: value.clone() for key, value in method.state_dict().items()}

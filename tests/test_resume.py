@@ -104,7 +104,7 @@ def test_the_readme_import_recipe_runs_end_to_end(tmp_path, capsys):
     on CIFAR-100-format data, as the README says."""
     from test_data import write_cifar
 
-    from cocord_fast.config import CoCoRDConfig
+    from cocord_fast.methods.cocord import CoCoRDSettings as CoCoRDConfig
     from cocord_fast.methods.cocord import CoCoRD
 
     from test_cocord_reference import OURS

@@ -128,7 +128,7 @@ def test_a_key_with_dots_is_refused_with_webdatasets_rule(tmp_path, contents, me
 def test_a_sample_may_carry_extra_members_with_dotted_extensions(tmp_path):
     source = opened(tmp_path, tar_bytes([("a.jpg", JPEG), ("a.seg.png", JPEG), ("a.cls", b"2"),
                                           ("a.json", b"{}")]))
-    assert len(source) == 1 and source.name(0).endswith(":a.jpg")
+    assert len(source) == 1 and source.where(0).endswith(":a.jpg")
 
 
 def test_an_image_stored_as_a_link_is_refused(tmp_path):

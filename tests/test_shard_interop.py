@@ -111,7 +111,7 @@ def test_member_names_that_are_not_utf8_are_kept_as_the_archive_holds_them(folde
             tar.addfile(info, io.BytesIO(content))
     assert b"class_0/caf\xe9.jpg" in (split / "shard-000000.tar").read_bytes()
     source = open_source("shards", tmp_path / "data", train=True)
-    assert source.name(0) == f"{split / 'shard-000000.tar'}:{name}.jpg"
+    assert source.where(0) == f"{split / 'shard-000000.tar'}:{name}.jpg"
     again = open_source("shards", tmp_path / "data", train=True)  # from its index
-    assert again.name(0) == source.name(0) and again.read(0).tobytes() == data
+    assert again.where(0) == source.where(0) and again.read(0).tobytes() == data
     assert source.load(0)[0].size == (48, 36)

@@ -24,8 +24,7 @@ from cocord_fast.data import shard_headers, shards
 from cocord_fast.data.open_files import OPEN_FILES
 from cocord_fast.data.order import epoch_order
 from cocord_fast.data.shard_writer import convert, sample_key
-from cocord_fast.data.sources import open_source
-from cocord_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cocord_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, open_source
 from cocord_fast.errors import UserError
 from cocord_fast.training.resume import config_for_resume
 from cocord_fast.training.trainer import train
@@ -158,7 +157,7 @@ def damaged_copy(shard_root: Path, tmp_path: Path, index: int, damage) -> tuple[
     shutil.copytree(shard_root, root)
     source = open_source("shards", root, train=True)
     shard = root / "train" / source.index.shards[source.index.shard_of[index]]
-    member = source.name(index).split(":", 1)[1]
+    member = source.where(index).split(":", 1)[1]
     write_tar(shard, [(name, damage(data) if name == member else data)
                       for name, data in members(shard)])
     later(shard)

@@ -42,7 +42,7 @@ class BenchSettings:
     student: str = "resnet18"
     image_size: int = 224
     batch_size: int = 256
-    methods: tuple[str, ...] = ("vanilla", "kd", "crd", "cocord")
+    methods: tuple[str, ...] = ()  # empty: every registered method (`check` fills it in)
     steps: int = 20  # timed steps per entry and round
     warmup: int = 5  # untimed steps per entry before the rounds (compilation happens here)
     rounds: int = 3
@@ -77,19 +77,16 @@ class BenchSettings:
     def check(self) -> None:
         """Every setting a user can get wrong, named by its option, before anything is built."""
         from ..config import load_config
-        from ..methods import METHODS
+        from ..plugins import METHODS
         from ..models import MODELS
 
         for option, name in (("--teacher", self.teacher), ("--student", self.student)):
             if name not in MODELS:
                 raise UserError(f"{option}: unknown model {name!r}; known models: "
                                 f"{', '.join(MODELS)}")
-        if not self.methods:
-            raise UserError("--methods: give at least one of " + ", ".join(METHODS))
+        self.methods = self.methods or tuple(METHODS.names())
         for name in self.methods:
-            if name not in METHODS:
-                raise UserError(f"--methods: unknown method {name!r}; known: "
-                                f"{', '.join(METHODS)}")
+            METHODS.get(name, "--methods")
         if len(set(self.methods)) < len(self.methods):
             raise UserError(f"--methods: {' '.join(self.methods)} names a method twice")
         for option, value, least in (("--steps", self.steps, 1), ("--rounds", self.rounds, 1),

@@ -8,17 +8,17 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
 from ..errors import UserError
+from ..plugins import SOURCES
 from ..turns import in_turns
 from .batch import Batch
-from .demo import ensure_demo_dataset
-from .sources import open_source
+from .sources import Source, open_source, source_kind
 from .transforms import Preprocessing, build_recipe, image_size_of, refuse_resizing_small_images
 
 
@@ -44,7 +44,7 @@ class Loaders:
     num_train: int
     train_targets: np.ndarray  # (num_train,) class of every training sample
     backend: str  # "dali" or "torch"
-    sources: dict[str, Any]  # "train" and "val": what the loaders read (`sources.py`)
+    sources: dict[str, Source]  # "train" and "val": what the loaders read
 
     @property
     def steps_per_epoch(self) -> int:
@@ -74,32 +74,32 @@ def check_data_config(cfg: DataConfig) -> None:
     if resolve_backend(cfg.backend) == "torch" and not cfg.read_ahead:
         raise UserError("data.read_ahead=false is for data.backend=dali: the torch DataLoader's "
                         "workers read ahead (data.num_workers=0 reads on the training thread)")
-    if cfg.download and cfg.dataset != "cifar100":
-        raise UserError(f"data.download=true is for data.dataset=cifar100: {cfg.dataset} data "
-                        f"is not downloaded (the demo set is made offline)")
+    if cfg.download and not source_kind(cfg.dataset).downloads:
+        fetched = [name for name, kind in SOURCES.all().items() if kind.downloads]
+        raise UserError(f"data.download=true: data.dataset={cfg.dataset} is not downloaded "
+                        f"(these are: {', '.join(fetched)})")
     refuse_resizing_small_images(cfg)
 
 
 def prepare_sources(cfg: DataConfig) -> Path:
-    """Makes the demo data set if it is missing, and the index of each split of image files or
-    shards (`index_files.py`) if it is missing or stale; returns the data root. Under a
-    launcher the processes take turns (`turns.in_turns`): they read the index rank 0 or
-    their node's first process wrote instead of listing every file or reading every shard's
-    headers."""
+    """Makes what the source reads at every start where it is missing or stale
+    (`Source.prepare`: the demo data set, the index of each split of image files or shards);
+    returns the data root. Under a launcher the processes take turns (`turns.in_turns`): they
+    read the index rank 0 or their node's first process wrote instead of listing every file or
+    reading every shard's headers."""
     with in_turns("making the data set's indexes"):
         root = resolve_root(cfg)
-        if cfg.dataset != "cifar100":
-            for train in (True, False):
-                open_source(cfg.dataset, root, train)
+        source_kind(cfg.dataset).prepare(root)
     return root
 
 
 def resolve_root(cfg: DataConfig) -> Path:
-    if cfg.dataset == "demo":
-        return ensure_demo_dataset(cfg.root or None)
-    if not cfg.root:
+    kind = source_kind(cfg.dataset)
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    if kind.needs_root:
         raise UserError(f"data.root is required for data.dataset={cfg.dataset}")
-    return Path(cfg.root).expanduser()
+    return kind.default_root()
 
 
 def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.device | None = None,
@@ -127,7 +127,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
         from .dali_pipeline import DaliRecipe
 
         def feed(source):
-            return DaliFeed(source, DaliRecipe(cfg.dataset, image_size, preprocessing),
+            return DaliFeed(source, DaliRecipe(train_source.image_size, image_size, preprocessing),
                             cfg.num_workers, device, dtype, cfg.read_ahead)
         train = DaliTrainLoader(feed(train_source), num_views, cfg.batch_size, seed, rank,
                                 world_size, cfg.skip_corrupt)
@@ -137,7 +137,8 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
         from .torch_loader import build_torch_loaders
 
         train, val = build_torch_loaders(cfg, train_source, val_source,
-                                         build_recipe(cfg.dataset, image_size, preprocessing),
+                                         build_recipe(train_source.image_size, image_size,
+                                                      preprocessing),
                                          num_views,
                                          seed, device, rank, world_size)
     return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,

@@ -50,7 +50,7 @@ from ..errors import UserError
 from .batch import Batch
 from .dali_pipeline import DaliRecipe, eval_pipeline, training_pipeline
 from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
-from .sources import CIFAR100, header_size
+from .sources import header_size
 
 # How many batches past the failing one DALI may have been working on: its prefetch queue
 # (depth 2), and one more for safety.
@@ -68,8 +68,7 @@ class DaliFeed:
         self.dtype = dtype if self.gpu else torch.float32
         self.recipe = recipe
         self.targets = torch.as_tensor(source.targets, dtype=torch.long, device=device)  # (n,)
-        self.encoded = not isinstance(source, CIFAR100)  # files to decode, or pixel arrays
-        if self.encoded:
+        if source.encoded:  # files to decode, else pixel arrays
             # File reads release the GIL: a batch's files are read in parallel by these
             # threads, and the next batch's are started before this one is handed over, so
             # the training thread (which runs DALI's external source) finds them read.
@@ -80,15 +79,15 @@ class DaliFeed:
             self.sizes = source.sizes.copy()
 
     def file(self, index: int) -> str:
-        return self.source.name(index)
+        return self.source.where(index)
 
     def images(self, indices: list[int],
                next_indices: list[int] | None = None) -> np.ndarray | list[np.ndarray]:
-        """(B, H, W, 3) uint8 arrays (CIFAR), or the B files' bytes. Files: the reads of
-        `next_indices` (the batch expected next) start before this returns; a batch asked
-        for that was not expected (a new epoch, a rebuilt pipeline) is read now."""
-        if not self.encoded:
-            return np.ascontiguousarray(self.source.images[indices])
+        """(B, H, W, 3) uint8 arrays (a decoded source), or the B files' bytes. Files: the
+        reads of `next_indices` (the batch expected next) start before this returns; a batch
+        asked for that was not expected (a new epoch, a rebuilt pipeline) is read now."""
+        if not self.source.encoded:
+            return np.ascontiguousarray(self.source.pixels(np.asarray(indices)))
         if self.ahead is not None and self.ahead[0] == indices:
             reads = self.ahead[1]
         else:
@@ -112,7 +111,7 @@ class DaliFeed:
 
     def pipeline_args(self, batch_size: int) -> dict:
         return dict(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id,
-                    encoded=self.encoded, gpu=self.gpu)
+                    encoded=self.source.encoded, gpu=self.gpu)
 
     @property
     def device_id(self) -> int | None:
@@ -230,7 +229,7 @@ class _Resilient:
                 self.in_flight = False
                 return
             except RuntimeError as err:
-                if not self.feed.encoded or not _is_decode_failure(err):
+                if not self.feed.source.encoded or not _is_decode_failure(err):
                     raise
                 self.iterator = None  # DALI's pipeline is no longer valid after an error
                 rest = piece[position * self.batch_size:]

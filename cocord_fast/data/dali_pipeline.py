@@ -1,8 +1,8 @@
 """DALI graphs: read, decode each image once, then one augmentation chain per view.
 
 The recipes are those of `transforms.py` (METHOD.md, "Views") expressed as DALI operators:
-- small images (CIFAR-100, demo): 4 px of zero padding, a random 32x32 crop at an integer
-  offset in [0, 8], a random horizontal flip, normalise;
+- fixed-size images (a source with an `image_size`: CIFAR-100, demo): 4 px of zero padding, a
+  random crop of that size at an integer offset in [0, 8], a random horizontal flip, normalise;
 - ImageFolder/ImageNet: random-resized crop (area 0.08-1, aspect 3/4-4/3) to `image_size`,
   flip, normalise; evaluation resizes to image_size/crop_pct (0.875 unless a teacher's
   preprocessing says otherwise) the shorter side, both sides or the longer side (the crop mode:
@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from .transforms import SMALL_IMAGE_PAD, SMALL_IMAGE_SIZE, Preprocessing, is_small_image
+from .transforms import SMALL_IMAGE_PAD, Preprocessing
 
 # torchvision's RandomResizedCrop: area fraction, log aspect ratio, and 10 tries for a window
 # that fits before it falls back to a centre crop.
@@ -50,13 +50,13 @@ INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 @dataclass(frozen=True)
 class DaliRecipe:
-    dataset: str
+    fixed_size: int  # the side of every image of a fixed-size source; 0 where they vary
     image_size: int
     preprocessing: Preprocessing
 
     @property
     def small(self) -> bool:
-        return is_small_image(self.dataset)
+        return self.fixed_size > 0
 
     @property
     def mean_std(self) -> tuple[list[float], list[float]]:
@@ -102,11 +102,11 @@ class DaliRecipe:
     def train_view(self, images, params: list):
         if self.small:
             crop_x, crop_y, flip = params
-            padded = SMALL_IMAGE_SIZE + 2 * SMALL_IMAGE_PAD
+            padded = self.fixed_size + 2 * SMALL_IMAGE_PAD
             # A centred 40x40 window over a 32x32 image: 4 px of zeros on every side.
             images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad",
                              fill_values=0)
-            return self.normalize(images, crop=(SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE), mirror=flip,
+            return self.normalize(images, crop=(self.fixed_size, self.fixed_size), mirror=flip,
                                   crop_pos_x=crop_x, crop_pos_y=crop_y)
         start, end, flip = params
         size = self.image_size

@@ -1,4 +1,4 @@
-"""The embedded demo data set: procedural 32x32 images written once as JPEG files.
+"""The `demo` data source: procedural 32x32 images written once as JPEG files, made offline.
 
 Ten classes: five shapes (disc, bar, triangle, cross, ring), each either solid or striped.
 Colour, size, position, rotation, stripe angle, background, distractor blobs and noise all vary,
@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
+from .cifar100 import CIFAR_MEAN, CIFAR_STD
+from .imagefolder import ImageFolder
+from .index_files import default_cache_dir
 
 SHAPES = ("disc", "bar", "triangle", "cross", "ring")
 FILLS = ("solid", "striped")
@@ -25,9 +28,22 @@ SIZE, SCALE = 32, 4  # drawn at 4x and downsampled, for anti-aliased edges
 FORMAT_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("COCORD_FAST_CACHE") or Path.home() / ".cache" / "cocord_fast"
-    return Path(root) / "demo"
+class Demo(ImageFolder):
+    """The demo set as an ImageFolder tree, made where `data.root` points (default: the cache
+    directory) on first use. Its channel statistics are close enough to CIFAR's."""
+
+    name = "demo"
+    image_size = SIZE
+    mean, std = CIFAR_MEAN, CIFAR_STD
+    needs_root = False
+
+    @classmethod
+    def default_root(cls) -> Path:
+        return default_cache_dir() / "data"
+
+    @classmethod
+    def open(cls, root: Path, train: bool, download: bool = False) -> Demo:
+        return super().open(ensure_demo_dataset(root), train)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -112,7 +128,7 @@ def ensure_demo_dataset(root: str | os.PathLike | None = None) -> Path:
     Written into a temporary sibling and renamed into place, so an interrupted generation never
     leaves a half-written data set behind.
     """
-    root = Path(root).expanduser() if root else default_cache_dir() / "data"
+    root = Path(root).expanduser() if root else Demo.default_root()
     marker = root / f".complete-v{FORMAT_VERSION}"
     if marker.exists():
         return root

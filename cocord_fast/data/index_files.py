@@ -28,7 +28,12 @@ from typing import BinaryIO, Callable, Protocol, TypeVar
 import numpy as np
 
 from ..errors import UserError
-from .demo import default_cache_dir
+
+def default_cache_dir() -> Path:
+    """The demo data set and the indexes that cannot lie beside their data go here."""
+    root = os.environ.get("COCORD_FAST_CACHE") or Path.home() / ".cache" / "cocord_fast"
+    return Path(root) / "demo"
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Where every node that mounts a path sees the same files: one index in a shared cache serves

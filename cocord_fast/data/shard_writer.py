@@ -30,7 +30,9 @@ from tqdm import tqdm
 from ..errors import UserError
 from . import shards
 from .index_files import free_space, write_atomic
-from .sources import ImageFolder, TarShards, header_size
+from .imagefolder import ImageFolder
+from .sources import header_size
+from .tar_shards import TarShards
 
 SPLITS = ("train", "val")
 

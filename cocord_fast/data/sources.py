@@ -1,28 +1,29 @@
-"""Where samples come from: CIFAR-100's python arrays, an ImageFolder tree of image files, or
-tar shards in the WebDataset layout.
+"""What a data source is (`Source`), the part encoded splits share (`EncodedImages`), and
+how a split is opened by its kind's name (`data.dataset`, `plugins.SOURCES`).
 
-A source maps a dataset index to a decoded RGB image and its label. Every problem a user can
-cause (missing directory, wrong format, empty class) is a UserError raised when the source is
-opened, before training starts; an unreadable image names its file.
+A source maps a dataset index to an image and its label. Every problem a user can cause
+(missing directory, wrong format, empty class) is a UserError raised when the source is
+opened, before training starts; an unreadable image names its file. The kinds are one module
+each: cifar100.py, imagefolder.py, tar_shards.py, demo.py, or a package's (README, "Adding a
+method or a data source").
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import UserError
-from . import folder_index, shards
-from .index_files import stamp_of, unpack_string
+from ..plugins import SOURCES
+from .index_files import unpack_string
 
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class CorruptImage(UserError):
@@ -38,82 +39,121 @@ class CorruptImage(UserError):
         self.path = path
 
 
-class CIFAR100:
-    """CIFAR-100 from the standard `cifar-100-python` folder (as torchvision stores it).
+class Source:
+    """One split of a data set: everything the loaders, the augmentation and the checks ask.
 
-    `root` may be that folder or its parent. With `download=True` a missing folder is fetched
-    through torchvision.
+    The kind's declarations, read before a split is opened: `name` (`data.dataset`),
+    `image_size` (every image has this side, and takes the small-image recipe: a padded random
+    crop, never a resize; 0: images of any size, random-resized crops), `mean` and `std` (its
+    normalisation where `data.mean`/`data.std` are unset), `needs_root` (else it makes its data
+    itself: `default_root`), `downloads` (`data.download` fetches it) and `encoded` (`read`
+    gives a sample's encoded bytes, decoded by the pipeline; else `pixels` gives decoded
+    arrays).
+
+    A split gives `len`, `targets` (N,) int64, `classes` (names, or None: numbered),
+    `num_classes`, `where(i)` (how messages call sample i), `load(i)` (a PIL image and its
+    label), `fingerprint_bytes` and `sample_names` (what identifies samples, `fingerprint.py`),
+    and by `encoded` either `read`, `sizes` and `decode_error`, or `pixels`.
     """
 
-    FOLDER = "cifar-100-python"
-    classes = None  # numbered, not named (the names are in `meta`, not needed)
+    name: ClassVar[str] = ""
+    image_size: ClassVar[int] = 0
+    mean: ClassVar[tuple[float, ...]] = IMAGENET_MEAN
+    std: ClassVar[tuple[float, ...]] = IMAGENET_STD
+    needs_root: ClassVar[bool] = True
+    downloads: ClassVar[bool] = False
+    encoded: ClassVar[bool] = True
 
-    def __init__(self, root: str | Path, train: bool, download: bool = False):
-        folder = self._find_folder(Path(root), download)
-        path = folder / ("train" if train else "test")
-        try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            images = np.asarray(entry["data"], dtype=np.uint8)
-            labels = np.asarray(entry["fine_labels"], dtype=np.int64)
-        except FileNotFoundError:
-            raise UserError(f"CIFAR-100 file {path} is missing (data.root={root})") from None
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{path} is not a CIFAR-100 python-format file ({err!r}); "
-                            f"data.root must hold the 'cifar-100-python' folder") from None
-        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(images) != len(labels):
-            raise UserError(f"{path}: expected 'data' of shape (N, 3072) and N 'fine_labels', "
-                            f"got {images.shape} and {len(labels)}")
-        self.images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3) HWC
-        self.targets = labels
-        self.num_classes = 100
+    classes: list[str] | None = None
+    targets: np.ndarray
+    num_classes: int
 
     @classmethod
-    def _find_folder(cls, root: Path, download: bool) -> Path:
-        for candidate in (root / cls.FOLDER, root):
-            if (candidate / "train").is_file() and (candidate / "meta").is_file():
-                return candidate
-        if download:
-            from torchvision.datasets import CIFAR100 as TorchvisionCIFAR100
+    def open(cls, root: Path, train: bool, download: bool = False) -> Source:
+        """The training or validation split under `root`."""
+        raise NotImplementedError
 
-            try:
-                TorchvisionCIFAR100(str(root), train=True, download=True)
-            except Exception as err:  # network errors come in many types
-                raise UserError(f"could not download CIFAR-100 into {root}: {err}") from None
-            return root / cls.FOLDER
-        raise UserError(f"no CIFAR-100 data under data.root={root}: expected {root / cls.FOLDER}/"
-                        f"{{train,test,meta}} (set data.download=true to fetch it)")
+    @classmethod
+    def prepare(cls, root: Path) -> None:
+        """Makes what every start reads (an index of each split), where it is missing or
+        stale; runs in turns before the processes open their splits (`build.prepare_sources`)."""
+
+    @classmethod
+    def default_root(cls) -> Path:
+        """Where the data lies when `data.root` is empty, for a kind without `needs_root`,
+        made there if missing."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
-        return len(self.targets)
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        return f"image {index}"
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.images[index]), int(self.targets[index])
+        """Sample `index` decoded to RGB, and its label."""
+        if not self.encoded:
+            return Image.fromarray(self.pixels(np.asarray([index]))[0]), int(self.targets[index])
+        data = self.read(index)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB"), int(self.targets[index])
+        except DECODE_ERRORS as err:
+            raise CorruptImage(self.where(index), str(err) or type(err).__name__) from None
 
     def fingerprint_bytes(self, start: int, end: int) -> bytes:
-        """What identifies samples [start, end) (`fingerprint.py`): pixels and labels."""
-        return self.images[start:end].tobytes() + self.targets[start:end].tobytes()
+        """What identifies samples [start, end) (`fingerprint.py`)."""
+        raise NotImplementedError
 
     def sample_names(self, start: int, end: int) -> list[str]:
-        return [f"image {i} (pixels sha256:"
-                f"{hashlib.sha256(self.images[i].tobytes()).hexdigest()[:12]})"
-                for i in range(start, end)]
+        return [self.where(i) for i in range(start, end)]
+
+    def pixels(self, indices: np.ndarray) -> np.ndarray:
+        """Decoded sources: (B, H, W, 3) uint8 images of `indices`."""
+        raise NotImplementedError
+
+    def read(self, index: int) -> np.ndarray:
+        """Encoded sources: the encoded bytes of sample `index` (uint8)."""
+        raise NotImplementedError
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Encoded sources: (N, 2) every image's (height, width) where known; -1 where not."""
+        return np.full((len(self), 2), -1, np.int64)
+
+    def decode_error(self, index: int) -> str | None:
+        """Why image `index` cannot be fully decoded, or None if it can (a whole decode, not a
+        header check: a truncated JPEG has a valid header)."""
+        if not self.encoded:
+            return None
+        try:
+            with Image.open(io.BytesIO(self.read(index))) as image:
+                image.load()
+        except DECODE_ERRORS as err:
+            return str(err) or type(err).__name__
+        return None
 
 
-class EncodedImages:
+class EncodedImages(Source):
     """A split of encoded image files with an index (labels, classes, image sizes): what an
-    ImageFolder and tar shards share. A subclass gives `name(i)`, how messages call sample i,
-    and `_read(i)`, its bytes."""
+    ImageFolder and tar shards share: `root/train` and `root/val` each hold a split, laid out
+    as `LAYOUT` says; the class is built from the split's folder. A subclass gives `where(i)`,
+    how messages call sample i, and `_read(i)`, its bytes."""
 
+    LAYOUT = ""
     index = None  # a FolderIndex or a ShardIndex
-    classes: list[str] | None
-    targets: np.ndarray
+
+    @classmethod
+    def open(cls, root: Path, train: bool, download: bool = False) -> EncodedImages:
+        return cls(split_folder(root, train, cls.LAYOUT))
+
+    @classmethod
+    def prepare(cls, root: Path) -> None:
+        for train in (True, False):  # opening a split writes its index where it is stale
+            cls.open(root, train)
 
     def __len__(self) -> int:
         return len(self.index)
-
-    def name(self, index: int) -> str:
-        raise NotImplementedError
 
     def _read(self, index: int) -> np.ndarray:
         raise NotImplementedError
@@ -125,7 +165,7 @@ class EncodedImages:
         try:
             return self._read(index)
         except OSError as err:
-            raise UserError(f"cannot read {self.name(index)}: {err.strerror or err} (an I/O "
+            raise UserError(f"cannot read {self.where(index)}: {err.strerror or err} (an I/O "
                             f"error, not a damaged image: data.skip_corrupt does not skip it)") \
                 from None
 
@@ -141,26 +181,7 @@ class EncodedImages:
 
     @property
     def sizes(self) -> np.ndarray:
-        """(N, 2) every image's (height, width) as the index holds it; -1 where not measured."""
         return self.index.sizes
-
-    def load(self, index: int) -> tuple[Image.Image, int]:
-        data = self.read(index)
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB"), int(self.targets[index])
-        except DECODE_ERRORS as err:
-            raise CorruptImage(self.name(index), str(err) or type(err).__name__) from None
-
-    def decode_error(self, index: int) -> str | None:
-        """Why image `index` cannot be fully decoded, or None if it can (a whole decode, not a
-        header check: a truncated JPEG has a valid header)."""
-        try:
-            with Image.open(io.BytesIO(self.read(index))) as image:
-                image.load()
-        except DECODE_ERRORS as err:
-            return str(err) or type(err).__name__
-        return None
 
     def measure_sizes(self, threads: int = 8, progress: bool = True) -> Path:
         """Reads every image's size from its header into the index (what DALI's crops need:
@@ -176,60 +197,6 @@ class EncodedImages:
         return header_size(self.read(index))
 
 
-class ImageFolder(EncodedImages):
-    """`root/<class name>/.../<image file>`; classes are the sorted folder names. Listed through
-    its index (folder_index.py): a start reads one file instead of testing every image."""
-
-    def __init__(self, root: str | Path, say: Callable[[str], None] = print,
-                 rescan: bool = False):
-        self.index = folder_index.open_index(Path(root), say, rescan)
-        self.classes, self.targets = self.index.classes, self.index.targets
-        self.num_classes = len(self.classes)
-
-    def path(self, index: int) -> Path:
-        return self.index.path(index)
-
-    def name(self, index: int) -> str:
-        return str(self.index.path(index))
-
-    def _read(self, index: int) -> np.ndarray:
-        return np.fromfile(self.index.path(index), dtype=np.uint8)
-
-    def _measure_size(self, index: int) -> tuple[int, int]:
-        # The file's size and time before its bytes: a size is kept while they stay the same.
-        self.index.stamps[index] = stamp_of(self.index.path(index))
-        return super()._measure_size(index)
-
-
-class TarShards(EncodedImages):
-    """Tar shards in the WebDataset layout (shards.py), read by offset through their index.
-    Class names, where known, are the lines of `classes.txt` beside the split folders (what
-    `cocord-fast convert` writes); without it the classes are numbered 0 to the largest label."""
-
-    CLASSES_FILE = "classes.txt"
-
-    def __init__(self, root: str | Path, say: Callable[[str], None] = print,
-                 rescan: bool = False):
-        self.index = shards.open_index(Path(root), say, rescan)
-        self.targets = self.index.targets
-        classes_file = Path(root).parent / self.CLASSES_FILE
-        self.classes = (classes_file.read_text().splitlines() if classes_file.is_file()
-                        else None)
-        self.num_classes = (len(self.classes) if self.classes is not None
-                            else int(self.targets.max()) + 1)
-        if (largest := int(self.targets.max())) >= self.num_classes:
-            raise UserError(f"{self.name(int(self.targets.argmax()))} has class {largest}, but "
-                            f"{classes_file} names {self.num_classes} classes")
-        self.files = shards.ShardFiles(self.index)
-
-    def name(self, index: int) -> str:
-        return self.index.name(index)
-
-    def _read(self, index: int) -> np.ndarray:
-        return self.files.read(int(self.index.shard_of[index]), int(self.index.starts[index]),
-                               int(self.index.lengths[index]))
-
-
 def header_size(data: bytes) -> tuple[int, int]:
     """(height, width) of an encoded image from its header. A header PIL cannot read counts as
     1x1 (a whole-image crop): DALI's decoder then names the file, or decodes a format PIL does
@@ -241,15 +208,35 @@ def header_size(data: bytes) -> tuple[int, int]:
         return 1, 1
 
 
-def open_source(dataset: str, root: str | Path, train: bool, download: bool = False):
-    """The training or validation source of a dataset kind (`data.dataset`)."""
-    if dataset == "cifar100":
-        return CIFAR100(root, train=train, download=download)
-    split = Path(root) / ("train" if train else "val")
-    layout = ("<shard>.tar" if dataset == "shards" else "<class>/...")
-    if not Path(root).is_dir():
+def source_kind(name: str) -> type[Source]:
+    """The source class registered as `name` (`data.dataset`)."""
+    return SOURCES.get(name, "data.dataset")
+
+
+def describe_sources() -> str:
+    """Every registered source kind, for `cocord-fast sources`."""
+    lines = []
+    for name, kind in SOURCES.all().items():
+        size = f"{kind.image_size} px images" if kind.image_size else "images of any size"
+        root = "data.root required" if kind.needs_root else "made offline when data.root is empty"
+        what = " ".join((kind.__doc__ or "").split()).split(". ")[0].rstrip(".")
+        lines.append(f"{name} ({kind.__module__}): {what} [{size}; {root}"
+                     f"{'; data.download=true fetches it' if kind.downloads else ''}]")
+    return "\n".join(lines)
+
+
+def open_source(dataset: str, root: str | Path, train: bool, download: bool = False) -> Source:
+    """The training or validation split of the kind `dataset` under `root`."""
+    return source_kind(dataset).open(Path(root), train, download)
+
+
+def split_folder(root: Path, train: bool, layout: str) -> Path:
+    """`root/train` or `root/val`, or a UserError saying what is missing (`layout`: what a
+    split folder holds, e.g. `<class>/...`)."""
+    split = root / ("train" if train else "val")
+    if not root.is_dir():
         raise UserError(f"data.root={root} does not exist")
     if not split.is_dir():
         raise UserError(f"data.root={root} has no '{split.name}' folder (expected "
                         f"{root}/train/{layout} and {root}/val/{layout})")
-    return TarShards(split) if dataset == "shards" else ImageFolder(split)
+    return split

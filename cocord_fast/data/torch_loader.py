@@ -66,7 +66,7 @@ def load_or_substitute(source, index: int, skip_corrupt: bool) -> tuple[object, 
             if not skip_corrupt:
                 raise
             skipped.append(str(err.path))
-    raise CorruptImage(source.name(index), f"it and the next {MAX_CONSECUTIVE_CORRUPT - 1} "
+    raise CorruptImage(source.where(index), f"it and the next {MAX_CONSECUTIVE_CORRUPT - 1} "
                                             f"files in dataset order are all unreadable")
 
 

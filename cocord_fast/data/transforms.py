@@ -1,4 +1,6 @@
-"""Augmentation recipes (METHOD.md, "Views"): one per dataset kind, applied once per view."""
+"""Augmentation recipes (METHOD.md, "Views"), applied once per view: images of one fixed size
+(the source's `image_size`: CIFAR-100, the demo set) take a padded random crop and are never
+resized; others a random-resized crop."""
 from __future__ import annotations
 
 import math
@@ -11,20 +13,14 @@ from torchvision.transforms import functional as F
 
 from ..config import DataConfig
 from ..errors import UserError
-
-CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The demo images are 32x32 like CIFAR's; their channel statistics are close enough to CIFAR's.
-DEMO_MEAN, DEMO_STD = CIFAR_MEAN, CIFAR_STD
-
+from .sources import source_kind
 
 DEFAULT_INTERPOLATION, DEFAULT_CROP_PCT, DEFAULT_IMAGE_SIZE = "bilinear", 0.875, 224
 # How the evaluation fits an image to its square crop, as timm's `crop_mode`: center resizes
 # the shorter side and crops the centre, squash resizes both sides (the aspect changes) and
 # crops, border resizes the longer side and pads the rest with the mean colour.
 CROP_MODES, DEFAULT_CROP_MODE = ("center", "squash", "border"), "center"
-# CIFAR-100's and the demo set's images, and the zero padding of their random crops.
-SMALL_IMAGE_SIZE, SMALL_IMAGE_PAD = 32, 4
+SMALL_IMAGE_PAD = 4  # the zero padding of a fixed-size image's random crop
 
 
 def image_size_of(cfg: DataConfig) -> int:
@@ -41,7 +37,7 @@ class Preprocessing:
     resize the shorter side to 256, crop 224) and how the evaluation fits an image to that
     resize (`CROP_MODES`). `data.mean`, `data.std`, `data.interpolation`, `data.crop_pct` and
     `data.crop_mode` where set (a pretrained teacher's, filled in by the trainer), else the
-    data set's."""
+    data source's."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -51,7 +47,8 @@ class Preprocessing:
 
     @classmethod
     def of(cls, cfg: DataConfig) -> Preprocessing:
-        mean, std = normalization(cfg.dataset)
+        kind = source_kind(cfg.dataset)
+        mean, std = kind.mean, kind.std
         for name in ("mean", "std"):
             if getattr(cfg, name) and len(getattr(cfg, name)) != 3:
                 raise UserError(f"data.{name}: expected 3 values (red, green, blue), got "
@@ -80,10 +77,12 @@ class Recipe:
     eval: Callable
 
 
-def build_recipe(dataset: str, image_size: int, preprocessing: Preprocessing) -> Recipe:
+def build_recipe(fixed_size: int, image_size: int, preprocessing: Preprocessing) -> Recipe:
+    """`fixed_size`: the side of every image of the source (its `image_size`), 0 where they
+    vary; `image_size`: the crop those others are resized to."""
     normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
-    if is_small_image(dataset):
-        return Recipe(train=T.Compose([T.RandomCrop(SMALL_IMAGE_SIZE, padding=SMALL_IMAGE_PAD),
+    if fixed_size:
+        return Recipe(train=T.Compose([T.RandomCrop(fixed_size, padding=SMALL_IMAGE_PAD),
                                        T.RandomHorizontalFlip()] + normalize),
                       eval=T.Compose(normalize))
     resample = T.InterpolationMode(preprocessing.interpolation)
@@ -133,29 +132,21 @@ class CenterCropOrPad:
         return F.center_crop(image, [self.size, self.size])
 
 
-def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per RGB channel of a dataset kind, on the [0, 1] scale."""
-    return {"cifar100": (CIFAR_MEAN, CIFAR_STD), "demo": (DEMO_MEAN, DEMO_STD)}.get(
-        dataset, (IMAGENET_MEAN, IMAGENET_STD))
-
-
-def is_small_image(dataset: str) -> bool:
-    """32x32 data sets take the CIFAR recipe (pad-4 random crop + flip; no resize)."""
-    return dataset in ("cifar100", "demo")
-
-
 def refuse_resizing_small_images(cfg: DataConfig) -> None:
-    """A 32x32 data set is never resized: its resize settings would be ignored. The image
-    size may be the images' own, or the default a run resolves (224, in its config.yaml)."""
-    if not is_small_image(cfg.dataset):
+    """A data set of fixed-size images is never resized: its resize settings would be ignored.
+    The image size may be the images' own, or the default a run resolves (224, in its
+    config.yaml)."""
+    fixed_size = source_kind(cfg.dataset).image_size
+    if not fixed_size:
         return
     ignored = [f"data.{key}={getattr(cfg, key)}"
-               for key, unset in (("image_size", (0, SMALL_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)),
+               for key, unset in (("image_size", (0, fixed_size, DEFAULT_IMAGE_SIZE)),
                                   ("interpolation", ("",)), ("crop_pct", (0.0,)),
                                   ("crop_mode", ("",)))
                if getattr(cfg, key) not in unset]
     if ignored:
-        raise UserError(f"{', '.join(ignored)}: data.dataset={cfg.dataset} has 32x32 images, "
+        raise UserError(f"{', '.join(ignored)}: data.dataset={cfg.dataset} has {fixed_size}x"
+                        f"{fixed_size} images, "
                         f"which are never resized (a padded random crop for training, the "
                         f"image itself for evaluation); leave "
                         f"{'it' if len(ignored) == 1 else 'them'} unset")

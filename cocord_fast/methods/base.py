@@ -11,6 +11,24 @@ from ..config import Config
 from ..data import Batch
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A row of the recipe table (`configs/generate.py` writes a file per row and pair): the
+    method's settings, and the published top-1 each file reproduces."""
+
+    prefix: str  # the files' name before the pair: kd, cocord_kd
+    title: str  # how the files' first line names the method: "KD (Hinton)"
+    label: str  # how its results are named: "KD"
+    settings: dict[str, dict[str, Any]]  # config sections on CIFAR-100 (method.name included)
+    cifar100_top1: dict[tuple[str, str], float]  # (teacher, student) -> published top-1
+    published_in: str  # where those numbers are published
+    # (teacher, student) -> sections whose values differ for that pair (DKD's beta).
+    pair_settings: dict[tuple[str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
+    imagenet_settings: dict[str, dict[str, Any]] | None = None  # ImageNet's where they differ
+    # (teacher, student) -> the ImageNet result the recipe reproduces, in words.
+    imagenet_results: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
 @dataclass
 class StepOutput:
     """`loss` carries the graph; `metrics` are detached scalars (each loss term, unweighted)."""
@@ -29,6 +47,11 @@ class EncoderPasses:
     teacher: int = 0  # forward, no gradient (eval mode)
 
     @property
+    def total(self) -> int:
+        """Passes through an encoder per step, whatever their kind (CoCoRD: 5)."""
+        return self.student + self.slow_student + self.teacher
+
+    @property
     def name(self) -> str:
         parts = [f"student fwd+bwd x{self.student}"]
         if self.slow_student:
@@ -41,12 +64,19 @@ class EncoderPasses:
 class Method(nn.Module):
     """A training method. The loop never branches on which one it runs.
 
-    Declarations read before anything is built: `num_views` (augmented views per image),
-    `needs_teacher`, `label` (its name in tables), `encoder_passes`, and `indexes_samples`
-    (its state holds a row per training sample, so that a checkpoint cannot continue on a
-    data set of another size).
+    Declarations read before anything is built: `name` (`method.name`, and the section of its
+    `settings`, a dataclass of `config.setting` fields; None: no settings), `shape_settings`
+    (the settings that fix the shapes of its checkpointed state: a resume may not change
+    them), `num_views` (augmented views per image), `needs_teacher`, `label` (its name in
+    tables), `encoder_passes`, `indexes_samples` (its state holds a row per training sample,
+    so that a checkpoint cannot continue on a data set of another size) and `recipes` (its
+    rows in the recipe table).
     """
 
+    name: str = ""
+    settings: type | None = None
+    shape_settings: tuple[str, ...] = ()
+    recipes: tuple[Recipe, ...] = ()
     num_views: int = 1
     needs_teacher: bool = False
     indexes_samples: bool = False
@@ -81,6 +111,10 @@ class Method(nn.Module):
         """Modules neither the optimizer nor a momentum update writes (the teacher): free to
         take a layout the engine cannot give the trainable part."""
         return []
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Runs before the first step the run takes in epoch `epoch` (from 0), a resumed run's
+        first epoch included."""
 
     def begin_micro_batch(self, number: int) -> None:
         """Runs before each micro-batch's forward. `number` counts the run's micro-batches

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,13 +12,59 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import CoCoRDConfig, Config
+from ..config import Config, setting
 from ..data import Batch
 from ..errors import UserError
 from ..kernels import momentum_update_, queue_infonce
-from .base import EncoderPasses, StepOutput
+from .base import EncoderPasses, Recipe, StepOutput
 from .distiller import Distiller
 from .heads import build_predictor, build_projector
+
+
+@dataclass
+class CoCoRDSettings:
+    """CoCoRD, METHOD.md section 1 (CIFAR-100 defaults)."""
+
+    queue_size: int = setting(2048, "N: teacher keys kept as negatives", min=1)
+    temperature: float = setting(0.1, "tau of the contrastive loss", min=1e-6)
+    teacher_head_momentum: float = setting(0.999, "m_c: EMA of the student head into the "
+                                                  "teacher head", min=0.0, max=1.0)
+    student_momentum: float = setting(0.9, "m_r: EMA of the student into the slow student",
+                                      min=0.0, max=1.0)
+    embed_dim: int = setting(2048, "E: embedding (key, query, queue) dimension", min=1)
+    proj_hidden_dim: int = setting(2048, "H: projection-head hidden width", min=1)
+    pred_hidden_dim: int = setting(512, "P: predictor hidden width", min=1)
+    loss_cls: float = setting(1.0, "lambda_cls: weight of the cross-entropy term", min=0.0)
+    loss_ctr: float = setting(1.0, "lambda_ctr: weight of the contrastive term", min=0.0)
+    loss_pred: float = setting(4.0, "lambda_pred: weight of the prediction term", min=0.0)
+    loss_kd: float = setting(0.0, "lambda_kd: weight of the KD term (CoCoRD+KD: 1.0)", min=0.0)
+    kd_temperature: float = setting(4.0, "temperature of the KD term", min=1e-6)
+
+
+def _cocord_recipe(prefix: str, title: str, loss_kd: float,
+                   top1: tuple[float, ...]) -> Recipe:
+    pairs = (("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),
+             ("resnet110", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+             ("vgg13", "vgg8"), ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"),
+             ("ResNet50", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+             ("wrn_40_2", "ShuffleV1"))
+    losses = {"loss_cls": 1.0, "loss_ctr": 1.0, "loss_pred": 4.0, "loss_kd": loss_kd}
+    return Recipe(
+        prefix, title, title, {"method": {"name": "cocord"}, "cocord": losses},
+        dict(zip(pairs, top1)),
+        "METHOD.md section 5",
+        imagenet_settings={"cocord": {"queue_size": 16384, **losses}},
+        imagenet_results={("resnet101", "resnet50"): "CoCoRD's resnet50 0.2 points above its "
+                                                     "teacher's top-1 (METHOD.md section 5)"})
+
+
+RECIPES = (
+    _cocord_recipe("cocord", "CoCoRD", 0.0, (75.48, 75.17, 71.74, 72.11, 74.10, 75.29, 73.99,
+                                             69.86, 70.22, 74.52, 75.99, 77.28, 76.42)),
+    _cocord_recipe("cocord_kd", "CoCoRD+KD", 1.0, (75.90, 75.25, 72.09, 72.18, 74.37, 75.42,
+                                                   74.26, 69.90, 70.30, 74.62, 76.48, 77.39,
+                                                   76.56)),
+)
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -73,12 +120,16 @@ class CoCoRD(Distiller):
     """
 
     num_views = 3
+    name = "cocord"
+    settings = CoCoRDSettings
+    shape_settings = ("embed_dim", "queue_size", "proj_hidden_dim", "pred_hidden_dim")
+    recipes = RECIPES
     label = "CoCoRD"
     # x_s and x'_s through the student and, swapped, through its slow copy; x_t (and x_s
     # for KD, in the same batched forward) through the teacher.
     encoder_passes = EncoderPasses(student=2, slow_student=2, teacher=1)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, config: CoCoRDConfig,
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: CoCoRDSettings,
                  kernels: str = "auto"):
         super().__init__(student, teacher)
         self.config = dataclasses.replace(config)

@@ -7,10 +7,10 @@ from typing import Any
 from torch import Tensor
 
 from ..checkpoints.files import fit_problems
-from ..config import CoCoRDConfig, Config, merge
+from ..config import Config, merge
 from ..errors import UserError
 from ..models import build_model
-from .cocord import CoCoRD
+from .cocord import CoCoRD, CoCoRDSettings
 
 # Reference module name -> ours; the heads share the inner layout (Sequential 0, 1, 3).
 REFERENCE_PREFIXES = {
@@ -104,7 +104,7 @@ def from_reference(ref_state_dict: dict[str, Any], student: str, teacher: str, n
     return method
 
 
-def _describe(config: CoCoRDConfig) -> str:
+def _describe(config: CoCoRDSettings) -> str:
     return (f"queue_size={config.queue_size}, embed_dim={config.embed_dim}, "
             f"proj_hidden_dim={config.proj_hidden_dim}, pred_hidden_dim={config.pred_hidden_dim}")
 

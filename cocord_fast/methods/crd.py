@@ -7,21 +7,57 @@ pooled features (`forward_features`) of student and frozen teacher, as RepDistil
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..config import Config
+from ..config import Config, setting
 from ..data import Batch
-from .base import EncoderPasses, StepOutput
+from .base import EncoderPasses, Recipe, StepOutput
 from .crd_loss import CRDLoss
 from .crd_negatives import NegativeSampler
 from .distiller import Distiller
 
 
+@dataclass
+class CRDSettings:
+    """CRD (Tian et al., ICLR 2020), METHOD.md section 2."""
+
+    embed_dim: int = setting(128, "dimension of both embedding heads and memory banks", min=1)
+    num_negatives: int = setting(16384, "negatives K drawn per sample from other classes", min=1)
+    temperature: float = setting(0.07, "temperature of the exponential scores", min=1e-6)
+    memory_momentum: float = setting(0.5, "memory-bank refresh: row <- m*row + (1-m)*embedding",
+                                     min=0.0, max=1.0)
+    loss_cls: float = setting(1.0, "weight of the cross-entropy term", min=0.0)
+    loss_crd: float = setting(0.8, "weight of the CRD term", min=0.0)
+    loss_kd: float = setting(0.0, "weight of the KD term (CRD+KD: 1.0)", min=0.0)
+    kd_temperature: float = setting(4.0, "temperature of the KD term", min=1e-6)
+
+
+RECIPE = Recipe(
+    "crd", "CRD", "CRD",
+    {"method": {"name": "crd"}, "crd": {"loss_cls": 1.0, "loss_crd": 0.8, "loss_kd": 0.0}},
+    {("wrn_40_2", "wrn_16_2"): 75.48, ("wrn_40_2", "wrn_40_1"): 74.14,
+     ("resnet56", "resnet20"): 71.16, ("resnet110", "resnet20"): 71.46,
+     ("resnet110", "resnet32"): 73.48, ("resnet32x4", "resnet8x4"): 75.51,
+     ("vgg13", "vgg8"): 73.94, ("vgg13", "MobileNetV2"): 69.73,
+     ("ResNet50", "MobileNetV2"): 69.11, ("ResNet50", "vgg8"): 74.30,
+     ("resnet32x4", "ShuffleV1"): 75.11, ("resnet32x4", "ShuffleV2"): 75.65,
+     ("wrn_40_2", "ShuffleV1"): 76.05},
+    "METHOD.md section 5",
+    imagenet_results={("resnet34", "resnet18"): "CRD's 71.17 top-1 (71.38 with KD: CRD, ICLR "
+                                                "2020, Table 4)"})
+
+
 class CRD(Distiller):
+    name = "crd"
+    settings = CRDSettings
+    shape_settings = ("embed_dim",)
+    recipes = (RECIPE,)
     label = "CRD"
     indexes_samples = True  # the memory banks: a row per training sample
     encoder_passes = EncoderPasses(student=1, teacher=1)

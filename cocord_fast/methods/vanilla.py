@@ -11,6 +11,7 @@ from .base import Method, StepOutput
 
 
 class Vanilla(Method):
+    name = "vanilla"
     label = "vanilla"
 
     def __init__(self, student: nn.Module):

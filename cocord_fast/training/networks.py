@@ -14,7 +14,8 @@ import torch
 
 from ..checkpoints.files import load_model_weights, load_strict
 from ..config import Config
-from ..data.transforms import SMALL_IMAGE_SIZE, image_size_of, is_small_image
+from ..data.sources import source_kind
+from ..data.transforms import image_size_of
 from ..errors import UserError
 from ..models import build_model, check_model_name
 from ..models.library import build_library_model
@@ -64,7 +65,7 @@ def build_network(cfg: Config, role: str, num_classes: int) -> torch.nn.Module:
     if not architecture:
         return build_model(name, num_classes)
     size = architecture.get("image_size")
-    data_size = SMALL_IMAGE_SIZE if is_small_image(cfg.data.dataset) else image_size_of(cfg.data)
+    data_size = source_kind(cfg.data.dataset).image_size or image_size_of(cfg.data)
     if size is not None and size != data_size:
         raise UserError(f"{field}={weights}: {name} takes {size} px images with them (the size "
                         f"of its position embeddings); data.image_size is {data_size}")
@@ -126,9 +127,9 @@ def take_teacher_preprocessing(cfg: Config, needs_teacher: bool) -> list[str]:
     found = None
     if needs_teacher and cfg.model.teacher and cfg.model.teacher_weights:
         found = library_preprocessing(cfg.model.teacher, cfg.model.teacher_weights)
-    # 32 px data sets are never resized: of a teacher's preprocessing only its normalisation
-    # applies to them.
-    small = is_small_image(cfg.data.dataset)
+    # Fixed-size images (32 px) are never resized: of a teacher's preprocessing only its
+    # normalisation applies to them.
+    small = source_kind(cfg.data.dataset).image_size > 0
     keys = ("mean", "std") if small else PREPROCESSING_KEYS
     taken = {} if found is None else {key: found[key] for key in keys
                                       if not getattr(cfg.data, key)}

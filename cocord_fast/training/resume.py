@@ -10,6 +10,7 @@ from ..checkpoints.sealed import CorruptCheckpoint, verify_files
 from ..config import Config, load_config
 from ..data.fingerprint import Fingerprint
 from ..errors import UserError
+from ..plugins import METHODS
 
 
 def load_intact(path: Path, engine_files: bool = True) -> dict[str, Any]:
@@ -83,15 +84,21 @@ def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
 
 # Settings a resumed run may not change: they change what the saved weights mean (the
 # teacher's too: the checkpoint holds them, and a resumed run reads no teacher file), or what a
-# step is (the checkpoint's data position counts steps of this many images per process).
+# step is (the checkpoint's data position counts steps of this many images per process). The
+# method adds its own (`Method.shape_settings`: the shapes of its state).
 FIXED = {
     "model.student", "model.teacher", "model.teacher_checkpoint", "model.teacher_weights",
     "model.student_weights", "method.name",
     "data.dataset", "data.image_size", "data.mean", "data.std", "data.interpolation",
-    "data.crop_pct", "data.crop_mode", "cocord.embed_dim", "cocord.queue_size",
-    "cocord.proj_hidden_dim", "cocord.pred_hidden_dim", "crd.embed_dim", "data.batch_size",
+    "data.crop_pct", "data.crop_mode", "data.batch_size",
     "optim.grad_accum_steps", "engine.name", "engine.zero_stage",
 }
+
+
+def fixed_settings(cfg: Config) -> set[str]:
+    """`FIXED` and the shape settings of the run's method."""
+    method = METHODS.get(cfg.method.name, "method.name")
+    return FIXED | {f"{method.name}.{key}" for key in method.shape_settings}
 
 
 def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
@@ -111,9 +118,9 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: Config,
     """Refuses a resume whose settings change what the checkpoint means (listing each
     difference) or whose process count differs; returns the changes it allows."""
     changes = config_changes(checkpoint["config"], cfg)
-    fixed = FIXED
+    fixed = fixed_settings(cfg)
     if checkpoint["ranks"] is None:  # imported: its data settings were only defaults
-        fixed = {key for key in FIXED if not key.startswith("data.")}
+        fixed = {key for key in fixed if not key.startswith("data.")}
     refused = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()
                if key in fixed]
     if refused:

@@ -24,7 +24,7 @@ from ..engines import (autocast, build_engine, check_engine_config, engine_class
                        optimizer_settings)
 from ..errors import UserError
 from ..kernels import implementations_used, triton_unavailable
-from ..methods import METHODS, Method, build_method
+from ..methods import Method, build_method, method_class
 from .acceleration import compiled_graphs, mark_step_begin, prepare
 from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log, rewrite_log
@@ -58,7 +58,7 @@ class Trainer:
         check_data_config(cfg.data)
         # Before the resume check: a resumed run compares the settings it resolves.
         self.notes: list[str] = take_teacher_preprocessing(  # said once the run starts (fit)
-            cfg, METHODS[cfg.method.name].needs_teacher)
+            cfg, method_class(cfg.method.name).needs_teacher)
         stop_signals = parse_signals(cfg.train.stop_signals)
         self.device = distributed.process_device(cfg.train.device)
         self.peak_memory = PeakMemory(self.device)  # from here: what the run builds counts
@@ -76,12 +76,12 @@ class Trainer:
                 "system every node sees?")
         self.stop_requests = StopSignals(stop_signals)
 
-        method_class = METHODS[cfg.method.name]
-        check_model_names(cfg, method_class.needs_teacher)
+        method = method_class(cfg.method.name)
+        check_model_names(cfg, method.needs_teacher)
         torch.manual_seed(cfg.train.seed)
         prepare_sources(cfg.data)  # rank 0 first: the demo data set, the folders' indexes
         self.loaders: Loaders = build_loaders(
-            cfg.data, method_class.num_views, cfg.train.seed, self.device,
+            cfg.data, method.num_views, cfg.train.seed, self.device,
             torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
             self.rank, self.world_size)
         # Every process must give each dataset index the same image and label.
@@ -92,7 +92,7 @@ class Trainer:
                             f"{cfg.data.root or cfg.data.dataset} has {self.loaders.num_classes}")
         if checkpoint is not None:
             self.notes += check_same_data(checkpoint, resume_from, self.data, cfg,
-                                          method_class.indexes_samples)
+                                          method.indexes_samples)
         self.accumulation = cfg.optim.grad_accum_steps
         self.steps_per_epoch = len(self.loaders.train) // self.accumulation
         if self.steps_per_epoch == 0:
@@ -104,7 +104,7 @@ class Trainer:
         student = build_student(cfg, self.loaders.num_classes, checkpoint is not None,
                                 say=self.notes.append)
         teacher = (build_teacher(cfg, self.loaders.num_classes, resuming=checkpoint is not None)
-                   if method_class.needs_teacher else None)
+                   if method.needs_teacher else None)
         self.method: Method = build_method(cfg.method.name, cfg, student, teacher,
                                            self.loaders.train_targets).to(self.device)
         if checkpoint is not None:  # before the engine: DeepSpeed copies the weights it wraps
@@ -328,6 +328,7 @@ class Trainer:
         while self.step < self.stop_step:
             epoch, consumed = divmod(self.step, self.steps_per_epoch)
             self.loaders.train.start(epoch, consumed * self.accumulation)
+            self.method.begin_epoch(epoch)
             self.method.train()
             # Read ahead by the stop vote's lag (one step with several processes) plus one.
             steps = ReadAhead(self.loaders.train, self.accumulation,
