@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from cocord_fast.bench.provenance import device_name, provenance, slug
-from cocord_fast.bench.settings import RESULTS
 from cocord_fast.config import DataConfig
 from cocord_fast.data import build_loaders
 from cocord_fast.data.build import dali_installed
 from cocord_fast.data.shard_writer import convert
+from cocord_fast.throughput.provenance import device_name, provenance, slug
+from cocord_fast.throughput.settings import RESULTS
 
 
 def write_jpeg_tree(root: Path, images: int, classes: int, size: tuple[int, int]) -> float:

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from cocord_fast.bench.clock import synchronize
-from cocord_fast.bench.provenance import device_name, provenance, slug
-from cocord_fast.bench.runner import method_step
-from cocord_fast.bench.settings import RESULTS
-from cocord_fast.bench.synthetic import resident_batch, write_synthetic_cifar
 from cocord_fast.config import load_config
 from cocord_fast.data import Batch
 from cocord_fast.models import build_model
+from cocord_fast.throughput.clock import synchronize
+from cocord_fast.throughput.provenance import device_name, provenance, slug
+from cocord_fast.throughput.runner import method_step
+from cocord_fast.throughput.settings import RESULTS
+from cocord_fast.throughput.synthetic import resident_batch, write_synthetic_cifar
 from cocord_fast.training.trainer import Trainer
 
 CUDA = torch.cuda.is_available()

@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cocord_fast.bench.provenance import device_name, provenance, slug
-from cocord_fast.bench.settings import RESULTS
 from cocord_fast.data import folder_index
 from cocord_fast.data.folder_index import INDEX_NAME, open_index, scan
+from cocord_fast.throughput.provenance import device_name, provenance, slug
+from cocord_fast.throughput.settings import RESULTS
 
 
 def write_empty_tree(root: Path, files: int, classes: int) -> None:

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cocord_fast.bench.provenance import commit, slug
-from cocord_fast.bench.settings import RESULTS
+from cocord_fast.throughput.provenance import commit, slug
+from cocord_fast.throughput.settings import RESULTS
 
 TEMPERATURE = 0.07
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from cocord_fast.bench.provenance import device_name, provenance, slug
-from cocord_fast.bench.settings import RESULTS
+from cocord_fast.throughput.provenance import device_name, provenance, slug
+from cocord_fast.throughput.settings import RESULTS
 
 # The reference's options/train_student.yml, which our cocord defaults equal.
 REFERENCE_OPTIONS = {"T": 0.1, "key_size": 2048, "momentum": 0.999, "b_momentum": 0.9,
@@ -82,8 +82,8 @@ def reference_step(args: argparse.Namespace):
 
 
 def our_step(args: argparse.Namespace, work: Path):
-    from cocord_fast.bench.runner import method_step
-    from cocord_fast.bench.synthetic import write_random_teacher, write_synthetic_cifar
+    from cocord_fast.throughput.runner import method_step
+    from cocord_fast.throughput.synthetic import write_random_teacher, write_synthetic_cifar
     from cocord_fast.config import load_config
     from cocord_fast.data import IMAGE_LAYOUT, Batch
     from cocord_fast.training.trainer import Trainer

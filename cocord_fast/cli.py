@@ -61,34 +61,19 @@ def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from . import distributed
-    from .config import load_config
-    from .demo import ensure_demo_teacher, run_default_job
-    from .training.resume import config_for_resume
-    from .training.trainer import train
+    from .default_job import train_command
 
     config_path, overrides = _split_train_args(ns.args)
-    if ns.resume:
-        if config_path:
-            raise UserError("--resume continues a run with its saved config; give overrides only")
-        cfg = config_for_resume(ns.resume, overrides)
-    elif config_path is None and not overrides:
-        run_default_job()
-        return 0
-    else:
-        cfg = load_config(config_path, overrides)
-    ensure_demo_teacher(cfg)
-    result = train(cfg)
-    if distributed.is_main():
-        print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
-              f"(best {result.best_top1:.2f})")
+    if ns.resume and config_path:
+        raise UserError("--resume continues a run with its saved config; give overrides only")
+    train_command(config_path, overrides, ns.resume)
     return 0
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .demo import run_default_job
+    from .default_job import run_default_job
 
     config_path, overrides = _split_train_args(ns.overrides)
     if config_path is not None:
@@ -99,24 +84,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_index(ns: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
-    from .data.imagefolder import ImageFolder
-    from .data.tar_shards import TarShards
+    from .data.build import index_data_root
 
-    root = Path(ns.root).expanduser()
-    splits = [split for split in ("train", "val") if (root / split).is_dir()]
-    if not splits:
-        raise UserError(f"{root} has no train/ or val/ folder (expected ROOT/train/<class>/... "
-                        f"and ROOT/val/<class>/..., or ROOT/train/*.tar and ROOT/val/*.tar)")
-    for split in splits:
-        started = time.perf_counter()
-        kind = TarShards if any((root / split).glob("*.tar")) else ImageFolder
-        source = kind(root / split, rescan=True)
-        where = source.measure_sizes(ns.threads)
-        print(f"{split}: {len(source)} images in {source.num_classes} classes, every size "
-              f"read, in {time.perf_counter() - started:.1f} s; index: {where}")
+    for line in index_data_root(Path(ns.root).expanduser(), ns.threads):
+        print(line, flush=True)
     return 0
 
 
@@ -189,36 +162,11 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    from .models import MODELS, build_model
-    from .models.library import library_names
+    from .models import describe_models
 
-    names = [] if ns.timm or ns.torchvision else list(MODELS)
-    for library, pattern in (("timm", ns.timm), ("torchvision", ns.torchvision)):
-        if pattern:
-            names += [f"{library}:{name}" for name in library_names(library, pattern)]
-    if not names:
-        raise UserError(f"no model matches {ns.timm or ns.torchvision!r}")
-    for name in names:
-        try:
-            model = shapes_only(build_model, name, ns.num_classes)
-        except UserError as err:
-            print(f"{name:34s} refused: {str(err).split(': ', 1)[-1]}")
-            continue
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{name:34s} features {model.num_features:5d}  parameters {params / 1e6:7.2f}M")
+    for line in describe_models(ns.timm, ns.torchvision, ns.num_classes):
+        print(line, flush=True)
     return 0
-
-
-def shapes_only(build, *args):
-    """`build(*args)` on the meta device (shapes, no memory or initialisation), or on the CPU
-    where a model's constructor needs real values."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return build(*args)
-    except (NotImplementedError, RuntimeError):
-        return build(*args)
 
 
 BENCH_EPILOG = """\
@@ -237,10 +185,8 @@ of its model-only floor (its networks' forward/backward alone); JSON and PNG go 
 def cmd_bench(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from .bench import bench
-    from .bench.settings import CPU_QUICK, BenchSettings
+    from .throughput import bench
+    from .throughput.settings import BenchSettings
 
     given = {key: getattr(ns, key) for key in (
         "teacher", "student", "image_size", "batch_size", "steps", "warmup", "rounds",
@@ -249,14 +195,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         given["methods"] = tuple(ns.methods)
     if ns.out is not None:
         given["out"] = Path(ns.out)
-    quick = ns.cpu_quick
-    if not quick and ns.device is None and not torch.cuda.is_available():
-        # The GPU recipe takes hours on a few cores; on the CPU only when asked for.
-        print("no GPU here: running the CPU recipe (--cpu-quick); --device cpu runs the GPU "
-              "recipe on the CPU", flush=True)
-        quick = True
-    bench(BenchSettings(**{**(CPU_QUICK if quick else {}), **given},
-                        overrides=tuple(ns.override or ())))
+    bench(BenchSettings.from_options(given, ns.cpu_quick, tuple(ns.override or ())))
     return 0
 
 
@@ -273,46 +212,12 @@ cocord.loss_ctr, cocord.loss_cls, cocord.loss_pred; their defaults are the refer
 
 
 def cmd_import_reference(ns: argparse.Namespace) -> int:
-    """A reference CoCoRD checkpoint (ShipengFu/CoCoRD) -> a run directory that `train --resume`
-    continues: config.yaml, last.pt (step 0, fresh optimizer and RNG), and teacher.pth."""
-    import dataclasses
     from pathlib import Path
 
-    from .checkpoints.files import load_file, save_atomic, training_checkpoint
-    from .config import load_config, parse_override, save_config
-    from .methods.cocord_reference import from_reference, unwrap_reference_checkpoint
+    from .reference_import import import_reference
 
-    out_dir = Path(ns.out_dir)
-    if (out_dir / "last.pt").exists():
-        raise UserError(f"{out_dir / 'last.pt'} already exists; choose another OUT_DIR")
-    overrides = ns.overrides
-    # The reference trains on CIFAR-100 only; every override is checked before the file is read.
-    cfg = load_config(None, ["data.dataset=cifar100", *overrides])
-    cocord_overrides = {key: value for text in overrides
-                        for section, values in parse_override(text).items()
-                        if section == "cocord" for key, value in values.items()}
-    raw = load_file(ns.ref_ckpt)
-    method = from_reference(unwrap_reference_checkpoint(raw, str(ns.ref_ckpt)), ns.student,
-                            ns.teacher, ns.num_classes, **cocord_overrides)
-    cfg.method.name = "cocord"
-    cfg.model.student, cfg.model.teacher = ns.student, ns.teacher
-    cfg.cocord = dataclasses.replace(method.config)  # with the settings the shapes fixed
-    cfg.train.output_dir = str(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.model.teacher_checkpoint:
-        # `train --resume` builds the teacher from model.teacher_checkpoint before restoring
-        # the method state: give it the reference's teacher in RepDistiller's format.
-        teacher_path = out_dir / "teacher.pth"
-        save_atomic({"model": method.teacher_encoder.state_dict()}, teacher_path)
-        cfg.model.teacher_checkpoint = str(teacher_path)
-    save_config(cfg, out_dir / "config.yaml")
-    save_atomic(training_checkpoint(cfg.to_dict(), method, ns.num_classes, step=0,
-                                    steps_per_epoch=1, engine=None, ranks=None, best_top1=0.0,
-                                    last_top1=0.0), out_dir / "last.pt")
-    epoch = raw.get("epoch") if isinstance(raw, dict) else None
-    at_epoch = f" (reference epoch {epoch})" if isinstance(epoch, int) else ""
-    print(f"imported {ns.ref_ckpt}{at_epoch} into {out_dir} at step 0; continue with "
-          f"cocord-fast train --resume {out_dir} data.root=...")
+    print(import_reference(Path(ns.ref_ckpt), Path(ns.out_dir), ns.student, ns.teacher,
+                           ns.num_classes, ns.overrides))
     return 0
 
 
@@ -438,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from .bench.settings import COMPILE_MODES, CPU_QUICK, DATA_MODES, BenchSettings
+    from .throughput.settings import COMPILE_MODES, CPU_QUICK, DATA_MODES, BenchSettings
 
     default = BenchSettings()
     bench = sub.add_parser(

@@ -38,8 +38,9 @@ class ModelConfig:
                                      "torchvision:<name> (see `cocord-fast models`)")
     teacher: str = setting("", "teacher architecture, named as the student; empty for methods "
                               "without a teacher")
-    teacher_checkpoint: str = setting("", "teacher weights: a cocord_fast checkpoint, a RepDistiller "
-                                         "checkpoint ({'model': state_dict}) or a plain state dict")
+    teacher_checkpoint: str = setting(
+        "", "teacher weights: a cocord_fast checkpoint, a RepDistiller checkpoint ({'model': "
+        "state_dict}) or a plain state dict")
     teacher_weights: str = setting(
         "", "instead of teacher_checkpoint, for a timm:/torchvision: teacher: pretrained (the "
         "library's default), a torchvision weights name (IMAGENET1K_V1), a timm tag (a1_in1k) "
@@ -110,11 +111,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = setting(240, "length of the schedule in epochs", min=1)
-    max_steps: int = setting(0, "stop after this many optimizer steps; 0 runs the whole schedule", min=0)
+    max_steps: int = setting(0, "stop after this many optimizer steps; 0 runs the whole "
+                                "schedule", min=0)
     log_every: int = setting(50, "log metrics every this many steps", min=1)
     eval_every: int = setting(1, "evaluate every this many epochs", min=1)
-    ckpt_every: int = setting(0, "also keep a checkpoint every this many steps; 0: only last and best",
-                             min=0)
+    ckpt_every: int = setting(0, "also keep a checkpoint every this many steps; 0: only last "
+                                 "and best", min=0)
     keep_last: int = setting(0, "keep only the newest this many step_N.pt checkpoints; 0: keep all",
                             min=0)
     output_dir: str = setting("runs/default", "run directory: config, checkpoints, metrics")
@@ -130,7 +132,8 @@ class TrainConfig:
                          pattern_help="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 runs forward passes under autocast")
     kernels: Literal["auto", "triton", "torch"] = setting(
-        "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch otherwise")
+        "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch "
+        "otherwise")
     compile: Literal[False, True, "default", "reduce-overhead", "max-autotune"] = setting(
         False, "torch.compile the encoders (student, teacher, slow student) in this mode; true "
         "is default; reduce-overhead also replays them as CUDA graphs")
@@ -200,7 +203,11 @@ class Config:
                 **{name: section for name, section in fixed.items() if name not in head}}
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(section) for name, section in self.sections().items()}
+        """The run's settings: every section but the other methods' (what a run saves, so
+        that its config reads wherever its own method is installed)."""
+        others = set(self.method_settings) - {self.method.name}
+        return {name: dataclasses.asdict(section) for name, section in self.sections().items()
+                if name not in others}
 
 
 def _check_value(name: str, annotation: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from cocord_fast.bench import bench
-from cocord_fast.bench.clock import StepClock
-from cocord_fast.bench.floor import floor_networks, floor_step
-from cocord_fast.bench.report import report_stem
-from cocord_fast.bench.runner import Entry, build_entries, run_rounds, warm_up
-from cocord_fast.bench.settings import BenchSettings
 from cocord_fast.cli import main
 from cocord_fast.config import Config, merge
+from cocord_fast.data import Batch
 from cocord_fast.methods import build_method
 from cocord_fast.models import build_model
+from cocord_fast.plugins import METHODS
+from cocord_fast.throughput import bench
+from cocord_fast.throughput.clock import StepClock
+from cocord_fast.throughput.floor import floor_networks, floor_step
+from cocord_fast.throughput.report import report_stem
+from cocord_fast.throughput.runner import Entry, build_entries, run_rounds, warm_up
+from cocord_fast.throughput.settings import BenchSettings
 from cocord_fast.training.telemetry import Telemetry, open_nvml
 
 from markers import on_gpu
@@ -125,6 +127,29 @@ def test_the_floor_runs_the_networks_it_claims_on_the_views_the_method_gives_the
         assert [x is v for (x, _), v in zip(seen["student"], views)] == [True, True]
         assert seen["slow student"][0][0] is views[1] and seen["slow student"][1][0] is views[0]
         assert seen["teacher"][0][0] is views[2]
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_makes_the_encoder_passes_it_declares(name):
+    """What `compare`'s passes column and the bench's floor take from the class is what a step
+    runs: every pass through an encoder goes through its `forward_features`."""
+    method = tiny_method(name)
+    roles = {"student": "student_encoder", "slow_student": "slow_encoder",
+             "teacher": "teacher_encoder"}
+    made = {role: 0 for role in roles}
+    for role, attribute in roles.items():
+        if (network := getattr(method, attribute, None)) is not None:
+            def counted(x, role=role, original=network.forward_features):
+                made[role] += 1
+                return original(x)
+            network.forward_features = counted
+    views = [torch.randn(4, 3, 32, 32) for _ in range(method.num_views)]
+    batch = Batch(views=views, labels=torch.tensor([0, 1, 2, 3]), index=torch.arange(4))
+    method.begin_micro_batch(0)
+    method(batch).loss.backward()
+    passes = type(method).encoder_passes
+    assert made == {"student": passes.student, "slow_student": passes.slow_student,
+                    "teacher": passes.teacher}
 
 
 def test_the_timed_loop_times_exactly_the_steps_it_reports_and_says_each_as_it_goes(capsys):
@@ -248,10 +273,10 @@ def test_bench_rejects_unknown_choices_through_argparse(capsys):
 
 
 def test_cpu_quick_fills_what_was_not_given(monkeypatch):
-    import cocord_fast.bench
+    import cocord_fast.throughput
 
     taken = []
-    monkeypatch.setattr(cocord_fast.bench, "bench", taken.append)
+    monkeypatch.setattr(cocord_fast.throughput, "bench", taken.append)
     assert main(["bench", "--cpu-quick", "--steps", "7", "--methods", "kd", "cocord",
                  "--compile", "default", "--override", "data.num_workers=1"]) == 0
     (settings,) = taken
@@ -270,10 +295,10 @@ def test_cpu_quick_fills_what_was_not_given(monkeypatch):
 
 def test_without_a_gpu_the_bench_runs_the_cpu_recipe_unless_a_device_is_given(
         monkeypatch, capsys):
-    import cocord_fast.bench
+    import cocord_fast.throughput
 
     taken = []
-    monkeypatch.setattr(cocord_fast.bench, "bench", taken.append)
+    monkeypatch.setattr(cocord_fast.throughput, "bench", taken.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--steps", "7"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith(
@@ -294,7 +319,7 @@ def test_report_names_differ_by_compile_mode_and_data_mode():
 
 
 def test_pipeline_mode_iterates_the_trainers_loader(tmp_path, monkeypatch):
-    from cocord_fast.bench import runner
+    from cocord_fast.throughput import runner
 
     served, original = [], runner.loader_batches
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cocord_fast import demo as demo_job
+from cocord_fast import default_job as demo_job
 from cocord_fast.checkpoints.files import load_checkpoint
 from cocord_fast.cli import main
 from cocord_fast.config import load_config

@@ -1,4 +1,4 @@
-"""The import of reference CoCoRD checkpoints (methods/cocord_reference.py): every tensor in its
+"""The import of reference CoCoRD checkpoints (reference_import.py): every tensor in its
 place, errors that name the key, and `cocord-fast import-reference` writing a resumable run."""
 import math
 
@@ -12,7 +12,7 @@ from cocord_fast.cli import main
 from cocord_fast.config import load_config
 from cocord_fast.errors import UserError
 from cocord_fast.methods import build_method
-from cocord_fast.methods.cocord_reference import from_reference
+from cocord_fast.reference_import import from_reference
 from cocord_fast.models import build_model
 
 from test_cocord import NUM_CLASSES, make_batch

@@ -123,10 +123,28 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("model.teacher_checkpoint=") == {"model": {"teacher_checkpoint": ""}}
 
 
+def test_each_method_has_its_section_and_a_run_saves_only_its_own(tmp_path):
+    cfg = load_config(overrides=["method.name=dkd", "dkd.beta=2", "dist.temperature=1"])
+    assert (cfg.dkd.beta, cfg.dist.temperature, cfg.cocord.queue_size) == (2.0, 1.0, 2048)
+    with pytest.raises(UserError, match=r"dkd.beta: -1.0 is below the minimum 0.0"):
+        load_config(overrides=["dkd.beta=-1"])
+    assert [section for section in cfg.to_dict()] == ["model", "data", "method", "dkd", "optim",
+                                                      "train", "engine"]
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == load_config(
+        overrides=["method.name=dkd", "dkd.beta=2"])  # the other method's setting is not kept
+    # A saved config's section of a method no longer installed is passed over; a file's is not.
+    saved = {**cfg.to_dict(), "gone": {"weight": 1.0}}
+    assert load_config(base=saved).dkd.beta == 2.0
+    (tmp_path / "gone.yaml").write_text("gone:\n  weight: 1.0\n")
+    with pytest.raises(UserError, match="unknown config section 'gone'"):
+        load_config(tmp_path / "gone.yaml")
+
+
 def test_describe_fields_lists_every_key_with_help():
     text = describe_fields()
-    for section, values in Config().to_dict().items():
+    for section, values in Config().sections().items():
         assert f"{section}:" in text
-        for key in values:
+        for key in vars(values):
             assert f"  {key}: " in text
     assert "# stop after this many optimizer steps" in text

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from cocord_fast import demo
+from cocord_fast import default_job
 from cocord_fast.config import load_config
 from cocord_fast.configs import ROOT, generate
 
@@ -88,12 +88,12 @@ def test_the_default_job_runs_the_stages_the_readme_lists():
             for line in readme.splitlines()
             if line.startswith("| `") and "configs/demo/" in line]
     assert [(stage, recipe) for stage, recipe, *_ in rows] == [
-        (stage, f"configs/demo/{recipe}") for stage, recipe in demo.STAGES]
+        (stage, f"configs/demo/{recipe}") for stage, recipe in default_job.STAGES]
     for _, recipe, model, epochs, *_ in rows:
         cfg = load_config(ROOT.parent / recipe)
         assert (cfg.model.student, cfg.train.epochs) == (model, int(epochs)), recipe
     teacher = load_config(ROOT / "demo" / "teacher.yaml")
-    for _, recipe in demo.STAGES[1:]:  # every student distils the teacher the job trains
+    for _, recipe in default_job.STAGES[1:]:  # every student distils the teacher the job trains
         cfg = load_config(ROOT / "demo" / recipe)
         assert cfg.model.teacher_checkpoint == f"{teacher.train.output_dir}/last.pt"
         assert cfg.model.teacher == teacher.model.student

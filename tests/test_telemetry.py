@@ -1,6 +1,6 @@
 """What a run says about where its time goes: data wait, this rank's and the slowest rank's
 images/s (tests/test_distributed.py: two ranks), in metrics.jsonl, TensorBoard and the printed
-line; the time ReadAhead blocks on its loader; NVML's fields where there is no GPU; which NVML
+line; the time ReadableSteps blocks on its loader; NVML's fields where there is no GPU; which NVML
 GPU is the run's device (a fake pynvml), NVML shut down when it cannot be used, and the end of a
 run not held up by a hung NVML call."""
 import re
@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cocord_fast.config import load_config
 from cocord_fast.training.metrics import ThroughputWindow, read_log
-from cocord_fast.training.read_ahead import ReadAhead
+from cocord_fast.training.readable_steps import ReadableSteps
 from cocord_fast.training import telemetry as telemetry_module
 from cocord_fast.training.telemetry import Telemetry
 from cocord_fast.training.trainer import Trainer
@@ -78,7 +78,7 @@ def test_read_ahead_counts_the_time_it_blocks_on_its_loader():
             time.sleep(DELAY_S)
             yield i
 
-    steps = ReadAhead(batches(), accumulation=2, depth=1)
+    steps = ReadableSteps(batches(), accumulation=2, depth=1)
     assert steps.take_waited() >= 2 * DELAY_S  # the first step, read ahead
     assert steps.take_waited() == 0.0
     assert next(steps) == (0, 1)  # hands out step 1, reads step 2

@@ -6,6 +6,7 @@ iterable, both yielding `Batch`; the loop and the methods cannot tell which one 
 from __future__ import annotations
 
 import importlib.util
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -18,7 +19,9 @@ from ..errors import UserError
 from ..plugins import SOURCES
 from ..turns import in_turns
 from .batch import Batch
+from .imagefolder import ImageFolder
 from .sources import Source, open_source, source_kind
+from .tar_shards import TarShards
 from .transforms import Preprocessing, build_recipe, image_size_of, refuse_resizing_small_images
 
 
@@ -91,6 +94,22 @@ def prepare_sources(cfg: DataConfig) -> Path:
         root = resolve_root(cfg)
         source_kind(cfg.dataset).prepare(root)
     return root
+
+
+def index_data_root(root: Path, threads: int) -> Iterator[str]:
+    """`cocord-fast index`: lists each split of `root` anew (class folders of images, or tar
+    shards) and reads every image's size into its index; a line per split."""
+    splits = [split for split in ("train", "val") if (root / split).is_dir()]
+    if not splits:
+        raise UserError(f"{root} has no train/ or val/ folder (expected ROOT/train/<class>/... "
+                        f"and ROOT/val/<class>/..., or ROOT/train/*.tar and ROOT/val/*.tar)")
+    for split in splits:
+        started = time.perf_counter()
+        kind = TarShards if any((root / split).glob("*.tar")) else ImageFolder
+        source = kind(root / split, rescan=True)
+        where = source.measure_sizes(threads)
+        yield (f"{split}: {len(source)} images in {source.num_classes} classes, every size "
+               f"read, in {time.perf_counter() - started:.1f} s; index: {where}")
 
 
 def resolve_root(cfg: DataConfig) -> Path:

@@ -75,6 +75,7 @@ RECIPE = Recipe(
      ("resnet32x4", "ShuffleV1"): 76.45, ("resnet32x4", "ShuffleV2"): 77.07,
      ("wrn_40_2", "ShuffleV1"): 76.70},
     "DKD, CVPR 2022, as mdistiller's README; beta per pair as its configs/cifar100/dkd/",
+    # resnet110 -> resnet20 has no config there: beta 2, as its other resnet pairs (METHOD.md).
     pair_settings={pair: {"dkd": {"beta": beta}} for pair, beta in {
         ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0,
         ("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0,

@@ -8,8 +8,9 @@ a builder taking only ``num_classes``. Every model has ``forward``, ``forward_fe
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
 from cocord_fast.errors import UserError
@@ -66,3 +67,33 @@ def check_model_name(name: str) -> None:
                             f"timm:<name> and torchvision:<name>")
         return
     library.check_library_name(*split)
+
+
+def describe_models(timm_pattern: str | None, torchvision_pattern: str | None,
+                    num_classes: int) -> Iterator[str]:
+    """The zoo, or the library models matching a pattern, a line each with its feature width
+    and parameter count (built on the meta device where it can be), for `cocord-fast models`."""
+    names = [] if timm_pattern or torchvision_pattern else list(MODELS)
+    for prefix, pattern in (("timm", timm_pattern), ("torchvision", torchvision_pattern)):
+        if pattern:
+            names += [f"{prefix}:{name}" for name in library.library_names(prefix, pattern)]
+    if not names:
+        raise UserError(f"no model matches {timm_pattern or torchvision_pattern!r}")
+    for name in names:
+        try:
+            model = _shapes_only(build_model, name, num_classes)
+        except UserError as err:
+            yield f"{name:34s} refused: {str(err).split(': ', 1)[-1]}"
+            continue
+        params = sum(p.numel() for p in model.parameters())
+        yield f"{name:34s} features {model.num_features:5d}  parameters {params / 1e6:7.2f}M"
+
+
+def _shapes_only(build: Callable, *args):
+    """`build(*args)` on the meta device (shapes, no memory or initialisation), or on the CPU
+    where a model's constructor needs real values."""
+    try:
+        with torch.device("meta"):
+            return build(*args)
+    except (NotImplementedError, RuntimeError):
+        return build(*args)

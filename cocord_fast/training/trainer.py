@@ -30,7 +30,7 @@ from .evaluate import describe_samples, evaluate
 from .metrics import MetricAccumulator, PeakMemory, RunLog, ThroughputWindow, read_log, rewrite_log
 from .networks import build_student, build_teacher, check_model_names, take_teacher_preprocessing
 from .preemption import Preempted, StopSignals, StoppedTogether, parse_signals
-from .read_ahead import ReadAhead
+from .readable_steps import ReadableSteps
 from .resume import check_resumable, check_same_data, resume_point
 from .schedule import lr_factor
 from .telemetry import Telemetry
@@ -331,7 +331,7 @@ class Trainer:
             self.method.begin_epoch(epoch)
             self.method.train()
             # Read ahead by the stop vote's lag (one step with several processes) plus one.
-            steps = ReadAhead(self.loaders.train, self.accumulation,
+            steps = ReadableSteps(self.loaders.train, self.accumulation,
                               depth=2 if self.world_size > 1 else 1)
             if self._unreadable_anywhere(steps) is not None:  # one of the epoch's first steps
                 self.save("last.pt")
@@ -370,7 +370,7 @@ class Trainer:
                 self.save("last.pt")
             self.window.restart()  # evaluation and saving are not training throughput
 
-    def _stop(self, steps: ReadAhead) -> None:
+    def _stop(self, steps: ReadableSteps) -> None:
         """After the stop vote, with last.pt saved: say why (a file some rank cannot read, or
         a stop signal), the same on every rank, then end the run."""
         if (unreadable := self._unreadable_anywhere(steps)) is not None:
@@ -386,7 +386,7 @@ class Trainer:
                               "signal": stop.signal_name})
         raise stop
 
-    def _unreadable_anywhere(self, steps: ReadAhead) -> str | None:
+    def _unreadable_anywhere(self, steps: ReadableSteps) -> str | None:
         """The error of the first rank that cannot read a step it read ahead, on every rank."""
         errors = distributed.all_gather_objects(None if steps.failure is None
                                                 else str(steps.failure))

@@ -18,7 +18,7 @@ from ..data import Batch
 from ..errors import UserError
 
 
-class ReadAhead:
+class ReadableSteps:
     """The optimizer steps (tuples of `accumulation` micro-batches; a shorter tail is
     dropped) of `batches`, each read `depth` steps before it is handed out. A step that
     cannot be read (a UserError: an unreadable file, not skipped) ends the reading:
@@ -54,7 +54,7 @@ class ReadAhead:
         waited, self.waited_s = self.waited_s, 0.0
         return waited
 
-    def __iter__(self) -> ReadAhead:
+    def __iter__(self) -> ReadableSteps:
         return self
 
     def __next__(self) -> tuple[Batch, ...]:

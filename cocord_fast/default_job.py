@@ -23,7 +23,7 @@ from .config import Config, load_config
 from .configs import ROOT as CONFIGS
 from .errors import StageExited
 from .training.preemption import parse_signals
-from .training.resume import is_finished, latest_intact
+from .training.resume import config_for_resume, is_finished, latest_intact
 from .training.trainer import train
 
 DEFAULT_OUT = Path("runs/demo")
@@ -45,6 +45,24 @@ STAGES = [
 # demo teacher is trained with them too (they do not change what the teacher learns).
 CARRIED_TO_TEACHER = ("data.root", "data.backend", "data.num_workers", "train.device",
                       "train.progress")
+
+
+def train_command(config_path: str | None, overrides: list[str], resume: str | None) -> None:
+    """`cocord-fast train`: the run `config_path` and `overrides` describe (a demo recipe's
+    teacher trained first where it is missing), the run at `resume` continued, or, given
+    nothing, the default job."""
+    if resume:
+        cfg = config_for_resume(resume, overrides)
+    elif config_path is None and not overrides:
+        run_default_job()
+        return
+    else:
+        cfg = load_config(config_path, overrides)
+    ensure_demo_teacher(cfg)
+    result = train(cfg)
+    if distributed.is_main():
+        print(f"{result.run_dir}: step {result.step}, top-1 {result.top1:.2f} "
+              f"(best {result.best_top1:.2f})")
 
 
 def ensure_demo_teacher(cfg: Config) -> None:

@@ -54,6 +54,20 @@ class BenchSettings:
     overrides: tuple[str, ...] = ()
     out: Path = RESULTS
 
+    @classmethod
+    def from_options(cls, given: dict, cpu_quick: bool,
+                     overrides: tuple[str, ...]) -> BenchSettings:
+        """The settings `cocord-fast bench` options give: the GPU recipe, or `CPU_QUICK`'s
+        where asked or where there is no GPU and no --device, then the options given."""
+        import torch
+
+        if not cpu_quick and "device" not in given and not torch.cuda.is_available():
+            # The GPU recipe takes hours on a few cores; on the CPU only when asked for.
+            print("no GPU here: running the CPU recipe (--cpu-quick); --device cpu runs the GPU "
+                  "recipe on the CPU", flush=True)
+            cpu_quick = True
+        return cls(**{**(CPU_QUICK if cpu_quick else {}), **given}, overrides=overrides)
+
     def resolved_device(self) -> torch.device:
         import torch
 

@@ -1,16 +1,19 @@
-"""The import of checkpoints written by the reference implementation of CoCoRD
-(ShipengFu/CoCoRD): their module names and queue layout mapped onto `CoCoRD`'s."""
+"""`cocord-fast import-reference`: checkpoints written by the reference implementation of
+CoCoRD (ShipengFu/CoCoRD), their module names and queue layout mapped onto `CoCoRD`'s, as a run
+directory that `train --resume` continues."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from ..checkpoints.files import fit_problems
-from ..config import Config, merge
-from ..errors import UserError
-from ..models import build_model
-from .cocord import CoCoRD, CoCoRDSettings
+from .checkpoints.files import fit_problems, load_file, save_atomic, training_checkpoint
+from .config import Config, load_config, merge, parse_override, save_config
+from .errors import UserError
+from .methods.cocord import CoCoRD, CoCoRDSettings
+from .models import build_model
 
 # Reference module name -> ours; the heads share the inner layout (Sequential 0, 1, 3).
 REFERENCE_PREFIXES = {
@@ -108,3 +111,38 @@ def _describe(config: CoCoRDSettings) -> str:
     return (f"queue_size={config.queue_size}, embed_dim={config.embed_dim}, "
             f"proj_hidden_dim={config.proj_hidden_dim}, pred_hidden_dim={config.pred_hidden_dim}")
 
+
+
+def import_reference(ref_ckpt: Path, out_dir: Path, student: str, teacher: str,
+                     num_classes: int, overrides: list[str]) -> str:
+    """A reference checkpoint -> a run directory `train --resume` continues: config.yaml,
+    last.pt (step 0, fresh optimizer and RNG) and teacher.pth; returns what to tell the user."""
+    if (out_dir / "last.pt").exists():
+        raise UserError(f"{out_dir / 'last.pt'} already exists; choose another OUT_DIR")
+    # The reference trains on CIFAR-100 only; every override is checked before the file is read.
+    cfg = load_config(None, ["data.dataset=cifar100", *overrides])
+    cocord_overrides = {key: value for text in overrides
+                        for section, values in parse_override(text).items()
+                        if section == "cocord" for key, value in values.items()}
+    raw = load_file(ref_ckpt)
+    method = from_reference(unwrap_reference_checkpoint(raw, str(ref_ckpt)), student, teacher,
+                            num_classes, **cocord_overrides)
+    cfg.method.name = "cocord"
+    cfg.model.student, cfg.model.teacher = student, teacher
+    cfg.cocord = dataclasses.replace(method.config)  # with the settings the shapes fixed
+    cfg.train.output_dir = str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.model.teacher_checkpoint:
+        # `train --resume` builds the teacher from model.teacher_checkpoint before restoring
+        # the method state: give it the reference's teacher in RepDistiller's format.
+        teacher_path = out_dir / "teacher.pth"
+        save_atomic({"model": method.teacher_encoder.state_dict()}, teacher_path)
+        cfg.model.teacher_checkpoint = str(teacher_path)
+    save_config(cfg, out_dir / "config.yaml")
+    save_atomic(training_checkpoint(cfg.to_dict(), method, num_classes, step=0,
+                                    steps_per_epoch=1, engine=None, ranks=None, best_top1=0.0,
+                                    last_top1=0.0), out_dir / "last.pt")
+    epoch = raw.get("epoch") if isinstance(raw, dict) else None
+    at_epoch = f" (reference epoch {epoch})" if isinstance(epoch, int) else ""
+    return (f"imported {ref_ckpt}{at_epoch} into {out_dir} at step 0; continue with "
+            f"cocord-fast train --resume {out_dir} data.root=...")
