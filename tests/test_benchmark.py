@@ -57,11 +57,11 @@ def test_report_has_every_field_with_positive_numbers_and_each_method_its_floor(
     assert report["settings"]["num_train"] == 64 and report["settings"]["num_classes"] == 100
     assert report["settings"]["loader"] is None  # resident batches
     methods = {row["method"]: row for row in report["methods"]}
-    assert list(methods) == ["vanilla", "kd", "crd", "cocord"]
+    assert list(methods) == METHODS.names()  # every method, unless --methods says otherwise
     floors = {row["floor"]: row for row in report["floors"]}
-    # KD and CRD run the same networks on the same views: one floor serves both.
+    # KD, DKD, DIST and CRD run the same networks on the same views: one floor serves them.
     assert sorted(map(tuple, (row["floor_of"] for row in floors.values()))) == [
-        ("cocord",), ("kd", "crd"), ("vanilla",)]
+        ("cocord",), ("kd", "dkd", "dist", "crd"), ("vanilla",)]
     for name, row in methods.items():
         assert METHOD_KEYS <= set(row), METHOD_KEYS - set(row)
         assert row["floor"] in floors and name in floors[row["floor"]]["floor_of"]

@@ -48,7 +48,8 @@ def test_default_job_trains_teacher_and_students_compares_them_and_reuses_them(
                  "crd.num_negatives=16", "crd.embed_dim=65536", "train.progress=false")
     rows = demo_job.run_default_job(overrides=overrides)
     assert [row["run"] for row in rows[0]] == [stage for stage, _ in demo_job.STAGES]
-    assert [row["method"] for row in rows[0]] == ["vanilla", "vanilla", "KD", "CRD", "CoCoRD"]
+    assert [row["method"] for row in rows[0]] == ["vanilla", "vanilla", "KD", "DKD", "DIST", "CRD",
+                                                  "CoCoRD"]
     assert all(row["teacher"] == "resnet20" for row in rows[0][2:])
     # Each stage's peak is its own: the CoCoRD stage, trained after CRD, peaks lower by at
     # least the difference of their banks (a running maximum over the job could not).

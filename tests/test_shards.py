@@ -84,7 +84,7 @@ def test_shards_hold_the_image_folders_samples_in_its_order_with_their_sizes(tre
         assert sharded.num_classes == 3 and np.array_equal(sharded.targets, folder.targets)
         for i in range(len(folder)):
             assert np.array_equal(sharded.read(i), folder.read(i))
-            assert sharded.name(i) == (f"{shard_root / ('train' if train else 'val')}/"
+            assert sharded.where(i) == (f"{shard_root / ('train' if train else 'val')}/"
                                        f"shard-{i // 5:06d}.tar:{folder.path(i).parent.name}/"
                                        f"{folder.path(i).name}")
             image, label = sharded.load(i)

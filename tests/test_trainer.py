@@ -111,9 +111,9 @@ def test_resume_from_a_missing_checkpoint_is_an_error(tiny_overrides, tmp_path):
 
 
 def test_unknown_model_fails_before_data_is_made(tmp_path, monkeypatch):
-    import cocord_fast.data.build as build
+    import cocord_fast.data.demo as demo
 
-    monkeypatch.setattr(build, "ensure_demo_dataset", lambda root: pytest.fail("data was made"))
+    monkeypatch.setattr(demo, "ensure_demo_dataset", lambda root: pytest.fail("data was made"))
     with pytest.raises(UserError, match="model.student: unknown model 'resnet9'"):
         Trainer(load_config(overrides=["model.student=resnet9", f"train.output_dir={tmp_path}"]))
 
