@@ -163,7 +163,8 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
             if row["top1"] is None or row[key] is None:
                 continue
             ax.scatter(row[key], row["top1"], color=f"C{color % 10}", s=30)
-            ax.annotate(f"{row['method']} ({row['encoder_passes']} passes)",
+            passes = row["encoder_passes"]
+            ax.annotate(f"{row['method']} ({passes} pass{'' if passes == 1 else 'es'})",
                         (row[key], row["top1"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
         ax.set_xlabel(label)
