@@ -18,6 +18,10 @@ their EMA copies, and the teacher head tracking the projector), against the band
 (bytes read + written) / the copy bandwidth of a large `copy_`. Momentum times come from CUDA
 graph replays (GPU time, like the floor); `host_us` is the Python cost of one call.
 
+bank_scores: CRD's scoring at ImageNet's shapes (B 256, C = K + 1 = 16,385, E 128, a bank of
+1.28M rows; `bench/bank_scores.py` times the same over bank sizes, on the CPU too): the Triton
+gather-dot against the gather and bmm RepDistiller runs and the two torch paths.
+
 Targets (H100), B=256 E=2048 N=16384: the bf16 call at least 2x eager and 1.2x torch.compile,
 the fp32 call at least as fast as eager; momentum update of ResNet-50 + heads at most 1.5x its
 floor, and its host cost at most foreach's.
@@ -31,6 +35,7 @@ import copy
 import csv
 import json
 import os
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -200,6 +205,10 @@ def bench_momentum(quick: bool, bandwidth: float) -> list[dict]:
 def _describe(row: dict) -> str:
     if "error" in row:
         return f"{row['kind']} {row['impl']}: {row['error']}"
+    if row["kind"] == "bank_scores":
+        return (f"bank_scores B={row['B']} C={row['C']} N={row['N']} {row['impl']:10s} "
+                f"fwd+bwd {row['ms']:.3f} ms, peak {row['peak_mb']:.0f} MiB, "
+                f"x{row['x_gather']:.2f} the gather's speed")
     if row["kind"] == "queue_infonce":
         bwd = f"{row['bwd_ms']:.3f}" if "bwd_ms" in row else "n/a"
         return (f"queue_infonce B={row['B']} E={row['E']} N={row['N']} {row['precision']} "
@@ -227,6 +236,10 @@ def check_targets(rows: list[dict]) -> list[str]:
             s = compiled["both_ms"] / auto["both_ms"]
             lines.append(f"bf16 queue_infonce fwd+bwd vs torch.compile: {s:.2f}x (target >= "
                          f"1.2): {'met' if s >= 1.2 else 'MISSED'}")
+    crd = pick(kind="bank_scores", impl="triton")
+    if crd:
+        lines.append(f"CRD's scoring (Triton) at N={crd['N']}: x{crd['x_gather']:.2f} the "
+                     f"gather's speed")
     mom = [pick(kind="momentum_update", set="resnet50+heads", impl=i) for i in ("triton", "eager")]
     if all(mom):
         lines.append(f"momentum host cost per call: {mom[0]['host_us']:.0f} us (Triton) vs "
@@ -296,8 +309,8 @@ def write(rows: list[dict], meta: dict, out: Path) -> None:
 def smoke() -> bool:
     """Triton's interpreter on tiny shapes: the kernels still agree with their references."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first defined
-    from cocord_fast.kernels import (momentum_update_, momentum_update_ref, queue_infonce,
-                                     queue_infonce_ref)
+    from cocord_fast.kernels import (bank_scores, bank_scores_ref, momentum_update_,
+                                     momentum_update_ref, queue_infonce, queue_infonce_ref)
 
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
@@ -320,13 +333,21 @@ def smoke() -> bool:
     momentum_update_(targets, sources, [0.9, 0.0, 0.999], impl="triton")
     good = all(torch.allclose(t, e, rtol=1e-6, atol=1e-7) for t, e in zip(targets, expected))
     print(f"momentum_update_ {'ok' if good else 'MISMATCH'}")
+    ok &= good
+    embedding, bank = (F.normalize(torch.randn(n, 40), dim=1) for n in (3, 50))
+    index = torch.randint(0, 50, (3, 37))
+    scores = [fn(embedding, bank, index) for fn in
+              (bank_scores_ref, lambda *a: bank_scores(*a, impl="triton"))]
+    good = torch.allclose(*scores, rtol=1e-5, atol=1e-6)
+    print(f"bank_scores {'ok' if good else 'MISMATCH'}")
     return ok and good
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the target rows only")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["queue_infonce", "momentum"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["queue_infonce", "momentum", "bank_scores"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -351,6 +372,10 @@ def main() -> None:
         rows += bench_queue_infonce(args.quick)
     if "momentum" not in args.skip:
         rows += bench_momentum(args.quick, meta["copy_gbs"] * 1e9)
+    if "bank_scores" not in args.skip:
+        crd_scoring = runpy.run_path(str(Path(__file__).with_name("bank_scores.py")))
+        rows += [{"kind": "bank_scores", **row} for row in crd_scoring["run"](
+            torch.device("cuda"), 256, [crd_scoring["IMAGENET_ROWS"]], warmup=2, repeats=5)]
     for line in check_targets(rows):
         print(line)
     write(rows, meta, args.out)

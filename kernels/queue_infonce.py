@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import interpreting, record, use_triton
+from ._launch import cdiv, programs_wanted
 
 # "tf32x3": three TF32 tensor-core products, close to fp32 (the dropped lo*lo term is ~2^-22
 # relative, below fp32's accumulation error over E terms). "ieee" is exact fp32 FMA, slower.
@@ -141,28 +142,14 @@ class _QueueInfoNCE(torch.autograd.Function):
 # gets a single small config (blocks of 32 still satisfy tl.dot's minimum of 16 on GPUs) and
 # INTERPRET_SPLITS splits, enough to exercise every mask and merge.
 
-def _programs_wanted(device: torch.device) -> int:
-    """About two waves of programs on this GPU (two per SM)."""
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _splits(length: int, tiles: int, unit: int, device: torch.device) -> tuple[int, int]:
     """(splits, length per split): cut `length` into ranges of a multiple of `unit` (so no
     split cuts a tile) such that `tiles` x splits programs fill the GPU."""
-    wanted = (_cdiv(_programs_wanted(device), tiles) if device.type == "cuda"
+    wanted = (cdiv(programs_wanted(device), tiles) if device.type == "cuda"
               else INTERPRET_SPLITS)
-    wanted = max(1, min(wanted, _cdiv(length, unit)))
-    per = _cdiv(_cdiv(length, wanted), unit) * unit
-    return _cdiv(length, per), per
+    wanted = max(1, min(wanted, cdiv(length, unit)))
+    per = cdiv(cdiv(length, wanted), unit) * unit
+    return cdiv(length, per), per
 
 
 def _fp32_precision() -> str:
@@ -187,12 +174,12 @@ def _forward(q: Tensor, k: Tensor, queue: Tensor, temperature: float):
     (B, E), N = q.shape, queue.shape[0]
     small = interpreting()
     # Split units: the largest BLOCK_N of the configs, so that no split cuts a tile.
-    split, per = _splits(N, _cdiv(B, 32 if small else 64), 32 if small else 128, q.device)
+    split, per = _splits(N, cdiv(B, 32 if small else 64), 32 if small else 128, q.device)
     f32 = dict(device=q.device, dtype=torch.float32)
     pos, lse = torch.empty(B, **f32), torch.empty(B, **f32)  # (B,) each
     row_max, row_sum = torch.empty(split, B, **f32), torch.empty(split, B, **f32)  # (S, B)
     loss, top1 = torch.empty((), **f32), torch.empty((), **f32)
-    K.fwd_partial[lambda meta: (_cdiv(B, meta["BLOCK_B"]), split)](
+    K.fwd_partial[lambda meta: (cdiv(B, meta["BLOCK_B"]), split)](
         q, k, queue, pos, row_max, row_sum, B, N, E, per, temperature,
         q.stride(0), k.stride(0), queue.stride(0),
         PRECISION=_dot_options(q.dtype)["PRECISION"], UPCAST=small)
@@ -211,8 +198,8 @@ def _backward(q: Tensor, k: Tensor, queue: Tensor, lse: Tensor, pos: Tensor,
     opts = _dot_options(q.dtype)
     unit = 32 if small else 64  # the largest BLOCK_K of the configs
     chunk = min(N, max(unit, P_CHUNK_ELEMENTS // B // unit * unit))
-    chunks = _cdiv(N, chunk)
-    out_tiles = _cdiv(E, 32 if small else 128) * _cdiv(B, 32 if small else 64)
+    chunks = cdiv(N, chunk)
+    out_tiles = cdiv(E, 32 if small else 128) * cdiv(B, 32 if small else 64)
     split, per = _splits(chunk, out_tiles, unit, q.device)
     f32 = dict(device=q.device, dtype=torch.float32)
     probs = torch.empty(B, chunk, **f32)  # (B, chunk): the softmax of one queue chunk
@@ -221,11 +208,11 @@ def _backward(q: Tensor, k: Tensor, queue: Tensor, lse: Tensor, pos: Tensor,
     for c in range(chunks):
         part = queue[c * chunk:(c + 1) * chunk]  # (width, E), a view: no copy
         width = part.shape[0]
-        K.bwd_probs[lambda meta: (_cdiv(B, meta["BLOCK_B"]), _cdiv(width, meta["BLOCK_N"]))](
+        K.bwd_probs[lambda meta: (cdiv(B, meta["BLOCK_B"]), cdiv(width, meta["BLOCK_N"]))](
             q, part, lse, probs, B, width, E, temperature,
             q.stride(0), part.stride(0), probs.stride(0),
             PRECISION=opts["PRECISION"], UPCAST=small)
-        K.bwd_dq[lambda meta: (_cdiv(E, meta["BLOCK_EO"]), _cdiv(B, meta["BLOCK_M"]), split)](
+        K.bwd_dq[lambda meta: (cdiv(E, meta["BLOCK_EO"]), cdiv(B, meta["BLOCK_M"]), split)](
             probs, part, k, lse, pos, grad, partial[c * split:], B, E, width, per,
             temperature, probs.stride(0), part.stride(0), k.stride(0),
             FIRST=c == 0, UPCAST=small, **opts)

@@ -160,3 +160,17 @@ def test_engines_bench_names_a_misspelt_engine_before_any_work(engine, tmp_path)
                               "--out", str(tmp_path), check=False)
     assert result.returncode != 0 and f"--engines: {engine!r}" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bank_scores_bench_times_each_torch_path_against_the_gather(tmp_path):
+    result = run_bench_script("bank_scores.py", "--rows", "300", "200000", "--batch-size", "2",
+                              "--warmup", "0", "--repeats", "1", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("bank_scores_*.json")
+    report = json.loads(path.read_text())
+    rows = {(row["N"], row["impl"]): row for row in report["rows"]}
+    assert set(rows) == {(n, impl) for n in (300, 200000)
+                         for impl in ("gather", "whole bank", "chunked")}
+    assert rows[300, "gather"]["rule"] == "whole bank"
+    assert rows[200000, "gather"]["rule"] == "chunked"
+    assert rows[300, "gather"]["x_gather"] == 1 and rows[300, "chunked"]["ms"] > 0
+    assert "the rule picks: chunked" in result.stdout and path.with_suffix(".png").exists()

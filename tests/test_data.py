@@ -132,8 +132,8 @@ def test_sampler_rejects_batch_larger_than_data():
 
 
 def test_views_differ_but_are_reproducible_and_worker_independent(tiny_demo_root):
-    source = open_source("demo", tiny_demo_root, train=True)
-    recipe = build_recipe(32, 32, Preprocessing.of(DataConfig(dataset="demo")))
+    source = open_source("imagefolder", tiny_demo_root, train=True)  # random-resized crops
+    recipe = build_recipe(32, Preprocessing.of(DataConfig(dataset="imagefolder")))
     dataset = MultiViewDataset(source, recipe.train, num_views=3, seed=0)
     views, label, index, skipped, replaced = dataset[(5, 0)]
     assert len(views) == 3 and label == source.load(5)[1] and index == 5 and skipped == []
@@ -169,7 +169,7 @@ def test_loaders_yield_batches_with_normalised_views(tiny_demo_root):
     val = next(iter(loaders.val))
     assert len(val.views) == 1 and len(val) == 40
     # Evaluation views are ToTensor + Normalize: undoing it gives the decoded image back.
-    image, _ = loaders.val.dataset.source.load(0)
+    image, _ = loaders.val.dataset.images.source.load(0)
     mean, std = torch.tensor(CIFAR_MEAN)[:, None, None], torch.tensor(CIFAR_STD)[:, None, None]
     restored = val.views[0][0] * std + mean
     assert torch.allclose(restored, torch.tensor(np.asarray(image)).permute(2, 0, 1) / 255, atol=1e-5)

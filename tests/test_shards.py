@@ -74,17 +74,17 @@ def later(path: Path) -> None:
 def test_shards_hold_the_image_folders_samples_in_its_order_with_their_sizes(trees):
     folder_root, shard_root = trees
     assert (shard_root / "classes.txt").read_text() == "class_0\nclass_1\nclass_2\n"
-    for train in (True, False):
-        folder = open_source("imagefolder", folder_root, train)
-        sharded = open_source("shards", shard_root, train)
+    for train_split in (True, False):
+        folder = open_source("imagefolder", folder_root, train_split)
+        sharded = open_source("shards", shard_root, train_split)
         assert sharded.index.shards == (["shard-000000.tar", "shard-000001.tar",
-                                         "shard-000002.tar"] if train
+                                         "shard-000002.tar"] if train_split
                                         else ["shard-000000.tar", "shard-000001.tar"])
         assert len(sharded) == len(folder) and sharded.classes == folder.classes
         assert sharded.num_classes == 3 and np.array_equal(sharded.targets, folder.targets)
         for i in range(len(folder)):
             assert np.array_equal(sharded.read(i), folder.read(i))
-            assert sharded.where(i) == (f"{shard_root / ('train' if train else 'val')}/"
+            assert sharded.where(i) == (f"{shard_root / ('train' if train_split else 'val')}/"
                                        f"shard-{i // 5:06d}.tar:{folder.path(i).parent.name}/"
                                        f"{folder.path(i).name}")
             image, label = sharded.load(i)

@@ -13,7 +13,7 @@ from torchvision import transforms as T
 from cocord_fast.config import DataConfig, load_config
 from cocord_fast.data import build_loaders
 from cocord_fast.data.build import check_data_config
-from cocord_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, open_source, source_kind
+from cocord_fast.data.sources import IMAGENET_MEAN, IMAGENET_STD, open_source
 from cocord_fast.data.transforms import CROP_MODES, Preprocessing, build_recipe
 from cocord_fast.errors import UserError
 from cocord_fast.training.metrics import read_log
@@ -138,8 +138,7 @@ def test_a_timm_teachers_data_is_evaluated_by_timms_own_transform(tree, teacher,
                          "data.image_size=0")
     take_teacher_preprocessing(cfg, needs_teacher=True)
     assert cfg.data.crop_mode == mode
-    ours = build_recipe(source_kind(cfg.data.dataset).image_size, cfg.data.image_size,
-                        Preprocessing.of(cfg.data)).eval
+    ours = build_recipe(cfg.data.image_size, Preprocessing.of(cfg.data)).eval
     theirs = timm.data.create_transform(**timm.data.resolve_data_config(
         pretrained_cfg=timm.models.get_pretrained_cfg(teacher).to_dict()), is_training=False)
     pixels = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)

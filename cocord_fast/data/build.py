@@ -22,7 +22,7 @@ from .batch import Batch
 from .imagefolder import ImageFolder
 from .sources import Source, open_source, source_kind
 from .tar_shards import TarShards
-from .transforms import Preprocessing, build_recipe, image_size_of, refuse_resizing_small_images
+from .transforms import Preprocessing, image_size_of, refuse_resizing_small_images
 
 
 class TrainLoader(Protocol):
@@ -155,10 +155,7 @@ def build_loaders(cfg: DataConfig, num_views: int, seed: int, device: torch.devi
     else:
         from .torch_loader import build_torch_loaders
 
-        train, val = build_torch_loaders(cfg, train_source, val_source,
-                                         build_recipe(train_source.image_size, image_size,
-                                                      preprocessing),
-                                         num_views,
-                                         seed, device, rank, world_size)
+        train, val = build_torch_loaders(cfg, train_source, val_source, preprocessing,
+                                         image_size, num_views, seed, device, rank, world_size)
     return Loaders(train, val, train_source.num_classes, len(train_source), train_source.targets,
                    backend, {"train": train_source, "val": val_source})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -132,6 +132,29 @@ class Source:
         except DECODE_ERRORS as err:
             return str(err) or type(err).__name__
         return None
+
+
+# A run of this many unreadable files in a row is not a few bad files but a broken data set.
+MAX_CONSECUTIVE_CORRUPT = 100
+
+
+def first_readable(source: Source, index: int, skip_corrupt: bool,
+                   read: Callable[[int], Any]) -> tuple[Any, int, list[str]]:
+    """(read(i), i, the files skipped) for the first sample i from `index` on, in dataset
+    order, that `read` can decode: with `skip_corrupt` an unreadable sample is replaced by the
+    next readable one, so batches keep their size (every rank must run the same steps, and
+    BatchNorm and the queue expect full batches); else it raises."""
+    skipped: list[str] = []
+    for offset in range(MAX_CONSECUTIVE_CORRUPT):
+        candidate = (index + offset) % len(source)
+        try:
+            return read(candidate), candidate, skipped
+        except CorruptImage as err:
+            if not skip_corrupt:
+                raise
+            skipped.append(str(err.path))
+    raise CorruptImage(source.where(index), f"it and the next {MAX_CONSECUTIVE_CORRUPT - 1} "
+                                            f"files in dataset order are all unreadable")
 
 
 class EncodedImages(Source):

@@ -1,4 +1,4 @@
-"""The torchvision data path: sources + recipes -> DataLoaders yielding `Batch`.
+"""The torch data path: sources + recipes -> DataLoaders yielding `Batch`.
 
 Reproducibility is by construction rather than by RNG bookkeeping: the order of an epoch is a
 function of (seed, epoch) (`order.epoch_order`), and the augmentation of a sample is a function
@@ -17,11 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .batch import IMAGE_LAYOUT, Batch
 from .order import derived_seed, epoch_order, eval_shards, steps_per_epoch
-from .sources import CorruptImage
-from .transforms import Recipe
-
-# A run of this many unreadable files in a row is not a few bad files but a broken data set.
-MAX_CONSECUTIVE_CORRUPT = 100
+from .fixed_size_batches import FixedSizeEvalBatches, FixedSizeTrainBatches, as_made
+from .sources import CorruptImage, Source, first_readable
+from .transforms import Preprocessing, build_recipe
 
 
 class EpochBatchSampler:
@@ -52,24 +50,6 @@ class EpochBatchSampler:
             yield [(i, self.epoch) for i in chunk]
 
 
-def load_or_substitute(source, index: int, skip_corrupt: bool) -> tuple[object, int, int, list[str]]:
-    """(image, label, index of the image, skipped files): with `skip_corrupt`, an unreadable
-    sample is replaced by the next readable one in dataset order, so batches keep their size
-    (every rank must run the same steps, and BatchNorm and the queue expect full batches)."""
-    skipped: list[str] = []
-    for offset in range(MAX_CONSECUTIVE_CORRUPT):
-        candidate = (index + offset) % len(source)
-        try:
-            image, label = source.load(candidate)
-            return image, label, candidate, skipped
-        except CorruptImage as err:
-            if not skip_corrupt:
-                raise
-            skipped.append(str(err.path))
-    raise CorruptImage(source.where(index), f"it and the next {MAX_CONSECUTIVE_CORRUPT - 1} "
-                                            f"files in dataset order are all unreadable")
-
-
 class Sample(NamedTuple):
     views: tuple[torch.Tensor, ...] | None  # None: an unreadable evaluation file, dropped
     label: int | None
@@ -90,7 +70,8 @@ class MultiViewDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Sample:
         index, epoch = item
-        image, label, used, skipped = load_or_substitute(self.source, index, self.skip_corrupt)
+        (image, label), used, skipped = first_readable(self.source, index, self.skip_corrupt,
+                                                       self.source.load)
         # The transforms draw from torch's global RNG: seed it per sample inside a forked
         # state so the caller's RNG (model init, dropout) is untouched.
         with torch.random.fork_rng(devices=[]):
@@ -156,18 +137,28 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def build_torch_loaders(cfg: DataConfig, train_source, val_source, recipe: Recipe,
-                        num_views: int, seed: int, device: torch.device, rank: int,
+def build_torch_loaders(cfg: DataConfig, train_source: Source, val_source: Source,
+                        preprocessing: Preprocessing, image_size: int, num_views: int, seed: int,
+                        device: torch.device, rank: int,
                         world_size: int) -> tuple[TorchTrainLoader, DataLoader]:
-    """DataLoaders whose batches are pinned for a CUDA `device`."""
+    """DataLoaders whose batches are pinned for a CUDA `device`: of a fixed-size source, whole
+    batches at once (`fixed_size_batches.py`); of others, image by image through the recipe
+    of `transforms.build_recipe`, resizing to `image_size`."""
     workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                    pin_memory=device.type == "cuda",
                    worker_init_fn=leave_stop_signals_to_the_trainer)
+    if train_source.image_size:
+        train_set = FixedSizeTrainBatches(train_source, preprocessing, num_views, seed,
+                                          cfg.skip_corrupt)
+        val_set = FixedSizeEvalBatches(val_source, preprocessing, cfg.skip_corrupt)
+        train_collate = val_collate = as_made
+    else:
+        recipe = build_recipe(image_size, preprocessing)
+        train_set = MultiViewDataset(train_source, recipe.train, num_views, seed, cfg.skip_corrupt)
+        val_set = EvalDataset(val_source, recipe.eval, cfg.skip_corrupt)
+        train_collate, val_collate = partial(collate, training=True), collate
     sampler = EpochBatchSampler(len(train_source), cfg.batch_size, seed, rank, world_size)
-    train = DataLoader(MultiViewDataset(train_source, recipe.train, num_views, seed,
-                                        cfg.skip_corrupt), batch_sampler=sampler,
-                       collate_fn=partial(collate, training=True), **workers)
-    val = DataLoader(EvalDataset(val_source, recipe.eval, cfg.skip_corrupt), collate_fn=collate,
-                     batch_size=cfg.eval_batch_size,
+    train = DataLoader(train_set, batch_sampler=sampler, collate_fn=train_collate, **workers)
+    val = DataLoader(val_set, collate_fn=val_collate, batch_size=cfg.eval_batch_size,
                      sampler=eval_shards(len(val_source), world_size)[rank], **workers)
     return TorchTrainLoader(train), val

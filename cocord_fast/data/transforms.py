@@ -1,6 +1,7 @@
 """Augmentation recipes (METHOD.md, "Views"), applied once per view: images of one fixed size
 (the source's `image_size`: CIFAR-100, the demo set) take a padded random crop and are never
-resized; others a random-resized crop."""
+resized (on the torch path a whole batch at once: `fixed_size_batches.py`); others a
+random-resized crop, image by image (`build_recipe`)."""
 from __future__ import annotations
 
 import math
@@ -77,14 +78,10 @@ class Recipe:
     eval: Callable
 
 
-def build_recipe(fixed_size: int, image_size: int, preprocessing: Preprocessing) -> Recipe:
-    """`fixed_size`: the side of every image of the source (its `image_size`), 0 where they
-    vary; `image_size`: the crop those others are resized to."""
+def build_recipe(image_size: int, preprocessing: Preprocessing) -> Recipe:
+    """The image-by-image recipe of images of any size, cropped or resized to `image_size`
+    (a fixed-size source's padded crops: `fixed_size_batches.py`)."""
     normalize = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
-    if fixed_size:
-        return Recipe(train=T.Compose([T.RandomCrop(fixed_size, padding=SMALL_IMAGE_PAD),
-                                       T.RandomHorizontalFlip()] + normalize),
-                      eval=T.Compose(normalize))
     resample = T.InterpolationMode(preprocessing.interpolation)
     return Recipe(
         train=T.Compose([T.RandomResizedCrop(image_size, interpolation=resample),

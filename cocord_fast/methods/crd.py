@@ -65,7 +65,8 @@ class CRD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, train_targets: np.ndarray,
                  num_negatives: int, seed: int = 0, embed_dim: int = 128,
                  temperature: float = 0.07, memory_momentum: float = 0.5, loss_cls: float = 1.0,
-                 loss_crd: float = 0.8, loss_kd: float = 0.0, kd_temperature: float = 4.0):
+                 loss_crd: float = 0.8, loss_kd: float = 0.0, kd_temperature: float = 4.0,
+                 kernels: str = "auto"):
         super().__init__(student, teacher)
         # Seeded per (seed, rank, micro-batch): a resumed run draws the same negatives and
         # every rank its own. Its tensors follow the batch's device (no module state).
@@ -73,7 +74,7 @@ class CRD(Distiller):
                                          rank=distributed.rank())
         self.micro_batch = 0  # `begin_micro_batch`'s number
         self.crd = CRDLoss(student.num_features, teacher.num_features, len(train_targets),
-                           embed_dim, temperature, memory_momentum)
+                           embed_dim, temperature, memory_momentum, kernels)
         self.weight_cls, self.weight_crd, self.weight_kd = loss_cls, loss_crd, loss_kd
         self.kd_temperature = kd_temperature
 
@@ -83,7 +84,7 @@ class CRD(Distiller):
         c = cfg.crd
         return cls(student, teacher, train_targets, c.num_negatives, cfg.train.seed,
                    c.embed_dim, c.temperature, c.memory_momentum, c.loss_cls, c.loss_crd,
-                   c.loss_kd, c.kd_temperature)
+                   c.loss_kd, c.kd_temperature, cfg.train.kernels)
 
     @classmethod
     def run_label(cls, cfg: Config) -> str:
@@ -100,6 +101,9 @@ class CRD(Distiller):
 
     def begin_micro_batch(self, number: int) -> None:
         self.micro_batch = number
+
+    def on_optimizer_step(self) -> None:
+        self.crd.refresh_banks_()  # the last micro-batch's rows, its backward done
 
     def forward(self, batch: Batch) -> StepOutput:
         if batch.index is None:

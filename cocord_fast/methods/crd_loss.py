@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..kernels import bank_scores
 
 EPS = 1e-7  # RepDistiller's `eps` in the NCE loss
 
@@ -48,10 +49,16 @@ class CRDLoss(nn.Module):
 
     `forward(student_feature (B, d_s), teacher_feature (B, d_t), index (B,),
     contrast_index (B, K+1), replaced (B,) bool or None)`, where `contrast_index[:, 0] ==
-    index` (the positive). After the scores are computed, the banks' rows at `index` are
-    refreshed in place (no grad): row <- normalize(m * row + (1 - m) * embedding), except
-    where `replaced` (the image stands in for an unreadable file, `Batch.replaced`): that row
-    is written back unchanged, so no row ever learns another sample's image.
+    index` (the positive). The scores read the banks in place (`kernels.bank_scores`: the
+    B x (K+1) x E rows are never gathered), so the banks' rows at `index` are refreshed after
+    the backward pass that reads them: `refresh_banks_`, which the method calls after each
+    optimizer step, the next forward calls first, and a state dict calls before it is taken
+    (no saved bank misses a refresh). The refresh (no grad) is row <- normalize(m * row +
+    (1 - m) * embedding), the row as this forward read it, except where `replaced` (the image
+    stands in for an unreadable file, `Batch.replaced`): that row is left as it is, so no row
+    ever learns another sample's image. One backward per forward, as the engines run them: a
+    second forward before the first's backward refreshes the banks that backward reads, and
+    autograd refuses it.
 
     Normalising constants: each direction's Z is fixed on the first batch to
     mean(exp scores) * n_data and kept in a buffer (negative = not fixed yet), so it is saved
@@ -69,10 +76,12 @@ class CRDLoss(nn.Module):
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, num_data: int, embed_dim: int = 128,
-                 temperature: float = 0.07, memory_momentum: float = 0.5):
+                 temperature: float = 0.07, memory_momentum: float = 0.5,
+                 kernels: str = "auto"):
         super().__init__()
         self.num_data, self.temperature = num_data, temperature
         self.memory_momentum = memory_momentum
+        self.kernels = kernels  # `train.kernels`: the implementation of `bank_scores`
         self.student_embed = Embed(student_dim, embed_dim)
         self.teacher_embed = Embed(teacher_dim, embed_dim)
         bound = 1.0 / math.sqrt(embed_dim / 3)  # RepDistiller's stdv: uniform rows of norm ~1
@@ -83,41 +92,44 @@ class CRDLoss(nn.Module):
         # Whether Z is fixed, read from the buffers once per process (None: not read yet);
         # loading a state dict makes it unknown again.
         self._normalizers_fixed: bool | None = None
-        self.register_load_state_dict_post_hook(CRDLoss._forget_normalizers)
+        # The latest forward's refresh, until `refresh_banks_` writes it: (index, student
+        # rows, teacher rows), or None.
+        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
+        self.register_load_state_dict_post_hook(CRDLoss._forget_run_state)
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars:
+                                          module.refresh_banks_())
 
     @staticmethod
-    def _forget_normalizers(module: CRDLoss, incompatible_keys) -> None:
-        module._normalizers_fixed = None
+    def _forget_run_state(module: CRDLoss, incompatible_keys) -> None:
+        module._normalizers_fixed, module._pending = None, None
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor, index: Tensor,
                 contrast_index: Tensor, replaced: Tensor | None = None) -> Tensor:
+        self.refresh_banks_()
         v_s = self.student_embed(student_feature)  # (B, E)
         v_t = self.teacher_embed(teacher_feature)  # (B, E)
         with torch.autocast(v_s.device.type, enabled=False):
             dtype = self.student_memory.dtype
             v_s, v_t = v_s.to(dtype), v_t.to(dtype)
-            student_rows = self.teacher_memory[contrast_index]  # (B, K+1, E), detached copies
-            teacher_rows = self.student_memory[contrast_index]  # (B, K+1, E)
-            student_scores = self._exp_scores(student_rows, v_s)  # (B, K+1)
-            teacher_scores = self._exp_scores(teacher_rows, v_t)  # (B, K+1)
+            student_scores = self._exp_scores(self.teacher_memory, v_s, contrast_index)
+            teacher_scores = self._exp_scores(self.student_memory, v_t, contrast_index)
             self._fix_normalizers_(student_scores, teacher_scores)
-            # The gathered rows are copies, so refreshing the banks now does not touch the graph.
             if replaced is None:
                 replaced = torch.zeros_like(index, dtype=torch.bool)
             all_index, all_replaced = distributed.all_gather(
                 torch.stack([index, replaced.long()], dim=1)).unbind(1)  # (world * B,) each
             all_v_s, all_v_t = distributed.all_gather(
                 torch.cat([v_s, v_t], dim=1).detach()).chunk(2, dim=1)  # (world * B, E) each
-            unchanged = all_replaced.bool().unsqueeze(1)  # (world * B, 1)
-            self._refresh_(self.student_memory, all_index, all_v_s, unchanged)
-            self._refresh_(self.teacher_memory, all_index, all_v_t, unchanged)
+            self._pending = self._refreshed_rows(all_index, all_v_s, all_v_t,
+                                                 all_replaced.bool().unsqueeze(1))
             # Z is a constant: divide by copies, since autograd must not save buffers.
             return (nce_loss(student_scores / self.student_normalizer.clone(), self.num_data)
                     + nce_loss(teacher_scores / self.teacher_normalizer.clone(), self.num_data))
 
-    def _exp_scores(self, rows: Tensor, embedding: Tensor) -> Tensor:
-        """exp(<row, v> / tau): (B, K+1, E) rows and (B, E) embeddings -> (B, K+1)."""
-        return torch.exp(torch.bmm(rows, embedding.unsqueeze(2)).squeeze(2) / self.temperature)
+    def _exp_scores(self, bank: Tensor, embedding: Tensor, contrast_index: Tensor) -> Tensor:
+        """exp(<bank[contrast_index[b, j]], v_b> / tau): (B, K+1)."""
+        return torch.exp(bank_scores(embedding, bank, contrast_index, impl=self.kernels)
+                         / self.temperature)
 
     @torch.no_grad()
     def _fix_normalizers_(self, student_scores: Tensor, teacher_scores: Tensor) -> None:
@@ -133,11 +145,26 @@ class CRDLoss(nn.Module):
         self._normalizers_fixed = True
 
     @torch.no_grad()
-    def _refresh_(self, memory: Tensor, index: Tensor, embedding: Tensor,
-                  unchanged: Tensor) -> None:
-        """`unchanged` (B, 1) bool: rows written back as they are (a mask, not a filter:
-        no host sync)."""
+    def _refreshed_rows(self, index: Tensor, v_s: Tensor, v_t: Tensor,
+                        unchanged: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(index, new student-bank rows, new teacher-bank rows), from the rows as they are
+        now; `unchanged` (B, 1) bool: rows kept as they are (a mask, not a filter: no host
+        sync)."""
         m = self.memory_momentum
-        old = memory[index]  # (B, E)
-        rows = F.normalize(old * m + embedding * (1 - m), dim=1)
-        memory.index_copy_(0, index, torch.where(unchanged, old, rows))
+        new_rows = []
+        for memory, embedding in ((self.student_memory, v_s), (self.teacher_memory, v_t)):
+            old = memory[index]  # (B, E)
+            mixed = F.normalize(old * m + embedding * (1 - m), dim=1)
+            new_rows.append(torch.where(unchanged, old, mixed))
+        return index, new_rows[0], new_rows[1]
+
+    @torch.no_grad()
+    def refresh_banks_(self) -> None:
+        """Writes the latest forward's refreshed rows into the banks (once; a no-op when
+        there is none)."""
+        if self._pending is None:
+            return
+        index, student_rows, teacher_rows = self._pending
+        self._pending = None
+        self.student_memory.index_copy_(0, index, student_rows)
+        self.teacher_memory.index_copy_(0, index, teacher_rows)

@@ -28,9 +28,13 @@ class NegativeSampler:
     batch labels), so a loader that yields only indices works too.
 
     Two modes, chosen by the batch's B x n_data against `exact_budget`:
-    - exact (CIFAR scale): without replacement, as RepDistiller. Each row draws a float64 key
-      per dataset sample, same-class samples are masked out, and the K smallest keys win: a
-      uniform K-subset of the other-class pool, for B x n_data work and memory.
+    - exact (CIFAR scale): without replacement, as RepDistiller: each row a uniform K-subset
+      of the other-class pool, for B x n_data work and memory. On a GPU each row draws a
+      float64 key per dataset sample, same-class samples are masked out, and the K smallest
+      keys win. On the CPU numpy's generator draws each row's subset (`choice` without
+      replacement, over positions in the pool) and a (B, n_data) mask puts it in order: at
+      B 64 on CIFAR-100's 50,000 samples and 2 cores, 44 ms against the keys' 125 ms (their
+      draw, topk and sort), a step of CRD's that its floor does not have.
     - with replacement (ImageNet scale): each negative is uniform over the other-class pool,
       drawn directly rather than by rejection: with the dataset ordered by class, a uniform
       position u in [0, n - n_c) skips class c's block [start_c, start_c + n_c). O(B x K) work,
@@ -97,12 +101,25 @@ class NegativeSampler:
             self.to(index.device)
         index = index.long()
         labels = self.targets[index]  # (B,)
-        generator = self._seeded(draw)
         if self.with_replacement(len(index)):
-            negatives = self._with_replacement(labels, generator)
+            negatives = self._with_replacement(labels, self._seeded(draw))
+        elif index.device.type == "cpu":
+            negatives = self._exact_on_the_host(labels, draw)
         else:
-            negatives = self._exact(labels, generator)
+            negatives = self._exact(labels, self._seeded(draw))
         return torch.cat([index[:, None], negatives], dim=1)  # (B, K+1)
+
+    def _exact_on_the_host(self, labels: Tensor, draw: int) -> Tensor:
+        rng = np.random.default_rng(derived_seed(self.seed, _STREAM + self.rank, draw))
+        by_class = self.by_class.numpy()
+        chosen = np.zeros((len(labels), self.num_data), dtype=bool)  # (B, n)
+        for row, (count, start) in enumerate(zip(self.class_count[labels].tolist(),
+                                                 self.class_start[labels].tolist())):
+            position = rng.choice(self.num_data - count, self.num_negatives, replace=False,
+                                  shuffle=False)  # (K,) distinct positions in the pool
+            position += (position >= start) * count  # skip the row's class block
+            chosen[row, by_class[position]] = True
+        return torch.from_numpy(np.nonzero(chosen)[1].reshape(len(labels), -1))  # ascending
 
     def _exact(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         keys = torch.rand((len(labels), self.num_data), generator=generator,

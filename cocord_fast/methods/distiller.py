@@ -20,6 +20,10 @@ class Distiller(Method):
     def student(self) -> nn.Module:
         return self.student_encoder
 
+    def trainable_module(self) -> nn.Module:
+        """The student alone; a method that trains heads of its own returns them with it."""
+        return self.student_encoder
+
     def encoders(self) -> list[nn.Module]:
         return [self.student_encoder, self.teacher_encoder]
 

@@ -104,9 +104,6 @@ class DKD(Distiller):
                     train_targets: np.ndarray) -> DKD:
         return cls(student, teacher, cfg.dkd)
 
-    def trainable_module(self) -> nn.Module:
-        return self.student_encoder
-
     def begin_epoch(self, epoch: int) -> None:
         self.warmup = warmup_factor(epoch, self.config.warmup_epochs)
 

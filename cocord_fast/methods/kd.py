@@ -56,9 +56,6 @@ class KD(Distiller):
                     train_targets: np.ndarray) -> KD:
         return cls(student, teacher, cfg.kd.temperature, cfg.kd.loss_cls, cfg.kd.loss_kd)
 
-    def trainable_module(self) -> nn.Module:
-        return self.student_encoder
-
     def forward(self, batch: Batch) -> StepOutput:
         x = batch.views[0]
         logits = self.student_encoder(x)

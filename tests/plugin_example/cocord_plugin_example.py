@@ -41,9 +41,6 @@ class LogitMSE(Distiller):
     def from_config(cls, cfg, student, teacher, train_targets):
         return cls(student, teacher, cfg.logit_mse.weight)
 
-    def trainable_module(self):
-        return self.student_encoder
-
     def forward(self, batch):
         x = batch.views[0]
         logits = self.student_encoder(x)
