@@ -132,8 +132,8 @@ class TrainConfig:
                          pattern_help="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16 runs forward passes under autocast")
     kernels: Literal["auto", "triton", "torch"] = setting(
-        "auto", "fused ops (queue InfoNCE, momentum update): auto = Triton on CUDA, torch "
-        "otherwise")
+        "auto", "fused ops (CoCoRD's queue InfoNCE and momentum update, CRD's bank scores): "
+        "auto = Triton on CUDA, torch otherwise")
     compile: Literal[False, True, "default", "reduce-overhead", "max-autotune"] = setting(
         False, "torch.compile the encoders (student, teacher, slow student) in this mode; true "
         "is default; reduce-overhead also replays them as CUDA graphs")

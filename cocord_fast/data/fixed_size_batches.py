@@ -53,8 +53,7 @@ def crop_and_flip(images: np.ndarray, draws: np.ndarray, pad: int = SMALL_IMAGE_
 def normalised(images: np.ndarray, preprocessing: Preprocessing) -> Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in the channels-last layout, by ToTensor's
     and Normalize's very operations (x / 255, then (x - mean) / std). The arithmetic runs on
-    the (B, H, W, 3) array, whose channels-last view the result is: on the (B, 3, H, W) view
-    it took 30 times as long on 2 cores."""
+    the (B, H, W, 3) array, whose (B, 3, H, W) view is already channels-last: no copy."""
     mean, std = torch.tensor(preprocessing.mean), torch.tensor(preprocessing.std)
     pixels = torch.from_numpy(np.ascontiguousarray(images)).float()
     return (pixels.div(255).sub(mean).div(std).permute(0, 3, 1, 2)
