@@ -35,8 +35,9 @@ from ._launch import cdiv, programs_wanted
 
 # The torch path scores the whole bank while it has at most this many rows per picked column
 # (N <= this x C); past it, the chunked gather. Measured on 2 CPU cores (bench/bank_scores.py:
-# B 64, C 16,385, E 128, forward and backward), where the two crossed between N = 6 C (100,000
-# rows: 38 against 59 ms) and N = 12 C (200,000 rows: 85 against 71 ms).
+# B 64, C 16,385, E 128, forward and backward; bench/results/bank_scores_*.json), where the two
+# crossed between N = 6 C (100,000 rows: 33 against 98 ms) and N = 12 C (200,000 rows: 91
+# against 85 ms).
 WHOLE_BANK_MAX_ROWS_PER_COLUMN = 8
 # The chunked gather's pieces of rows: at most this many elements (1 MB of fp32).
 CHUNK_ELEMENTS = 1 << 18
